@@ -1,0 +1,68 @@
+"""The `ssl-prune` command: `run CONFIG [key=value ...]` and `demo-data OUT`.
+
+Errors a user can fix (config, missing weights, missing input) print one line and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from prune.config import ConfigError, load_config
+
+
+def _run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from .run import run
+
+    manifest = run(cfg)
+    c = manifest["counts"]
+    print(
+        f"ssl-prune: {c['input_samples']} samples in {c['input_shards']} shards -> kept {c['kept']}, "
+        f"pruned {c['pruned']}, failed {c['failed']} {json.dumps(c['failed_by_reason'])}; "
+        f"{c['output_shards']} pruned shards in {cfg.output.rstrip('/')}/pruned"
+    )
+    return 0
+
+
+def _demo_data(args) -> int:
+    from prune.demo_shards import write_demo_shards
+
+    paths = write_demo_shards(
+        args.out, split=args.split, count=args.count, shard_size=args.shard_size, seed=args.seed, start=args.start
+    )
+    print(f"wrote {len(paths)} shards ({args.count} Fashion-MNIST {args.split} images) to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ssl-prune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("run", help="prune shards: embed, prototypes, score, select, write")
+    p.add_argument("config", help="YAML config (configs/demo.yaml, configs/laion.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. select.keep_fraction=0.5")
+    p.set_defaults(fn=_run)
+    d = sub.add_parser("demo-data", help="write img2dataset-layout shards from Fashion-MNIST")
+    d.add_argument("out")
+    d.add_argument("--split", default="train", choices=["train", "test"])
+    d.add_argument("--count", type=int, default=2000)
+    d.add_argument("--shard-size", type=int, default=500)
+    d.add_argument("--start", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_demo_data)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from prune.embedders import WeightsNotFoundError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
+        print(f"ssl-prune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Embed stage: shards -> read (tasks) -> decode (CPU tasks) -> embed (actor pool) -> parquet.
+
+Ray Data streams rows of image bytes from the tars, decodes them in CPU tasks (so the model
+never waits for JPEG decoding), and feeds uint8 crops to a pool of actors that load the
+model once each. Outputs land in a staging dataset partitioned by shard; a per-shard task
+then checks that every sample of the shard arrived and writes `embeddings/NNNNN.parquet`
+under a temporary name. Shards are processed in rounds, so a crash loses one round at most.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from prune import schema
+from prune.config import EmbedConfig, RunConfig, fingerprint
+from prune.decode import PreprocessSpec, decode_batch
+from prune.embedders import make_embedder, model_id_for, preprocess_spec_for
+from prune.shards import read_shard
+from prune.storage import OutputDir
+
+from .runtime import cluster_gpus, run_tasks
+
+log = logging.getLogger("ssl_prune")
+
+POS = "_pos"  # position of the sample in its tar (internal)
+COUNT = "_count"  # samples in the shard (internal): a shard is complete when all arrived
+SHARD_ERROR_KEY = ""  # the key of the one row that stands for a shard that could not be read
+FP_META = b"ssl_prune_fingerprint"
+MODEL_META = b"model_id"
+SHARD_ERROR_META = b"shard_error"
+
+
+def embed_fingerprint(cfg: RunConfig) -> str:
+    e = cfg.embed
+    return fingerprint(
+        "embed", e.backend, e.model, e.pretrained, e.allow_random_init, e.seed, e.precision,
+        cfg.decode.draft, cfg.decode.max_image_pixels, cfg.image_extensions,
+    )
+
+
+def read_rows(item: dict, image_extensions: list[str]) -> list[dict]:
+    """One tar -> one row per sample (image bytes, or empty with the failure status)."""
+    result = read_shard(item["url"], image_extensions)
+    shard = item["shard"]
+    if result.shard_error:
+        return [{schema.SHARD: shard, schema.KEY: SHARD_ERROR_KEY, POS: -1, COUNT: 0,
+                 schema.STATUS: f"{result.shard_error}: {result.detail}"[:500], "image": b""}]
+    n = len(result.samples)
+    rows = []
+    for i, s in enumerate(result.samples):
+        found = s.member(image_extensions) if s.status == schema.STATUS_OK else None
+        rows.append({schema.SHARD: shard, schema.KEY: s.key, POS: i, COUNT: n,
+                     schema.STATUS: s.status, "image": found[1] if found else b""})
+    return rows
+
+
+def decode_rows(batch: dict, spec: PreprocessSpec, draft: bool, max_pixels: int) -> dict:
+    """CPU decode + geometric preprocessing of one batch (a stateless task, not an actor)."""
+    pixels, status = decode_batch(list(batch["image"]), list(batch[schema.STATUS]), spec, draft, max_pixels)
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out[schema.STATUS] = np.array(status, dtype=object)
+    out["pixels"] = pixels
+    return out
+
+
+class EmbedActor:
+    """Loads the model once per actor; maps a batch of crops to unit-norm float16 vectors."""
+
+    def __init__(self, embed_cfg: dict, spec: PreprocessSpec, device: str):
+        self.embedder = make_embedder(EmbedConfig(**embed_cfg), device)
+        if self.embedder.preprocess != spec:
+            raise RuntimeError(
+                f"the model's preprocessing {self.embedder.preprocess} differs from the one the "
+                f"decode stage used {spec}"
+            )
+
+    def __call__(self, batch: dict) -> pa.Table:
+        ok = batch[schema.STATUS] == schema.STATUS_OK
+        n, dim = len(ok), self.embedder.dim
+        vecs = np.zeros((n, dim), dtype=np.float16)
+        if ok.any():
+            vecs[ok] = self.embedder.embed(batch["pixels"][ok]).astype(np.float16)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim, mask=pa.array(~ok))
+        return pa.table({
+            schema.SHARD: pa.array(batch[schema.SHARD], pa.string()),
+            schema.KEY: pa.array(batch[schema.KEY], pa.string()),
+            POS: pa.array(batch[POS], pa.int64()),
+            COUNT: pa.array(batch[COUNT], pa.int64()),
+            schema.STATUS: pa.array(batch[schema.STATUS], pa.string()),
+            schema.EMBEDDING: emb,
+        })
+
+
+def embeddings_complete(out: OutputDir, shard: str, fp: str) -> bool:
+    name = f"{shard}.parquet"
+    if not out.exists(schema.EMBEDDINGS_DIR, name):
+        return False
+    with out.open(schema.EMBEDDINGS_DIR, name) as f:
+        meta = pq.read_schema(f).metadata or {}
+    return meta.get(FP_META, b"").decode() == fp
+
+
+def finalize_shard(item: dict) -> dict:
+    """Staged parts of one shard -> embeddings/NNNNN.parquet, if every sample arrived."""
+    out: OutputDir = item["out"]
+    shard, part_dir = item["shard"], item["part_dir"]
+    if not out.exists(part_dir):
+        return {"shard": shard, "ok": False, "why": "no embedded rows arrived"}
+    table = pq.read_table(out.path(part_dir), filesystem=out.fs)
+    table = table.sort_by(POS)
+    pos = table.column(POS).to_numpy()
+    pos_unique, first = np.unique(pos, return_index=True)  # a retried task may have re-written rows
+    table = table.take(pa.array(first))
+    meta = {FP_META: item["fp"].encode(), MODEL_META: item["model_id"].encode()}
+    if len(pos_unique) == 1 and pos_unique[0] == -1:  # the shard itself could not be read
+        meta[SHARD_ERROR_META] = table.column(schema.STATUS)[0].as_py().encode()
+        table = table.slice(0, 0)
+    else:
+        expected = int(table.column(COUNT)[0].as_py())
+        if len(pos_unique) != expected or pos_unique[0] != 0:
+            return {"shard": shard, "ok": False, "why": f"{len(pos_unique)} of {expected} samples arrived"}
+    dim = table.schema.field(schema.EMBEDDING).type.list_size
+    final = pa.table(
+        {
+            schema.KEY: table.column(schema.KEY),
+            schema.SHARD: pa.array([shard] * len(table), pa.string()),
+            schema.STATUS: table.column(schema.STATUS),
+            schema.EMBEDDING: table.column(schema.EMBEDDING),
+        },
+        schema=schema.embeddings_schema(dim),
+    ).replace_schema_metadata(meta)
+    with out.open_atomic(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
+        pq.write_table(final, f)
+    out.remove(part_dir)
+    return {"shard": shard, "ok": True, "rows": len(final)}
+
+
+def embed_resources(cfg: EmbedConfig) -> tuple[dict, str]:
+    """Ray resources of one embed actor and the device it uses: a GPU each when there are GPUs."""
+    if cfg.device != "cpu" and cluster_gpus() > 0:
+        return {"num_gpus": 1, "num_cpus": cfg.num_cpus_per_actor}, "auto"
+    if cfg.device == "cuda":
+        raise RuntimeError("embed.device is 'cuda' but the Ray cluster has no GPU resources")
+    return {"num_gpus": 0, "num_cpus": cfg.num_cpus_per_actor}, "cpu"
+
+
+def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
+    """Embed every shard that has no complete embeddings file yet; returns stage stats."""
+    fp = embed_fingerprint(cfg)
+    todo = [s for s in sorted(shards) if not embeddings_complete(out, s, fp)]
+    stats = {"shards_total": len(shards), "shards_embedded": 0, "shards_reused": len(shards) - len(todo)}
+    if not todo:
+        return stats
+    spec = preprocess_spec_for(cfg.embed)
+    resources, device = embed_resources(cfg.embed)
+    embed_cfg = cfg.embed.model_dump()
+    if device == "cpu" and embed_cfg["torch_threads"] is None:
+        embed_cfg["torch_threads"] = max(1, int(cfg.embed.num_cpus_per_actor))
+    model_id = None
+    per_round = cfg.embed.shards_per_round
+    for start in range(0, len(todo), per_round):
+        batch_shards = todo[start : start + per_round]
+        run_dir = f"{schema.STAGING_DIR}/embed-{uuid.uuid4().hex[:12]}"
+        items = [{"shard": s, "url": shards[s]} for s in batch_shards]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.flat_map(read_rows, fn_args=(cfg.image_extensions,))
+        decode_cpus = cfg.decode.num_cpus
+        ds = ds.map_batches(
+            decode_rows, fn_args=(spec, cfg.decode.draft, cfg.decode.max_image_pixels),
+            batch_size=cfg.decode.batch_size,
+            # given as a function, these args keep Ray Data from fusing decode into the model
+            # actors: decode stays a pool of CPU tasks and the model never waits for JPEGs
+            ray_remote_args_fn=lambda: {"num_cpus": decode_cpus},
+        )
+        ds = ds.map_batches(
+            EmbedActor, fn_constructor_args=(embed_cfg, spec, device), batch_size=cfg.embed.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency), **resources,
+        )
+        ds.write_parquet(out.url_of(run_dir), partition_cols=[schema.SHARD])
+        if model_id is None:
+            model_id = model_id_for(cfg.embed)
+        finals = [
+            {"out": out, "shard": s, "part_dir": f"{run_dir}/{schema.SHARD}={s}", "fp": fp, "model_id": model_id}
+            for s in batch_shards
+        ]
+        for res in run_tasks(finalize_shard, finals, desc="embeddings: finalize shards"):
+            if not res["ok"]:
+                raise RuntimeError(f"shard {res['shard']}: {res['why']}")
+            stats["shards_embedded"] += 1
+        out.remove(run_dir)
+    return stats
+
+
+def read_embeddings_meta(out: OutputDir, shard: str) -> dict:
+    with out.open(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
+        meta = pq.read_schema(f).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if k in (FP_META, MODEL_META, SHARD_ERROR_META)}

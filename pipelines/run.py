@@ -1,0 +1,134 @@
+"""`ssl-prune run`: the stages in order, each skipped when its outputs are complete.
+
+A stage's outputs carry the fingerprint of the config that made them, so re-running the same
+command resumes, and changing e.g. `select.keep_fraction` re-runs only select and write. The
+manifest is removed first and written last, atomically: its presence means a complete run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import time
+from collections import Counter
+
+from prune import schema
+from prune.config import RunConfig
+from prune.embedders import WeightsNotFoundError, resolve_open_clip_weights
+from prune.storage import OutputDir, list_input_shards
+
+from . import runtime
+from .embed_stage import embed_fingerprint, model_id_for, run_embed
+from .score_stage import run_assign, run_prototypes
+from .select_stage import run_select
+from .write_stage import run_write
+
+log = logging.getLogger("ssl_prune")
+
+_PACKAGES = ("ray", "torch", "open_clip_torch", "faiss-cpu", "pyarrow", "webdataset", "numpy", "pillow")
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def resolve_shards(spec: str) -> dict[str, str]:
+    """shard id -> URL; two inputs with the same file name would collide in the outputs."""
+    shards: dict[str, str] = {}
+    for url in list_input_shards(spec):
+        sid = schema.shard_id_of(url)
+        if sid in shards:
+            raise ValueError(f"input: two shards share the name {sid}.tar ({shards[sid]}, {url})")
+        shards[sid] = url
+    return shards
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Fail before any work on what the driver can check: weights present, output not inside input."""
+    e = cfg.embed
+    if e.pretrained and e.backend == "open_clip":
+        resolve_open_clip_weights(e.model, e.pretrained, e.cache_dir)
+    elif not e.pretrained and not e.allow_random_init:
+        raise WeightsNotFoundError(
+            "embed.pretrained is not set: give a tag from the local cache or a checkpoint path "
+            "(embed.allow_random_init=true only for smoke tests)"
+        )
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run every stage that is not complete; return the manifest."""
+    t_start = time.time()
+    preflight(cfg)
+    shards = resolve_shards(cfg.input)
+    out = OutputDir(cfg.output)
+    out.makedirs()
+    out.remove(schema.MANIFEST)
+    how = runtime.connect(cfg.ray)
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t = time.time()
+        result = fn(*args)
+        timings[name] = round(time.time() - t, 3)
+        log.info("stage %s done in %.1fs", name, timings[name])
+        return result
+
+    embed_stats = timed("embed", run_embed, cfg, out, shards)
+    ids = sorted(shards)
+    kmeans_meta = timed("prototypes", run_prototypes, cfg, out, ids)
+    assign_stats = timed("assign", run_assign, cfg, out, ids)
+    select_stats = timed("select", run_select, cfg, out, ids, kmeans_meta["k"])
+    write_stats = timed("write", run_write, cfg, out, shards, select_stats["edges"], select_stats)
+
+    failed = Counter(select_stats["failed"])
+    counts = {
+        "input_samples": select_stats["samples"],
+        "kept": select_stats["kept"],
+        "pruned": select_stats["pruned"],
+        "failed": sum(failed.values()),
+        "failed_by_reason": dict(sorted(failed.items())),
+        "input_shards": len(shards),
+        "shard_failures": select_stats["shard_failures"],
+        "output_shards": sum(len(b["shards"]) for b in write_stats["bands"]),
+    }
+    if counts["input_samples"] != counts["kept"] + counts["pruned"] + counts["failed"]:
+        raise AssertionError(f"accounting identity broken: {counts}")
+    out.remove(schema.STAGING_DIR)
+    timings["total"] = round(time.time() - t_start, 3)
+    manifest = {
+        "tool": "ssl-prune",
+        "config": cfg.model_dump(),
+        "versions": package_versions(),
+        "ray": how,
+        "model_id": model_id_for(cfg.embed),
+        "random_init": not cfg.embed.pretrained,
+        "embed_fingerprint": embed_fingerprint(cfg),
+        "counts": counts,
+        "stages": {
+            "embed": embed_stats,
+            "prototypes": {k: v for k, v in kmeans_meta.items()},
+            "assign": assign_stats,
+            "select": {k: v for k, v in select_stats.items() if k not in ("failed", "shard_failures")},
+            "write": {"reused": write_stats["reused"]},
+        },
+        "bands": write_stats["bands"],
+        "timings_s": timings,
+        "outputs": outputs_list(out),
+    }
+    out.write_json(manifest, schema.MANIFEST)
+    return manifest
+
+
+def outputs_list(out: OutputDir) -> list[str]:
+    files = []
+    for d in (schema.EMBEDDINGS_DIR, schema.PROTOTYPES_DIR, schema.SCORES_DIR, schema.PRUNED_DIR):
+        files += [f"{d}/{n}" for n in out.listdir(d) if not n.startswith(".")]
+    return files
+

@@ -1,0 +1,182 @@
+"""Prototype stage: fit spherical k-means on a sample, then assign every sample in parallel.
+
+The fit sample is drawn per shard by tasks (each returns at most its share), so the driver
+holds only the sample. Assignment is a Ray Data map over shards whose workers each hold the
+centroids in a faiss index; each writes `scores/NNNNN.parquet` (cluster, distance) under a
+temporary name. Selection columns are filled in later by the select stage.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from prune import schema
+from prune.config import RunConfig, fingerprint
+from prune.kmeans import Assigner, default_k, fit_spherical_kmeans, prototype_distance
+from prune.storage import OutputDir
+
+from .embed_stage import SHARD_ERROR_META, embed_fingerprint
+from .runtime import run_tasks
+
+log = logging.getLogger("ssl_prune")
+
+
+def kmeans_fingerprint(cfg: RunConfig) -> str:
+    k = cfg.kmeans.model_dump(exclude={"assign_concurrency"})
+    return fingerprint("kmeans", embed_fingerprint(cfg), k)
+
+
+def _read_embeddings(out: OutputDir, shard: str, columns=None) -> pa.Table:
+    with out.open(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def ok_matrix(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of ok rows, float32 [n_ok, d]) from an embeddings table."""
+    ok = np.asarray(table.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK)
+    col = table.column(schema.EMBEDDING).combine_chunks()
+    dim = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    full = flat.reshape(-1, dim) if len(flat) else np.zeros((0, dim), np.float32)
+    # flatten() skips null lists; failed rows are null, so `full` holds exactly the ok rows
+    return ok, full
+
+
+def count_ok(item: dict) -> dict:
+    table = _read_embeddings(item["out"], item["shard"], columns=[schema.STATUS])
+    st = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
+    return {"shard": item["shard"], "ok": int((st == schema.STATUS_OK).sum())}
+
+
+def sample_shard(item: dict) -> np.ndarray:
+    """A seeded random subset of one shard's ok embeddings, of the size asked for."""
+    ok, x = ok_matrix(_read_embeddings(item["out"], item["shard"]))
+    take = min(item["take"], len(x))
+    rng = np.random.default_rng([item["seed"], int.from_bytes(item["shard"].encode()[-8:], "little")])
+    idx = np.sort(rng.choice(len(x), size=take, replace=False)) if take < len(x) else np.arange(len(x))
+    return x[idx]
+
+
+def run_prototypes(cfg: RunConfig, out: OutputDir, shards: list[str]) -> dict:
+    """Fit (or reuse) the centroids; returns the k-means metadata."""
+    fp = kmeans_fingerprint(cfg)
+    if out.exists(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE) and out.exists(
+        schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE
+    ):
+        meta = out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
+        if meta.get("fingerprint") == fp:
+            return meta | {"reused": True}
+    counts = {r["shard"]: r["ok"] for r in run_tasks(count_ok, [{"out": out, "shard": s} for s in shards], desc="prototypes: count")}
+    n_ok = sum(counts.values())
+    if n_ok == 0:
+        raise RuntimeError("no sample could be embedded: nothing to cluster (see scores for reasons)")
+    frac = min(1.0, cfg.kmeans.sample_size / n_ok)
+    items = [
+        {"out": out, "shard": s, "take": int(np.ceil(counts[s] * frac)), "seed": cfg.kmeans.seed}
+        for s in sorted(shards) if counts[s]
+    ]
+    parts = dict(run_tasks(_sample_with_id, items, desc="prototypes: sample"))
+    sample = np.concatenate([parts[s] for s in sorted(parts)])[: cfg.kmeans.sample_size]
+    k = cfg.kmeans.k or default_k(n_ok)
+    centroids, meta = fit_spherical_kmeans(sample, k, cfg.kmeans.niter, cfg.kmeans.nredo, cfg.kmeans.seed)
+    meta |= {"fingerprint": fp, "n_ok_total": n_ok, "k_default_used": cfg.kmeans.k is None}
+    buf = _npy_bytes(centroids)
+    out.write_bytes(buf, schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
+    out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
+    return meta | {"reused": False}
+
+
+def _sample_with_id(item: dict):
+    return item["shard"], sample_shard(item)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    np.save(b, arr)
+    return b.getvalue()
+
+
+def load_centroids(out: OutputDir) -> np.ndarray:
+    with out.open(schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE) as f:
+        return np.load(f)
+
+
+class AssignShards:
+    """Ray Data worker: holds the centroids; per shard, writes the assignment scores file."""
+
+    def __init__(self, out_url: str, centroids: np.ndarray, fp: str):
+        self.out = OutputDir(out_url)
+        self.assigner = Assigner(centroids)
+        self.fp = fp
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.assign_one(str(s)) for s in batch[schema.SHARD]]
+        return {k: np.array([r[k] for r in results]) for k in ("shard", "rows", "reused")}
+
+    def assign_one(self, shard: str) -> dict:
+        name = f"{shard}.parquet"
+        if self.out.exists(schema.SCORES_DIR, name):
+            with self.out.open(schema.SCORES_DIR, name) as f:
+                md = pq.read_schema(f).metadata or {}
+            if md.get(ASSIGN_FP_META, b"").decode() == self.fp:
+                return {"shard": shard, "rows": -1, "reused": True}
+        table = _read_embeddings(self.out, shard)
+        ok, x = ok_matrix(table)
+        n = len(table)
+        cluster = np.full(n, -1, np.int32)
+        distance = np.full(n, np.nan, np.float32)
+        ids, sims = self.assigner(x)
+        cluster[ok], distance[ok] = ids, prototype_distance(sims)
+        src_meta = table.schema.metadata or {}
+        meta = {ASSIGN_FP_META: self.fp.encode()}
+        if SHARD_ERROR_META in src_meta:
+            meta[SHARD_ERROR_META] = src_meta[SHARD_ERROR_META]
+        scores = empty_selection(table, cluster, distance, ok).replace_schema_metadata(meta)
+        with self.out.open_atomic(schema.SCORES_DIR, name) as f:
+            pq.write_table(scores, f)
+        return {"shard": shard, "rows": n, "reused": False}
+
+
+ASSIGN_FP_META = b"assign_fingerprint"
+SELECT_FP_META = b"select_fingerprint"
+
+
+def empty_selection(table: pa.Table, cluster, distance, ok) -> pa.Table:
+    """A scores table with assignment filled in and the selection columns not yet decided."""
+    n = len(table)
+    return pa.table(
+        {
+            schema.KEY: table.column(schema.KEY),
+            schema.SHARD: table.column(schema.SHARD),
+            schema.STATUS: table.column(schema.STATUS),
+            schema.CLUSTER: pa.array(cluster, pa.int32()),
+            schema.DISTANCE: pa.array(distance, pa.float32(), mask=~ok),
+            schema.PRIORITY: pa.array(np.zeros(n, np.uint64), pa.uint64()),
+            schema.PERCENTILE: pa.nulls(n, pa.float64()),
+            schema.KEEP: pa.array(np.zeros(n, bool)),
+            schema.BAND: pa.array(np.full(n, -1, np.int32)),
+        },
+        schema=schema.SCORES_SCHEMA,
+    )
+
+
+def run_assign(cfg: RunConfig, out: OutputDir, shards: list[str]) -> dict:
+    fp = kmeans_fingerprint(cfg)
+    centroids = load_centroids(out)
+    ds = ray.data.from_items([{schema.SHARD: s} for s in sorted(shards)], override_num_blocks=max(1, len(shards)))
+    ds = ds.map_batches(
+        AssignShards, fn_constructor_args=(out.url, centroids, fp),
+        batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=cfg.kmeans.assign_concurrency),
+    )
+    assigned = reused = 0
+    for row in ds.iter_rows():
+        reused += int(row["reused"])
+        assigned += int(not row["reused"])
+    return {"shards_assigned": assigned, "shards_reused": reused, "fingerprint": fp}

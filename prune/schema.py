@@ -1,0 +1,106 @@
+"""The data contract: every column name, status string and output path, defined once.
+
+Every module that reads or writes a file imports its names from here, so the layout
+documented in the README and the layout on disk cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- sample identity and status -------------------------------------------------------
+KEY = "key"  # img2dataset sample key, e.g. "000010005"
+SHARD = "shard"  # input shard id: the tar's file name without ".tar", e.g. "00001"
+STATUS = "status"  # "ok" or the reason the sample failed
+
+STATUS_OK = "ok"
+# Failure reasons a sample may carry. Anything else in the status column is a bug.
+STATUS_NO_IMAGE = "no_image_member"
+STATUS_EMPTY = "empty_image"
+STATUS_UNDECODABLE = "undecodable_image"
+STATUS_BOMB = "decompression_bomb"
+STATUS_TRUNCATED = "truncated_tar"
+STATUS_UNSAFE_NAME = "unsafe_member_name"
+STATUS_DUPLICATE_KEY = "duplicate_key"
+FAILURE_STATUSES = (
+    STATUS_NO_IMAGE,
+    STATUS_EMPTY,
+    STATUS_UNDECODABLE,
+    STATUS_BOMB,
+    STATUS_TRUNCATED,
+    STATUS_UNSAFE_NAME,
+    STATUS_DUPLICATE_KEY,
+)
+
+# Shard-level failures (the shard yields no samples at all); recorded in the manifest.
+SHARD_NOT_A_TAR = "not_a_tar"
+SHARD_UNREADABLE = "unreadable"
+
+# --- columns --------------------------------------------------------------------------
+EMBEDDING = "embedding"  # fixed-size list<float16>, L2-normalized; null when status != ok
+MODEL_ID = "model_id"
+CLUSTER = "cluster"  # index of the nearest prototype; -1 when status != ok
+DISTANCE = "distance"  # 1 - cosine similarity to the nearest prototype; null when status != ok
+PRIORITY = "priority"  # uint64 sort key of the selection policy: larger is kept first
+PERCENTILE = "percentile"  # share of the selection group (all, or the cluster) ranked above: 0 = kept first
+KEEP = "keep"
+BAND = "band"  # index of the distance band the kept sample is written in; -1 if not kept
+
+# --- output layout --------------------------------------------------------------------
+EMBEDDINGS_DIR = "embeddings"
+PROTOTYPES_DIR = "prototypes"
+SCORES_DIR = "scores"
+PRUNED_DIR = "pruned"
+STAGING_DIR = "_staging"  # per-run scratch, removed when a stage completes
+MANIFEST = "manifest.json"
+STAGE_MARKER = "_stage.json"  # per stage directory: the fingerprint its files were made with
+CENTROIDS_FILE = "centroids.npy"
+KMEANS_META_FILE = "kmeans.json"
+SIZES_FILE = "sizes.json"  # open_clip's trainer: {shard file name: sample count}
+BANDS_FILE = "bands.json"  # which pruned shards make up each smaller keep fraction
+STATS_SUFFIX = "_stats.json"
+
+IMAGE_EXTENSIONS_DEFAULT = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_id_of(path: str) -> str:
+    """The shard id of an input tar path: its base name without the .tar suffix."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            (KEY, pa.string()),
+            (SHARD, pa.string()),
+            (STATUS, pa.string()),
+            (EMBEDDING, pa.list_(pa.float16(), dim)),
+        ]
+    )
+
+
+ASSIGNMENT_SCHEMA = pa.schema(
+    [
+        (KEY, pa.string()),
+        (SHARD, pa.string()),
+        (STATUS, pa.string()),
+        (CLUSTER, pa.int32()),
+        (DISTANCE, pa.float32()),
+        (PRIORITY, pa.uint64()),
+    ]
+)
+
+SCORES_SCHEMA = pa.schema(
+    list(ASSIGNMENT_SCHEMA)
+    + [
+        (PERCENTILE, pa.float64()),
+        (KEEP, pa.bool_()),
+        (BAND, pa.int32()),
+    ]
+)
+
+# Columns the pruned shards' parquet adds to the img2dataset metadata.
+SCORE_COLUMNS_IN_PRUNED = (CLUSTER, DISTANCE, PERCENTILE, BAND)
+# The column the pruned parquet keeps the source shard in (img2dataset's own "shard" is absent).
+SOURCE_SHARD = "source_shard"

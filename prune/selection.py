@@ -1,0 +1,188 @@
+"""Keep-fraction selection with thresholds from per-group histograms, never a global sort.
+
+Every policy becomes one uint64 priority per sample (larger = kept first): the high 32 bits
+are the policy's value quantized to [0, 1] (hard: distance, easy: closeness, random: a
+seeded hash), the low 32 bits a seeded hash of (shard, key) that breaks ties
+deterministically. A group is the whole set, or one cluster when `balanced`.
+
+Selection is exact with bounded memory, in two light passes over the shards:
+  1. each shard returns a histogram of its priorities' top bits per group; summed on the driver;
+  2. for every (group, edge) the driver finds the bin the cut falls in, each shard returns
+     only the priorities inside those bins, and the exact cut is read off them.
+Edges are the keep fractions of the distance bands (0.1, 0.2, ..., f): a sample's band is
+the first edge whose cut it clears, so the pruned shards of bands 0..b are exactly the
+selection at that smaller fraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+POLICIES = ("hard", "easy", "random")
+_U32 = float(2**32 - 1)
+
+
+def _hash64(seed: int, shard: str, keys, salt: bytes) -> np.ndarray:
+    prefix = f"{seed}\x00{shard}\x00".encode()
+    return np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(prefix + k.encode(), digest_size=8, person=salt).digest(), "little")
+            for k in keys
+        ),
+        dtype=np.uint64,
+        count=len(keys),
+    )
+
+
+def priorities(policy: str, distance: np.ndarray, shard: str, keys, seed: int) -> np.ndarray:
+    """uint64 priority per sample; distance NaN (failed samples) gives priority 0 (never used)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    d = np.asarray(distance, dtype=np.float64)
+    if policy == "hard":
+        value = np.clip(d / 2.0, 0.0, 1.0)
+    elif policy == "easy":
+        value = np.clip(1.0 - d / 2.0, 0.0, 1.0)
+    else:
+        value = (_hash64(seed, shard, keys, b"random") >> np.uint64(32)).astype(np.float64) / _U32
+    value = np.nan_to_num(value, nan=0.0)
+    high = np.floor(value * _U32).astype(np.uint64) << np.uint64(32)
+    low = _hash64(seed, shard, keys, b"tiebreak") >> np.uint64(32)
+    return high | low
+
+
+def band_edges(keep_fraction: float, band_step: float) -> list[float]:
+    """Ascending keep fractions that end the bands: band_step, 2*band_step, ..., keep_fraction."""
+    n = math.floor(keep_fraction / band_step + 1e-9)
+    edges = [round(band_step * i, 10) for i in range(1, n + 1) if band_step * i < keep_fraction - 1e-9]
+    return edges + [keep_fraction]
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    n_groups: int
+    bits: int
+
+    @classmethod
+    def for_groups(cls, n_groups: int) -> "HistogramSpec":
+        """As many bins as fit in ~16M counters in all (65,536 per group at most)."""
+        bits = int(min(16, max(6, math.floor(math.log2(2**24 / max(1, n_groups))))))
+        return cls(n_groups, bits)
+
+    @property
+    def bins(self) -> int:
+        return 1 << self.bits
+
+    def bin_of(self, prio: np.ndarray) -> np.ndarray:
+        return (prio >> np.uint64(64 - self.bits)).astype(np.int64)
+
+
+def histogram(prio: np.ndarray, groups: np.ndarray, spec: HistogramSpec) -> np.ndarray:
+    """Counts [n_groups, bins] of one shard's (ok) samples."""
+    flat = groups.astype(np.int64) * spec.bins + spec.bin_of(prio)
+    return np.bincount(flat, minlength=spec.n_groups * spec.bins).reshape(spec.n_groups, spec.bins)
+
+
+@dataclass
+class CutPlan:
+    """Pass-1 result: per group and edge, how many to keep and in which bin the cut falls."""
+
+    spec: HistogramSpec
+    edges: list[float]
+    n_keep: np.ndarray  # [G, E]
+    cut_bin: np.ndarray  # [G, E], -1 where nothing is kept
+    need_in_bin: np.ndarray  # [G, E]: how many of the cut bin's largest priorities are kept
+
+    def boundary_bins(self) -> dict[int, set[int]]:
+        out: dict[int, set[int]] = {}
+        for g, e in zip(*np.nonzero(self.cut_bin >= 0)):
+            out.setdefault(int(g), set()).add(int(self.cut_bin[g, e]))
+        return out
+
+
+def plan_cuts(hist: np.ndarray, spec: HistogramSpec, edges: list[float]) -> CutPlan:
+    """From the summed histogram, the bin each edge's cut falls in for every group."""
+    totals = hist.sum(axis=1)
+    above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # above[g, b] = count in bins >= b
+    G, E = hist.shape[0], len(edges)
+    n_keep = np.zeros((G, E), np.int64)
+    cut_bin = np.full((G, E), -1, np.int64)
+    need = np.zeros((G, E), np.int64)
+    for e, f in enumerate(edges):
+        n_keep[:, e] = np.floor(f * totals + 0.5).astype(np.int64)
+        for g in np.nonzero(n_keep[:, e] > 0)[0]:
+            # the highest bin b with above[g, b] >= n_keep
+            b = int(np.nonzero(above[g] >= n_keep[g, e])[0].max())
+            cut_bin[g, e] = b
+            strictly_above = above[g, b + 1] if b + 1 < spec.bins else 0
+            need[g, e] = n_keep[g, e] - strictly_above
+    return CutPlan(spec, edges, n_keep, cut_bin, need)
+
+
+def boundary_values(prio: np.ndarray, groups: np.ndarray, plan: CutPlan) -> dict[tuple[int, int], np.ndarray]:
+    """Pass 2, per shard: the priorities that fall in a cut bin of their group."""
+    wanted = plan.boundary_bins()
+    bins = plan.spec.bin_of(prio)
+    out: dict[tuple[int, int], np.ndarray] = {}
+    for g, bset in wanted.items():
+        in_group = groups == g
+        for b in bset:
+            sel = prio[in_group & (bins == b)]
+            if len(sel):
+                out[(g, b)] = sel
+    return out
+
+
+def merge_boundary_values(parts) -> dict[tuple[int, int], np.ndarray]:
+    merged: dict[tuple[int, int], list[np.ndarray]] = {}
+    for part in parts:
+        for gb, vals in part.items():
+            merged.setdefault(gb, []).append(vals)
+    return {gb: np.sort(np.concatenate(v))[::-1] for gb, v in merged.items()}
+
+
+@dataclass
+class Cuts:
+    """Exact thresholds: a sample of group g clears edge e iff keep[g, e] and prio >= cut[g, e]."""
+
+    plan: CutPlan
+    cut: np.ndarray  # [G, E] uint64
+    any_kept: np.ndarray  # [G, E] bool
+
+    def apply(self, prio: np.ndarray, groups: np.ndarray, hist_total: np.ndarray):
+        """-> (keep bool, band int32 (-1: not kept), percentile float64) for one shard."""
+        g = groups.astype(np.int64)
+        clears = self.any_kept[g] & (prio[:, None] >= self.cut[g])  # [n, E]; monotone in e
+        keep = clears[:, -1] if clears.shape[1] else np.zeros(len(prio), bool)
+        band = np.where(keep, np.argmax(clears, axis=1), -1).astype(np.int32)
+        return keep, band, percentile(prio, g, hist_total, self.plan.spec)
+
+
+def finalize_cuts(plan: CutPlan, values: dict[tuple[int, int], np.ndarray]) -> Cuts:
+    G, E = plan.cut_bin.shape
+    cut = np.zeros((G, E), np.uint64)
+    any_kept = plan.cut_bin >= 0
+    for g, e in zip(*np.nonzero(any_kept)):
+        vals = values[(int(g), int(plan.cut_bin[g, e]))]  # sorted descending
+        cut[g, e] = vals[int(plan.need_in_bin[g, e]) - 1]
+    return Cuts(plan, cut, any_kept)
+
+
+def percentile(prio: np.ndarray, groups: np.ndarray, hist: np.ndarray, spec: HistogramSpec) -> np.ndarray:
+    """Approximate share of the group ranked above each sample, from the histogram.
+
+    Exact to the bin; within a bin, interpolated on the priority value. 0 = kept first.
+    """
+    if len(prio) == 0:
+        return np.zeros(0)
+    totals = hist.sum(axis=1).astype(np.float64)
+    above_excl = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1] - hist  # count in bins > b
+    b = spec.bin_of(prio)
+    shift = np.uint64(64 - spec.bits)
+    within = (prio - (b.astype(np.uint64) << shift)).astype(np.float64) / float(2 ** (64 - spec.bits))
+    pos = above_excl[groups, b] + (1.0 - within) * hist[groups, b]
+    return np.clip(pos / np.maximum(totals[groups], 1.0), 0.0, 1.0)
