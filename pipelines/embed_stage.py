@@ -69,6 +69,11 @@ def decode_rows(batch: dict, spec: PreprocessSpec, draft: bool, max_pixels: int)
     return out
 
 
+def decode_memory_bytes(batch_size: int, spec: PreprocessSpec) -> int:
+    """Memory to reserve for one decode task: uint8 crops plus ~3x for PIL's working copies."""
+    return int(batch_size * spec.size * spec.size * 3 * 4 + 64 * 2**20)
+
+
 class EmbedActor:
     """Loads the model once per actor; maps a batch of crops to unit-norm float16 vectors."""
 
@@ -159,6 +164,7 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
         return stats
     spec = preprocess_spec_for(cfg.embed)
     resources, device = embed_resources(cfg.embed)
+    stats["actor_resources"] = resources
     embed_cfg = cfg.embed.model_dump()
     if device == "cpu" and embed_cfg["torch_threads"] is None:
         embed_cfg["torch_threads"] = max(1, int(cfg.embed.num_cpus_per_actor))
@@ -170,13 +176,12 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
         items = [{"shard": s, "url": shards[s]} for s in batch_shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.flat_map(read_rows, fn_args=(cfg.image_extensions,))
-        decode_cpus = cfg.decode.num_cpus
         ds = ds.map_batches(
             decode_rows, fn_args=(spec, cfg.decode.draft, cfg.decode.max_image_pixels),
-            batch_size=cfg.decode.batch_size,
-            # given as a function, these args keep Ray Data from fusing decode into the model
-            # actors: decode stays a pool of CPU tasks and the model never waits for JPEGs
-            ray_remote_args_fn=lambda: {"num_cpus": decode_cpus},
+            batch_size=cfg.decode.batch_size, num_cpus=cfg.decode.num_cpus,
+            # the memory a batch of crops and its PIL intermediates needs; as a side effect these
+            # args differ from the actors', so Ray Data never fuses decode into the model actors
+            memory=decode_memory_bytes(cfg.decode.batch_size, spec),
         )
         ds = ds.map_batches(
             EmbedActor, fn_constructor_args=(embed_cfg, spec, device), batch_size=cfg.embed.batch_size,

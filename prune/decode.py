@@ -60,8 +60,10 @@ def _resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     if spec.resize_mode == "squash":
         return img.resize((size, size), resample)
     if spec.resize_mode == "longest":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        # open_clip's ResizeKeepRatio(longest=1): divide by the ratio, not multiply by its
+        # inverse, or sides that land on x.5 round the other way
+        ratio = max(w / size, h / size)
+        nw, nh = max(1, round(w / ratio)), max(1, round(h / ratio))
         canvas = Image.new("RGB", (size, size), (spec.fill_color,) * 3)
         canvas.paste(img.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
         return canvas

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Everything ssl-prune needs on a fresh machine: Fashion-MNIST (Debian), a .venv with
+# torch/torchvision pinned to the builds this machine carries, then the package itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq dataset-fashion-mnist
+fi
+
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# open_clip needs torchvision; these two builds import together (see README, "Install")
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
+.venv/bin/python -m pip install -q -e ".[test]"

@@ -1,0 +1,225 @@
+"""End-to-end behaviour of `ssl-prune run` on real shards, real Ray, real faiss."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import webdataset as wds
+
+from prune import schema
+from prune.config import validate_config
+from prune.shards import read_shard, split_member_name
+
+from .conftest import small_config
+
+
+def _scores(out) -> "pa.Table":
+    import pyarrow as pa
+
+    return pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{out}/scores/*.parquet")))
+
+
+def _tar_members(path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def _pruned_tars(out) -> list[str]:
+    return sorted(glob.glob(f"{out}/pruned/*.tar"))
+
+
+def _expected_samples(shards_dir) -> dict[str, list]:
+    """shard -> samples as our reader sees them (statuses checked against the fixtures below)."""
+    exts = list(schema.IMAGE_EXTENSIONS_DEFAULT)
+    return {
+        schema.shard_id_of(p): read_shard(p, exts).samples
+        for p in sorted(glob.glob(f"{shards_dir['dir']}/*.tar"))
+    }
+
+
+def test_accounting_identity_and_failure_reasons(pipeline_run, shards_dir):
+    counts = pipeline_run["manifest"]["counts"]
+    expected = _expected_samples(shards_dir)
+    assert counts["input_samples"] == sum(len(v) for v in expected.values())
+    assert counts["input_samples"] == counts["kept"] + counts["pruned"] + counts["failed"]
+    bad = shards_dir["bad"]
+    want_failed = Counter(s for s in bad["mixed"]["expected"].values() if s != schema.STATUS_OK)
+    want_failed.update(s for s in bad["truncated"]["expected"].values() if s != schema.STATUS_OK)
+    assert counts["failed_by_reason"] == dict(want_failed)
+    assert counts["shard_failures"].keys() == {bad["not_a_tar"]["shard"]}
+    assert counts["shard_failures"][bad["not_a_tar"]["shard"]].startswith(schema.SHARD_NOT_A_TAR)
+    assert os.path.exists(f"{pipeline_run['out']}/manifest.json")
+
+
+def test_scores_one_row_per_sample_with_reasons(pipeline_run, shards_dir):
+    out = pipeline_run["out"]
+    scores = _scores(out).to_pylist()
+    by_id = {(r[schema.SHARD], r[schema.KEY]): r for r in scores}
+    assert len(by_id) == len(scores)
+    for shard, samples in _expected_samples(shards_dir).items():
+        assert [r[schema.KEY] for r in scores if r[schema.SHARD] == shard] == [s.key for s in samples]
+    mixed = shards_dir["bad"]["mixed"]
+    for key, status in mixed["expected"].items():
+        assert by_id[(mixed["shard"], key)][schema.STATUS] == status
+    for r in scores:
+        if r[schema.STATUS] == schema.STATUS_OK:
+            assert 0.0 <= r[schema.DISTANCE] <= 2.0 and r[schema.CLUSTER] >= 0
+        else:
+            assert not r[schema.KEEP] and r[schema.DISTANCE] is None and r[schema.CLUSTER] == -1
+
+
+def test_distance_is_one_minus_cosine_to_nearest_prototype(pipeline_run):
+    out = pipeline_run["out"]
+    centroids = np.load(f"{out}/prototypes/centroids.npy")
+    meta = json.load(open(f"{out}/prototypes/kmeans.json"))
+    assert centroids.shape == (meta["k"], meta["dim"])
+    for path in sorted(glob.glob(f"{out}/embeddings/*.parquet")):
+        emb = pq.read_table(path)
+        sc = pq.read_table(f"{out}/scores/{os.path.basename(path)}")
+        ok = [s == schema.STATUS_OK for s in emb.column(schema.STATUS).to_pylist()]
+        if not any(ok):
+            continue
+        x = np.array([v for v, good in zip(emb.column(schema.EMBEDDING).to_pylist(), ok) if good], np.float32)
+        np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=2e-3)
+        sims = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ centroids.T
+        dist = np.array([d for d, good in zip(sc.column(schema.DISTANCE).to_pylist(), ok) if good])
+        clus = np.array([c for c, good in zip(sc.column(schema.CLUSTER).to_pylist(), ok) if good])
+        np.testing.assert_allclose(dist, 1.0 - sims.max(axis=1), atol=1e-4)
+        assert (clus == sims.argmax(axis=1)).mean() > 0.98  # float16 storage may flip near-ties
+
+
+def test_pruned_members_are_byte_identical_and_adjacent(pipeline_run, shards_dir):
+    out = pipeline_run["out"]
+    source = {}
+    for p in sorted(glob.glob(f"{shards_dir['dir']}/*.tar")):
+        try:
+            for name, data in _tar_members(p):
+                source[(schema.shard_id_of(p), name)] = data
+        except tarfile.TarError:
+            continue  # the truncated and non-tar fixtures; their good members are checked via scores
+    kept = {(r[schema.SHARD], r[schema.KEY]) for r in _scores(out).to_pylist() if r[schema.KEEP]}
+    seen = set()
+    for tar_path in _pruned_tars(out):
+        meta = pq.read_table(tar_path[:-4] + ".parquet").to_pylist()
+        keys_in_order = []
+        for name, data in _tar_members(tar_path):
+            key = split_member_name(name)[0]
+            if not keys_in_order or keys_in_order[-1] != key:
+                keys_in_order.append(key)
+            row = meta[len(keys_in_order) - 1]
+            assert row[schema.KEY] == key
+            src = (row[schema.SOURCE_SHARD], name)
+            if src in source:
+                assert source[src] == data, f"{name} differs from its input bytes"
+            assert not name.startswith("/") and ".." not in name.split("/")
+        assert len(keys_in_order) == len(set(keys_in_order)) == len(meta)  # members adjacent
+        seen |= {(r[schema.SOURCE_SHARD], r[schema.KEY]) for r in meta}
+    assert seen == kept
+
+
+def test_pruned_shards_read_by_webdataset_and_ray(pipeline_run):
+    out = pipeline_run["out"]
+    sizes = json.load(open(f"{out}/pruned/sizes.json"))
+    tars = _pruned_tars(out)
+    assert sorted(sizes) == [os.path.basename(t) for t in tars]
+    total = sum(sizes.values())
+    assert total == pipeline_run["manifest"]["counts"]["kept"]
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "txt"))
+    assert len(samples) == total
+    assert all(img.size == (28, 28) and txt.startswith("a") for _, img, txt in samples)
+    for t in tars:
+        stats = json.load(open(t[:-4] + schema.STATS_SUFFIX))
+        assert stats["count"] == sizes[os.path.basename(t)] == pq.read_metadata(t[:-4] + ".parquet").num_rows
+    ds = ray.data.read_webdataset(f"{out}/pruned", file_extensions=["tar"])
+    assert ds.count() == total
+
+
+def test_band_prefixes_are_smaller_selections(pipeline_run):
+    out = pipeline_run["out"]
+    bands = json.load(open(f"{out}/pruned/bands.json"))["bands"]
+    scores = [r for r in _scores(out).to_pylist() if r[schema.STATUS] == schema.STATUS_OK]
+    per_cluster = Counter(r[schema.CLUSTER] for r in scores)
+    shards_so_far = []
+    for b in bands:
+        shards_so_far += b["shards"]
+        keys = set()
+        for name in shards_so_far:
+            keys |= {(r[schema.SOURCE_SHARD], r[schema.KEY]) for r in pq.read_table(f"{out}/pruned/{name[:-4]}.parquet").to_pylist()}
+        want = {(r[schema.SHARD], r[schema.KEY]) for r in scores if 0 <= r[schema.BAND] <= b["band"]}
+        assert keys == want
+        # balanced: every cluster keeps round(edge * size) at this prefix
+        kept_by_cluster = Counter(r[schema.CLUSTER] for r in scores if 0 <= r[schema.BAND] <= b["band"])
+        for c, n in per_cluster.items():
+            assert kept_by_cluster[c] == int(np.floor(b["keep_fraction"] * n + 0.5))
+    assert bands[-1]["keep_fraction"] == pipeline_run["cfg"].select.keep_fraction
+
+
+def test_nothing_escapes_the_output_directory(pipeline_run, shards_dir):
+    root = shards_dir["root"]
+    assert not glob.glob(f"{root}/**/escape.jpg", recursive=True)
+    assert not os.path.exists("/abs/evil.jpg")
+    assert not glob.glob(f"{pipeline_run['out']}/{schema.STAGING_DIR}")  # scratch removed when done
+
+
+def test_rerun_resumes_everything_and_changes_nothing(pipeline_run, run_copy):
+    from pipelines.run import run
+
+    cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy))
+    manifest = run(cfg)
+    st = manifest["stages"]
+    assert st["embed"]["shards_reused"] == st["embed"]["shards_total"] and st["embed"]["shards_embedded"] == 0
+    assert st["prototypes"]["reused"] and st["assign"]["shards_assigned"] == 0 and st["write"]["reused"]
+    assert manifest["counts"] == pipeline_run["manifest"]["counts"]
+    assert _scores(run_copy).equals(_scores(pipeline_run["out"]))
+
+
+def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy):
+    """Simulate a crash: manifest gone, some stage outputs missing, write stage half done."""
+    from pipelines.run import run
+
+    os.remove(f"{run_copy}/manifest.json")
+    os.remove(sorted(glob.glob(f"{run_copy}/embeddings/*.parquet"))[1])
+    os.remove(sorted(glob.glob(f"{run_copy}/scores/*.parquet"))[2])
+    os.remove(f"{run_copy}/pruned/{schema.STAGE_MARKER}")
+    os.remove(_pruned_tars(run_copy)[-1])
+    os.makedirs(f"{run_copy}/{schema.STAGING_DIR}/embed-deadbeef/shard=00000", exist_ok=True)
+    cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy))
+    manifest = run(cfg)
+    assert manifest["stages"]["embed"]["shards_embedded"] == 1
+    assert manifest["counts"] == pipeline_run["manifest"]["counts"]
+    assert _scores(run_copy).equals(_scores(pipeline_run["out"]))
+    for a, b in zip(_pruned_tars(run_copy), _pruned_tars(pipeline_run["out"]), strict=True):
+        assert _tar_members(a) == _tar_members(b)
+
+
+def test_new_selection_reuses_embeddings_and_prototypes(pipeline_run, run_copy):
+    from pipelines.run import run
+
+    base = pipeline_run["cfg"].input
+    easy = run(validate_config(small_config(base, run_copy, **{"select.policy": "easy", "select.balanced": False, "select.keep_fraction": 0.3})))
+    st = easy["stages"]
+    assert st["embed"]["shards_embedded"] == 0 and st["prototypes"]["reused"] and st["assign"]["shards_assigned"] == 0
+    n_ok = easy["counts"]["kept"] + easy["counts"]["pruned"]
+    assert easy["counts"]["kept"] == int(np.floor(0.3 * n_ok + 0.5))
+    easy_kept = [r[schema.DISTANCE] for r in _scores(run_copy).to_pylist() if r[schema.KEEP]]
+    easy_pruned = [r[schema.DISTANCE] for r in _scores(run_copy).to_pylist() if r[schema.STATUS] == "ok" and not r[schema.KEEP]]
+    assert max(easy_kept) <= min(easy_pruned)
+    hard = run(validate_config(small_config(base, run_copy, **{"select.policy": "hard", "select.balanced": False, "select.keep_fraction": 0.3})))
+    hard_kept = [r[schema.DISTANCE] for r in _scores(run_copy).to_pylist() if r[schema.KEEP]]
+    assert hard["counts"]["kept"] == easy["counts"]["kept"]
+    assert min(hard_kept) >= max(easy_kept) or np.mean(hard_kept) > np.mean(easy_kept)
+    assert len(_pruned_tars(run_copy)) == hard["counts"]["output_shards"]
+
+
+def test_embed_actors_ask_for_a_gpu_when_the_cluster_has_one(pipeline_run):
+    # the session's Ray has one fake GPU: the run completing proves the actor was placed on it
+    assert pipeline_run["manifest"]["stages"]["embed"]["actor_resources"]["num_gpus"] == 1
+    assert pipeline_run["manifest"]["random_init"] is True
