@@ -10,7 +10,8 @@ import hashlib
 import json
 from typing import Literal, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -123,19 +124,21 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
     """Merge a YAML file (or nothing) with dotted `key=value` overrides and validate."""
+    for item in overrides:
+        if "=" not in item or not item.partition("=")[0].strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
         base = OmegaConf.load(path) if path else OmegaConf.create({})
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not of the form key=value")
+        if not isinstance(base, DictConfig):  # a list or a scalar cannot take dotted overrides
+            raise ConfigError(f"config {path} must be a mapping at the top level")
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(merged, resolve=True)
     except FileNotFoundError as exc:
         raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot read config: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping at the top level")
     return validate_config(raw)
 
 

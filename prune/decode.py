@@ -85,6 +85,7 @@ def decode_image(
     """Bytes -> (uint8 [size, size, 3] crop, "ok") or (None, failure reason)."""
     if not data:
         return None, schema.STATUS_EMPTY
+    previous_limit = Image.MAX_IMAGE_PIXELS  # PIL's limit is process-wide: restore it after
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
@@ -100,6 +101,8 @@ def decode_image(
         return None, schema.STATUS_BOMB
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         return None, schema.STATUS_UNDECODABLE
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
 
 
 def decode_batch(

@@ -1,0 +1,76 @@
+"""The `ssl-prune` command as a user runs it: clear errors, and the demo end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def _run(args, tmp_path, **env):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    full_env |= {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")} | env
+    return subprocess.run(CLI + args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("select.keep_fractoin=0.5", "unknown config key 'select.keep_fractoin'"),
+        ("select.keep_fraction=1.5", "bad value for 'select.keep_fraction'"),
+        ("embed.batch_size=zero", "bad value for 'embed.batch_size'"),
+        ("select.policy=hardest", "bad value for 'select.policy'"),
+    ],
+)
+def test_bad_config_is_one_message_naming_the_key(tmp_path, override, named):
+    res = _run(["run", "configs/demo.yaml", override, f"output={tmp_path / 'out'}"], tmp_path)
+    assert res.returncode == 2
+    assert named in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()  # validated before any work
+
+
+def test_missing_weights_name_the_tag_and_are_not_downloaded(tmp_path):
+    res = _run(
+        ["run", "configs/demo.yaml", "embed.model=ViT-B-32", "embed.allow_random_init=false",
+         "embed.pretrained=laion2b_s34b_b79k", f"output={tmp_path / 'out'}"],
+        tmp_path,
+    )
+    assert res.returncode == 2
+    assert "laion2b_s34b_b79k" in res.stderr and "never downloaded" in res.stderr
+    assert "embed.pretrained" in res.stderr
+
+
+def test_missing_checkpoint_file_is_named(tmp_path):
+    missing = tmp_path / "nope.pt"
+    res = _run(["run", "configs/demo.yaml", "embed.allow_random_init=false", f"embed.pretrained={missing}",
+                f"output={tmp_path / 'out'}"], tmp_path)
+    assert res.returncode == 2 and str(missing) in res.stderr
+
+
+def test_demo_end_to_end_on_a_cpu_only_ray(tmp_path):
+    shards = tmp_path / "shards"
+    made = _run(["demo-data", str(shards), "--count", "300", "--shard-size", "100"], tmp_path)
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "out"
+    res = _run(
+        ["run", "configs/demo.yaml", f"input={shards}/{{00000..00002}}.tar", f"output={out}",
+         "kmeans.k=5", "select.keep_fraction=0.5", "write.samples_per_shard=40", "ray.num_cpus=2"],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    c = manifest["counts"]
+    assert f"300 samples in 3 shards -> kept {c['kept']}, pruned {c['pruned']}, failed 0" in res.stdout
+    assert abs(c["kept"] - 150) <= 5 / 2  # balanced over k=5 clusters: each rounds by at most 1/2
+    assert c["input_samples"] == 300 == c["kept"] + c["pruned"] + c["failed"]
+    assert manifest["stages"]["embed"]["actor_resources"]["num_gpus"] == 0
+    assert manifest["random_init"] is True and manifest["model_id"].endswith("random-init-seed0")
+    assert json.loads((out / "pruned" / "sizes.json").read_text()) and (out / "pruned" / "bands.json").exists()
+    assert {"ray", "torch", "faiss-cpu", "open_clip_torch"} <= manifest["versions"].keys()
