@@ -70,8 +70,8 @@ def decode_rows(batch: dict, spec: PreprocessSpec, draft: bool, max_pixels: int)
 
 
 def decode_memory_bytes(batch_size: int, spec: PreprocessSpec) -> int:
-    """Memory to reserve for one decode task: uint8 crops plus ~3x for PIL's working copies."""
-    return int(batch_size * spec.size * spec.size * 3 * 4 + 64 * 2**20)
+    """Memory to reserve for one decode task: input bytes, uint8 crops, PIL's working copies."""
+    return int(batch_size * spec.size * spec.size * 3 * 8 + 128 * 2**20)
 
 
 class EmbedActor:
@@ -167,7 +167,10 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
     stats["actor_resources"] = resources
     embed_cfg = cfg.embed.model_dump()
     if device == "cpu" and embed_cfg["torch_threads"] is None:
-        embed_cfg["torch_threads"] = max(1, int(cfg.embed.num_cpus_per_actor))
+        # Ray caps a CPU actor at num_cpus threads; the model is the hot loop, so give each
+        # actor its share of the cluster's cores instead (decode tasks are light beside it)
+        cores = int(ray.cluster_resources().get("CPU", 1))
+        embed_cfg["torch_threads"] = max(1, cores // cfg.embed.concurrency)
     model_id = None
     per_round = cfg.embed.shards_per_round
     for start in range(0, len(todo), per_round):

@@ -42,9 +42,9 @@ def _load(item: dict) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     return table, ok, prio, groups
 
 
-def pass_histogram(item: dict) -> np.ndarray:
+def pass_histogram(item: dict) -> tuple[np.ndarray, np.ndarray]:
     _, _, prio, groups = _load(item)
-    return selection.histogram(prio, groups, item["spec"])
+    return selection.sparse_histogram(prio, groups, item["spec"])
 
 
 def pass_boundary(item: dict) -> dict:
@@ -93,8 +93,8 @@ def run_select(cfg: RunConfig, out: OutputDir, shards: list[str], k: int) -> dic
     base = [{"out": out, "shard": s, "select": sel} for s in sorted(shards)]
 
     hist = np.zeros((spec.n_groups, spec.bins), np.int64)
-    for h in run_tasks(pass_histogram, [b | {"spec": spec} for b in base], desc="select: histograms"):
-        hist += h
+    for sparse in run_tasks(pass_histogram, [b | {"spec": spec} for b in base], desc="select: histograms"):
+        selection.add_sparse(hist, sparse)
     plan = selection.plan_cuts(hist, spec, edges)
     plan_ref = ray.put(plan)
     values = selection.merge_boundary_values(

@@ -120,11 +120,15 @@ def decode_batch(
     return pixels, out_status
 
 
-def normalize(pixels_uint8, spec: PreprocessSpec):
-    """uint8 NHWC numpy -> float32 NCHW torch tensor, normalized as the model expects."""
+def normalize(pixels_uint8, spec: PreprocessSpec, device: str = "cpu"):
+    """uint8 NHWC numpy -> float32 NCHW torch tensor on `device`, normalized as the model expects.
+
+    The uint8 batch is moved first, so a GPU receives a quarter of the bytes of a float batch.
+    """
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(spec.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)

@@ -83,8 +83,21 @@ class HistogramSpec:
 
 def histogram(prio: np.ndarray, groups: np.ndarray, spec: HistogramSpec) -> np.ndarray:
     """Counts [n_groups, bins] of one shard's (ok) samples."""
+    hist = np.zeros((spec.n_groups, spec.bins), np.int64)
+    add_sparse(hist, sparse_histogram(prio, groups, spec))
+    return hist
+
+
+def sparse_histogram(prio: np.ndarray, groups: np.ndarray, spec: HistogramSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(flat bin index, count) of the non-empty bins: at most one entry per sample, whatever k is."""
     flat = groups.astype(np.int64) * spec.bins + spec.bin_of(prio)
-    return np.bincount(flat, minlength=spec.n_groups * spec.bins).reshape(spec.n_groups, spec.bins)
+    return np.unique(flat, return_counts=True)
+
+
+def add_sparse(hist: np.ndarray, sparse: tuple[np.ndarray, np.ndarray]) -> None:
+    """Add a shard's sparse histogram into the driver's dense [n_groups, bins] sum, in place."""
+    idx, counts = sparse
+    np.add.at(hist.reshape(-1), idx, counts)
 
 
 @dataclass

@@ -65,17 +65,34 @@ def is_unsafe_member(info: tarfile.TarInfo) -> bool:
     )
 
 
+class _HeaderRecordingTarInfo(tarfile.TarInfo):
+    """Remembers on the TarFile why the last header read failed.
+
+    tarfile's iteration ends quietly, as if at the end of the archive, when the data runs out
+    at or inside a header or a header is garbage; only a zero block is a real end.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar.last_header_error = exc
+            raise
+
+
 def iter_tar_samples(fileobj) -> Iterator[TarSample]:
     """Stream samples from an open tar file object.
 
     Raises `tarfile.ReadError` only if not even the first header can be read (not a tar);
-    a tar cut short later yields its last, incomplete sample with status `truncated_tar`.
+    a tar cut short later (in a member's data, in a header or between members, as the missing
+    end-of-archive block shows) yields its last sample with status `truncated_tar`.
     """
     seen: set[str] = set()
     current: Optional[TarSample] = None
     headers = 0
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_HeaderRecordingTarInfo) as tar:
             for info in tar:
                 headers += 1
                 if info.isdir():
@@ -99,6 +116,9 @@ def iter_tar_samples(fileobj) -> Iterator[TarSample]:
                 if len(data) != info.size:
                     raise EOFError(f"member {info.name} is cut short")
                 current.members.append((info, data))
+            end = getattr(tar, "last_header_error", None)
+            if headers and not isinstance(end, tarfile.EOFHeaderError):
+                raise EOFError(f"the archive ends without an end-of-archive block ({end})")
     except (tarfile.ReadError, EOFError, OSError) as exc:
         if headers == 0:
             raise tarfile.ReadError(str(exc)) from exc

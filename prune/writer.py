@@ -148,20 +148,15 @@ def plan_output_shards(counts: dict[tuple[int, str], int], per_shard: int) -> li
 
 
 def write_output_shard(out: OutputDir, staging: str, target_dir: str, plan: OutputShard) -> int:
-    """Concatenate the planned fragment slices into one shard, with its parquet and stats."""
-    tables = []
-    with out.open_atomic(target_dir, plan.name) as fobj:
-        with tarfile.open(fileobj=fobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for p in plan.pieces:
-                with out.open(staging, fragment_name(p.band, p.shard, "tar")) as f:
-                    for i, sample in enumerate(iter_tar_samples(f)):
-                        if i >= p.stop:
-                            break
-                        if i >= p.start:
-                            add_sample(tar, sample)
-                with out.open(staging, fragment_name(p.band, p.shard, "parquet")) as f:
-                    tables.append(pq.read_table(f).slice(p.start, p.stop - p.start))
+    """Concatenate the planned fragment slices into one shard, with its parquet and stats.
+
+    The tar is written last: a shard whose tar exists is complete, metadata included.
+    """
     stem = plan.name[: -len(".tar")]
+    tables = []
+    for p in plan.pieces:
+        with out.open(staging, fragment_name(p.band, p.shard, "parquet")) as f:
+            tables.append(pq.read_table(f).slice(p.start, p.stop - p.start))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     with out.open_atomic(target_dir, f"{stem}.parquet") as fobj:
         pq.write_table(table, fobj)
@@ -178,4 +173,13 @@ def write_output_shard(out: OutputDir, staging: str, target_dir: str, plan: Outp
         target_dir,
         f"{stem}{schema.STATS_SUFFIX}",
     )
+    with out.open_atomic(target_dir, plan.name) as fobj:
+        with tarfile.open(fileobj=fobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for p in plan.pieces:
+                with out.open(staging, fragment_name(p.band, p.shard, "tar")) as f:
+                    for i, sample in enumerate(iter_tar_samples(f)):
+                        if i >= p.stop:
+                            break
+                        if i >= p.start:
+                            add_sample(tar, sample)
     return n
