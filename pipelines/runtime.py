@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
@@ -23,9 +24,9 @@ log = logging.getLogger("ssl_prune")
 def connect(cfg: RayConfig) -> str:
     """Connect to Ray; returns how ("address:<addr>", "existing" or "local").
 
-    An explicit `ray.address` (e.g. "auto" for a `ray start` cluster on this machine) or
-    RAY_ADDRESS (set by `ray job submit`) joins that cluster; otherwise a new local Ray starts.
-    A stale address file of a dead cluster is never followed.
+    An explicit `ray.address`, or RAY_ADDRESS (set by `ray job submit`), joins that cluster;
+    then a `ray start` cluster on this machine whose head answers; otherwise a new local Ray
+    starts. The address file a dead cluster left behind is never followed (Ray would wait on it).
     """
     if ray.is_initialized():
         return "existing"
@@ -33,6 +34,10 @@ def connect(cfg: RayConfig) -> str:
         address = cfg.address or os.environ["RAY_ADDRESS"]
         ray.init(address=address, configure_logging=False)
         return f"address:{address}"
+    running = live_local_cluster()
+    if running:
+        ray.init(address=running, configure_logging=False)
+        return f"existing:{running}"
     extra = {}
     if cfg.num_cpus:
         extra["num_cpus"] = cfg.num_cpus
@@ -40,6 +45,21 @@ def connect(cfg: RayConfig) -> str:
         extra["object_store_memory"] = cfg.object_store_memory
     ray.init(address="local", include_dashboard=False, configure_logging=False, **extra)
     return "local"
+
+
+def live_local_cluster(timeout_s: float = 1.0) -> str | None:
+    """The GCS address of a `ray start` cluster on this machine, if its head accepts connections."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+        if not address:
+            return None
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return address
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def cluster_gpus() -> float:

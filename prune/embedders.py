@@ -143,15 +143,7 @@ class OpenClipEmbedder(Embedder):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = open_clip.create_model(cfg.model, pretrained=weights, device="cpu")
         pp = open_clip.get_model_preprocess_cfg(model)
-        size = pp.get("size", 224)
-        self.preprocess = PreprocessSpec(
-            size=size if isinstance(size, int) else int(size[0]),
-            mean=tuple(pp.get("mean", PreprocessSpec.mean)),
-            std=tuple(pp.get("std", PreprocessSpec.std)),
-            interpolation=pp.get("interpolation", "bicubic"),
-            resize_mode=pp.get("resize_mode", "shortest"),
-            fill_color=pp.get("fill_color", 0),
-        )
+        self.preprocess = spec_from_open_clip(pp.get("size", 224), pp)
         self.visual = model.visual.eval().to(self.device)
         del model  # the text tower is not needed
         if self.precision == "bf16":
@@ -192,6 +184,18 @@ def make_embedder(cfg: EmbedConfig, device: Optional[str] = None) -> Embedder:
     return BACKENDS[cfg.backend](cfg, device)
 
 
+def spec_from_open_clip(size, pp: dict) -> PreprocessSpec:
+    """open_clip's preprocess dict (and image size, int or pair) -> our PreprocessSpec."""
+    return PreprocessSpec(
+        size=size if isinstance(size, int) else int(size[0]),
+        mean=tuple(pp.get("mean", PreprocessSpec.mean)),
+        std=tuple(pp.get("std", PreprocessSpec.std)),
+        interpolation=pp.get("interpolation", "bicubic"),
+        resize_mode=pp.get("resize_mode", "shortest"),
+        fill_color=pp.get("fill_color", 0),
+    )
+
+
 def open_clip_preprocess_spec(cfg: EmbedConfig) -> PreprocessSpec:
     """The eval preprocessing open_clip would build for this model, without building the model.
 
@@ -208,14 +212,7 @@ def open_clip_preprocess_spec(cfg: EmbedConfig) -> PreprocessSpec:
     if cfg.pretrained and not os.path.isfile(os.path.expanduser(cfg.pretrained)):
         tag_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) or {}
         pp.update({k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
-    return PreprocessSpec(
-        size=size if isinstance(size, int) else int(size[0]),
-        mean=tuple(pp.get("mean", PreprocessSpec.mean)),
-        std=tuple(pp.get("std", PreprocessSpec.std)),
-        interpolation=pp.get("interpolation", "bicubic"),
-        resize_mode=pp.get("resize_mode", "shortest"),
-        fill_color=pp.get("fill_color", 0),
-    )
+    return spec_from_open_clip(size, pp)
 
 
 PREPROCESS_SPECS = {"open_clip": open_clip_preprocess_spec}
