@@ -26,9 +26,10 @@ from .runtime import run_tasks
 log = logging.getLogger("ssl_prune")
 
 
-def kmeans_fingerprint(cfg: RunConfig) -> str:
+def kmeans_fingerprint(cfg: RunConfig, shards) -> str:
+    """Prototypes depend on the embeddings' settings, the k-means settings and which shards."""
     k = cfg.kmeans.model_dump(exclude={"assign_concurrency"})
-    return fingerprint("kmeans", embed_fingerprint(cfg), k)
+    return fingerprint("kmeans", embed_fingerprint(cfg), k, sorted(shards))
 
 
 def _read_embeddings(out: OutputDir, shard: str, columns=None) -> pa.Table:
@@ -64,7 +65,7 @@ def sample_shard(item: dict) -> np.ndarray:
 
 def run_prototypes(cfg: RunConfig, out: OutputDir, shards: list[str]) -> dict:
     """Fit (or reuse) the centroids; returns the k-means metadata."""
-    fp = kmeans_fingerprint(cfg)
+    fp = kmeans_fingerprint(cfg, shards)
     if out.exists(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE) and out.exists(
         schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE
     ):
@@ -168,7 +169,7 @@ def empty_selection(table: pa.Table, cluster, distance, ok) -> pa.Table:
 
 
 def run_assign(cfg: RunConfig, out: OutputDir, shards: list[str]) -> dict:
-    fp = kmeans_fingerprint(cfg)
+    fp = kmeans_fingerprint(cfg, shards)
     centroids = load_centroids(out)
     ds = ray.data.from_items([{schema.SHARD: s} for s in sorted(shards)], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(

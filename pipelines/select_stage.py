@@ -25,8 +25,8 @@ from .score_stage import SELECT_FP_META, kmeans_fingerprint
 _COLS = [schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE]
 
 
-def select_fingerprint(cfg: RunConfig) -> str:
-    return fingerprint("select", kmeans_fingerprint(cfg), cfg.select, cfg.write.band_step)
+def select_fingerprint(cfg: RunConfig, shards) -> str:
+    return fingerprint("select", kmeans_fingerprint(cfg, shards), cfg.select, cfg.write.band_step)
 
 
 def _load(item: dict) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
@@ -86,7 +86,7 @@ def pass_apply(item: dict) -> dict:
 
 
 def run_select(cfg: RunConfig, out: OutputDir, shards: list[str], k: int) -> dict:
-    fp = select_fingerprint(cfg)
+    fp = select_fingerprint(cfg, shards)
     sel = cfg.select.model_dump()
     spec = selection.HistogramSpec.for_groups(k if cfg.select.balanced else 1)
     edges = selection.band_edges(cfg.select.keep_fraction, cfg.write.band_step)

@@ -19,8 +19,8 @@ from .runtime import run_tasks
 from .select_stage import select_fingerprint
 
 
-def write_fingerprint(cfg: RunConfig) -> str:
-    return fingerprint("write", select_fingerprint(cfg), cfg.write)
+def write_fingerprint(cfg: RunConfig, shards) -> str:
+    return fingerprint("write", select_fingerprint(cfg, shards), cfg.write)
 
 
 def fragment_task(item: dict) -> dict:
@@ -50,7 +50,7 @@ def output_task(item: dict) -> dict:
 
 
 def run_write(cfg: RunConfig, out: OutputDir, shards: dict[str, str], edges: list[float], totals: dict) -> dict:
-    fp = write_fingerprint(cfg)
+    fp = write_fingerprint(cfg, shards)
     marker = f"{schema.PRUNED_DIR}/{schema.STAGE_MARKER}"
     if out.exists(marker) and out.read_json(marker).get("fingerprint") == fp:
         return out.read_json(schema.PRUNED_DIR, schema.BANDS_FILE) | {"reused": True}
