@@ -31,9 +31,12 @@ def _run(args) -> int:
 def _demo_data(args) -> int:
     from prune.demo_shards import write_demo_shards
 
-    paths = write_demo_shards(
-        args.out, split=args.split, count=args.count, shard_size=args.shard_size, seed=args.seed, start=args.start
-    )
+    try:
+        paths = write_demo_shards(
+            args.out, split=args.split, count=args.count, shard_size=args.shard_size, seed=args.seed, start=args.start
+        )
+    except (FileNotFoundError, ValueError) as exc:  # no Fashion-MNIST installed, or bad counts
+        raise ConfigError(str(exc)) from exc
     print(f"wrote {len(paths)} shards ({args.count} Fashion-MNIST {args.split} images) to {args.out}")
     return 0
 
@@ -56,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from prune.embedders import WeightsNotFoundError
+    from prune.storage import InputError
 
     try:
         return args.fn(args)
-    except (ConfigError, WeightsNotFoundError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, WeightsNotFoundError, InputError) as exc:  # the user's to fix; the rest are bugs
         print(f"ssl-prune: error: {exc}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,7 @@ SHARD_ERROR_KEY = ""  # the key of the one row that stands for a shard that coul
 FP_META = b"ssl_prune_fingerprint"
 MODEL_META = b"model_id"
 SHARD_ERROR_META = b"shard_error"
+SOURCE_META = b"source_url"
 
 
 def embed_fingerprint(cfg: RunConfig) -> str:
@@ -102,19 +103,22 @@ class EmbedActor:
         })
 
 
-def embeddings_complete(out: OutputDir, shard: str, fp: str) -> bool:
+def embeddings_complete(out: OutputDir, shard: str, fp: str, url: str) -> bool:
+    """Made with these settings from this very input file (a same-named shard elsewhere is not it)."""
     name = f"{shard}.parquet"
     if not out.exists(schema.EMBEDDINGS_DIR, name):
         return False
     with out.open(schema.EMBEDDINGS_DIR, name) as f:
         meta = pq.read_schema(f).metadata or {}
-    return meta.get(FP_META, b"").decode() == fp
+    return meta.get(FP_META, b"").decode() == fp and meta.get(SOURCE_META, b"").decode() == url
 
 
 def finalize_shard(item: dict) -> dict:
     """Staged parts of one shard -> embeddings/NNNNN.parquet, if every sample arrived."""
     out: OutputDir = item["out"]
     shard, part_dir = item["shard"], item["part_dir"]
+    if embeddings_complete(out, shard, item["fp"], item["url"]):  # a retry of a finished task
+        return {"shard": shard, "ok": True, "rows": -1}
     if not out.exists(part_dir):
         return {"shard": shard, "ok": False, "why": "no embedded rows arrived"}
     table = pq.read_table(out.path(part_dir), filesystem=out.fs)
@@ -122,7 +126,7 @@ def finalize_shard(item: dict) -> dict:
     pos = table.column(POS).to_numpy()
     pos_unique, first = np.unique(pos, return_index=True)  # a retried task may have re-written rows
     table = table.take(pa.array(first))
-    meta = {FP_META: item["fp"].encode(), MODEL_META: item["model_id"].encode()}
+    meta = {FP_META: item["fp"].encode(), MODEL_META: item["model_id"].encode(), SOURCE_META: item["url"].encode()}
     if len(pos_unique) == 1 and pos_unique[0] == -1:  # the shard itself could not be read
         meta[SHARD_ERROR_META] = table.column(schema.STATUS)[0].as_py().encode()
         table = table.slice(0, 0)
@@ -142,7 +146,6 @@ def finalize_shard(item: dict) -> dict:
     ).replace_schema_metadata(meta)
     with out.open_atomic(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
         pq.write_table(final, f)
-    out.remove(part_dir)
     return {"shard": shard, "ok": True, "rows": len(final)}
 
 
@@ -158,7 +161,7 @@ def embed_resources(cfg: EmbedConfig) -> tuple[dict, str]:
 def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
     """Embed every shard that has no complete embeddings file yet; returns stage stats."""
     fp = embed_fingerprint(cfg)
-    todo = [s for s in sorted(shards) if not embeddings_complete(out, s, fp)]
+    todo = [s for s in sorted(shards) if not embeddings_complete(out, s, fp, shards[s])]
     stats = {"shards_total": len(shards), "shards_embedded": 0, "shards_reused": len(shards) - len(todo)}
     if not todo:
         return stats
@@ -194,7 +197,8 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
         if model_id is None:
             model_id = model_id_for(cfg.embed)
         finals = [
-            {"out": out, "shard": s, "part_dir": f"{run_dir}/{schema.SHARD}={s}", "fp": fp, "model_id": model_id}
+            {"out": out, "shard": s, "url": shards[s], "part_dir": f"{run_dir}/{schema.SHARD}={s}", "fp": fp,
+             "model_id": model_id}
             for s in batch_shards
         ]
         for res in run_tasks(finalize_shard, finals, desc="embeddings: finalize shards"):

@@ -16,7 +16,7 @@ from collections import Counter
 from prune import schema
 from prune.config import RunConfig
 from prune.embedders import WeightsNotFoundError, resolve_open_clip_weights
-from prune.storage import OutputDir, list_input_shards
+from prune.storage import InputError, OutputDir, list_input_shards
 
 from . import runtime
 from .embed_stage import embed_fingerprint, model_id_for, run_embed
@@ -45,7 +45,7 @@ def resolve_shards(spec: str) -> dict[str, str]:
     for url in list_input_shards(spec):
         sid = schema.shard_id_of(url)
         if sid in shards:
-            raise ValueError(f"input: two shards share the name {sid}.tar ({shards[sid]}, {url})")
+            raise InputError(f"input: two shards share the name {sid}.tar ({shards[sid]}, {url})")
         shards[sid] = url
     return shards
 
@@ -81,10 +81,9 @@ def run(cfg: RunConfig) -> dict:
         return result
 
     embed_stats = timed("embed", run_embed, cfg, out, shards)
-    ids = sorted(shards)
-    kmeans_meta = timed("prototypes", run_prototypes, cfg, out, ids)
-    assign_stats = timed("assign", run_assign, cfg, out, ids)
-    select_stats = timed("select", run_select, cfg, out, ids, kmeans_meta["k"])
+    kmeans_meta = timed("prototypes", run_prototypes, cfg, out, shards)
+    assign_stats = timed("assign", run_assign, cfg, out, shards)
+    select_stats = timed("select", run_select, cfg, out, shards, kmeans_meta["k"])
     write_stats = timed("write", run_write, cfg, out, shards, select_stats["edges"], select_stats)
 
     failed = Counter(select_stats["failed"])
@@ -98,8 +97,9 @@ def run(cfg: RunConfig) -> dict:
         "shard_failures": select_stats["shard_failures"],
         "output_shards": sum(len(b["shards"]) for b in write_stats["bands"]),
     }
-    if counts["input_samples"] != counts["kept"] + counts["pruned"] + counts["failed"]:
-        raise AssertionError(f"accounting identity broken: {counts}")
+    written = sum(b["samples"] for b in write_stats["bands"])
+    if counts["input_samples"] != counts["kept"] + counts["pruned"] + counts["failed"] or written != counts["kept"]:
+        raise AssertionError(f"accounting identity broken: {counts}, {written} samples in pruned shards")
     out.remove(schema.STAGING_DIR)
     timings["total"] = round(time.time() - t_start, 3)
     manifest = {

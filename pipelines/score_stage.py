@@ -26,10 +26,10 @@ from .runtime import run_tasks
 log = logging.getLogger("ssl_prune")
 
 
-def kmeans_fingerprint(cfg: RunConfig, shards) -> str:
+def kmeans_fingerprint(cfg: RunConfig, shards: dict[str, str]) -> str:
     """Prototypes depend on the embeddings' settings, the k-means settings and which shards."""
     k = cfg.kmeans.model_dump(exclude={"assign_concurrency"})
-    return fingerprint("kmeans", embed_fingerprint(cfg), k, sorted(shards))
+    return fingerprint("kmeans", embed_fingerprint(cfg), k, sorted(shards.items()))
 
 
 def _read_embeddings(out: OutputDir, shard: str, columns=None) -> pa.Table:
@@ -63,7 +63,7 @@ def sample_shard(item: dict) -> np.ndarray:
     return x[idx]
 
 
-def run_prototypes(cfg: RunConfig, out: OutputDir, shards: list[str]) -> dict:
+def run_prototypes(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
     """Fit (or reuse) the centroids; returns the k-means metadata."""
     fp = kmeans_fingerprint(cfg, shards)
     if out.exists(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE) and out.exists(
@@ -86,8 +86,10 @@ def run_prototypes(cfg: RunConfig, out: OutputDir, shards: list[str]) -> dict:
     k = cfg.kmeans.k or default_k(n_ok)
     centroids, meta = fit_spherical_kmeans(sample, k, cfg.kmeans.niter, cfg.kmeans.nredo, cfg.kmeans.seed)
     meta |= {"fingerprint": fp, "n_ok_total": n_ok, "k_default_used": cfg.kmeans.k is None}
-    buf = _npy_bytes(centroids)
-    out.write_bytes(buf, schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
+    # metadata (with the fingerprint) goes first and last: a crash between the two writes
+    # must not leave another run's metadata vouching for these centroids
+    out.remove(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
+    out.write_bytes(_npy_bytes(centroids), schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
     out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
     return meta | {"reused": False}
 
@@ -168,7 +170,7 @@ def empty_selection(table: pa.Table, cluster, distance, ok) -> pa.Table:
     )
 
 
-def run_assign(cfg: RunConfig, out: OutputDir, shards: list[str]) -> dict:
+def run_assign(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
     fp = kmeans_fingerprint(cfg, shards)
     centroids = load_centroids(out)
     ds = ray.data.from_items([{schema.SHARD: s} for s in sorted(shards)], override_num_blocks=max(1, len(shards)))

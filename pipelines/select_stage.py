@@ -85,7 +85,7 @@ def pass_apply(item: dict) -> dict:
     }
 
 
-def run_select(cfg: RunConfig, out: OutputDir, shards: list[str], k: int) -> dict:
+def run_select(cfg: RunConfig, out: OutputDir, shards: dict[str, str], k: int) -> dict:
     fp = select_fingerprint(cfg, shards)
     sel = cfg.select.model_dump()
     spec = selection.HistogramSpec.for_groups(k if cfg.select.balanced else 1)

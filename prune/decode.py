@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import schema
 
@@ -53,6 +53,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+_MAX_RESIZED_AREA = 16  # resized image area, in crops, above which only the crop is resampled
+# formats an image member may be in; others (EPS runs Ghostscript, ...) are never opened
+DECODABLE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+
+
 def _resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     size = spec.size
     resample = _RESAMPLE[spec.interpolation]
@@ -72,10 +77,16 @@ def _resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), resample)
     left = int(round((nw - size) / 2.0))
     top = int(round((nh - size) / 2.0))
+    if nw * nh > _MAX_RESIZED_AREA * size * size:
+        # a banner-like image (e.g. 65535x1) would be resized to gigabytes before the crop:
+        # resample only the source region the crop covers (same filter, same geometry)
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return img.resize((size, size), resample, box=box)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), resample)
     return img.crop((left, top, left + size, top + size))
 
 
@@ -90,7 +101,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
             if draft and img.format == "JPEG":
                 img.draft(None, (spec.size, spec.size))
             img.load()
@@ -99,7 +110,7 @@ def decode_image(
         return np.asarray(out, dtype=np.uint8), schema.STATUS_OK
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, schema.STATUS_BOMB
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+    except Exception:  # PIL raises many types on malformed files (struct.error, IndexError, ...)
         return None, schema.STATUS_UNDECODABLE
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit

@@ -93,10 +93,9 @@ def resolve_open_clip_weights(model: str, pretrained: str, cache_dir: Optional[s
 
         # open_clip's convention: "org/repo/file" names a file, "org/repo/" the default file
         repo_id, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or "open_clip_pytorch_model.bin"
-        names = [filename]
-        if filename.endswith(".bin"):
-            names.insert(0, filename[: -len(".bin")] + ".safetensors")
+        filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+        # the safetensors names open_clip itself prefers, then the file named
+        names = [*open_clip.pretrained._get_safe_alternatives(filename), filename]
         for name in names:
             found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
             if isinstance(found, str):
@@ -142,8 +141,9 @@ class OpenClipEmbedder(Embedder):
         torch.manual_seed(cfg.seed)  # random init must be identical in every actor
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = open_clip.create_model(cfg.model, pretrained=weights, device="cpu")
-        pp = open_clip.get_model_preprocess_cfg(model)
-        self.preprocess = spec_from_open_clip(pp.get("size", 224), pp)
+        # from the tag's config, as the decode tasks use: a checkpoint loaded by path would
+        # otherwise fall back to the architecture's default mean/std
+        self.preprocess = open_clip_preprocess_spec(cfg)
         self.visual = model.visual.eval().to(self.device)
         del model  # the text tower is not needed
         if self.precision == "bf16":

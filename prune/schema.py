@@ -22,6 +22,7 @@ STATUS_BOMB = "decompression_bomb"
 STATUS_TRUNCATED = "truncated_tar"
 STATUS_UNSAFE_NAME = "unsafe_member_name"
 STATUS_DUPLICATE_KEY = "duplicate_key"
+STATUS_BAD_NAME = "non_utf8_member_name"
 FAILURE_STATUSES = (
     STATUS_NO_IMAGE,
     STATUS_EMPTY,
@@ -30,11 +31,13 @@ FAILURE_STATUSES = (
     STATUS_TRUNCATED,
     STATUS_UNSAFE_NAME,
     STATUS_DUPLICATE_KEY,
+    STATUS_BAD_NAME,
 )
 
 # Shard-level failures (the shard yields no samples at all); recorded in the manifest.
 SHARD_NOT_A_TAR = "not_a_tar"
-SHARD_UNREADABLE = "unreadable"
+SHARD_UNREADABLE = "unreadable"  # I/O kept failing after retries
+SHARD_EMPTY = "empty_shard"  # a valid tar with no sample in it
 
 # --- columns --------------------------------------------------------------------------
 EMBEDDING = "embedding"  # fixed-size list<float16>, L2-normalized; null when status != ok

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import tarfile
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -98,6 +99,9 @@ def iter_tar_samples(fileobj) -> Iterator[TarSample]:
                 if info.isdir():
                     continue
                 key, _ext = split_member_name(info.name)
+                bad_name = not _is_utf8(key)
+                if bad_name:  # keep a printable, stable key; the sample is not used
+                    key = "non-utf8-" + key.encode("utf-8", "surrogateescape").hex()
                 if current is not None and key != current.key:
                     yield current
                     current = None
@@ -106,6 +110,9 @@ def iter_tar_samples(fileobj) -> Iterator[TarSample]:
                     if key in seen:
                         current.status = schema.STATUS_DUPLICATE_KEY
                     seen.add(key)
+                if bad_name:
+                    current.status = schema.STATUS_BAD_NAME
+                    continue
                 if is_unsafe_member(info):
                     current.status = schema.STATUS_UNSAFE_NAME
                     continue
@@ -119,7 +126,7 @@ def iter_tar_samples(fileobj) -> Iterator[TarSample]:
             end = getattr(tar, "last_header_error", None)
             if headers and not isinstance(end, tarfile.EOFHeaderError):
                 raise EOFError(f"the archive ends without an end-of-archive block ({end})")
-    except (tarfile.ReadError, EOFError, OSError) as exc:
+    except (tarfile.ReadError, tarfile.CompressionError, EOFError) as exc:
         if headers == 0:
             raise tarfile.ReadError(str(exc)) from exc
         if current is None:
@@ -131,21 +138,40 @@ def iter_tar_samples(fileobj) -> Iterator[TarSample]:
         yield current
 
 
-def read_shard(url: str, image_extensions) -> ShardReadResult:
-    """Read a whole tar shard; classify each sample and the shard itself."""
-    fs, path = split_url(url)
-    samples: list[TarSample] = []
+def _is_utf8(text: str) -> bool:
     try:
-        with fs.open(path, "rb") as f:
-            for sample in iter_tar_samples(f):
-                if sample.status == schema.STATUS_OK and sample.member(image_extensions) is None:
-                    sample.status = schema.STATUS_NO_IMAGE
-                samples.append(sample)
-    except tarfile.ReadError as exc:
-        return ShardReadResult(samples, schema.SHARD_NOT_A_TAR, str(exc))
-    except OSError as exc:
-        return ShardReadResult(samples, schema.SHARD_UNREADABLE, str(exc))
-    return ShardReadResult(samples)
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def read_shard(url: str, image_extensions, attempts: int = 3, backoff_s: float = 1.0) -> ShardReadResult:
+    """Read a whole tar shard; classify each sample and the shard itself.
+
+    An I/O error (not a damaged archive) re-reads the shard from the start, `attempts` times,
+    so a passing storage fault does not turn into samples recorded as lost.
+    """
+    fs, path = split_url(url)
+    for attempt in range(attempts):
+        samples: list[TarSample] = []
+        try:
+            with fs.open(path, "rb") as f:
+                for sample in iter_tar_samples(f):
+                    if sample.status == schema.STATUS_OK and sample.member(image_extensions) is None:
+                        sample.status = schema.STATUS_NO_IMAGE
+                    samples.append(sample)
+        except tarfile.ReadError as exc:
+            return ShardReadResult(samples, schema.SHARD_NOT_A_TAR, str(exc))
+        except OSError as exc:
+            if attempt + 1 < attempts:
+                time.sleep(backoff_s * 2**attempt)
+                continue
+            return ShardReadResult([], schema.SHARD_UNREADABLE, str(exc))
+        if not samples:
+            return ShardReadResult([], schema.SHARD_EMPTY, "the tar holds no sample")
+        return ShardReadResult(samples)
+    raise AssertionError("unreachable")
 
 
 def sibling_path(tar_url: str, suffix: str) -> str:

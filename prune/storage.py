@@ -18,6 +18,10 @@ import fsspec
 from braceexpand import braceexpand
 
 
+class InputError(FileNotFoundError):
+    """The input names no usable shard (or two with the same name)."""
+
+
 class UnsafePathError(ValueError):
     """A relative path that would escape the output directory."""
 
@@ -32,7 +36,7 @@ def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
         return path
-    return f"{protocol}://{path}"
+    return fs.unstrip_protocol(path)
 
 
 def list_input_shards(spec: str) -> list[str]:
@@ -55,7 +59,7 @@ def list_input_shards(spec: str) -> list[str]:
         elif fs.exists(path):
             found.append(_unstrip(fs, path))
     if not found:
-        raise FileNotFoundError(f"input '{spec}' matches no .tar shard")
+        raise InputError(f"input '{spec}' matches no .tar shard")
     return sorted(set(found))
 
 

@@ -7,7 +7,9 @@ the CPU. The CPU-only path is exercised by the CLI test, which starts its own Ra
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 
 import pytest
 import ray
@@ -59,7 +61,28 @@ def shards_dir(tmp_path_factory):
     d = root / "shards"
     paths = write_demo_shards(str(d), count=GOOD_SHARDS * PER_SHARD, shard_size=PER_SHARD, seed=1)
     bad = write_bad_shards(str(d), paths[0])
+    bad |= _more_bad_shards(d, paths[0])
     return {"dir": d, "root": root, "good": paths, "bad": bad}
+
+
+def _more_bad_shards(d, good_tar) -> dict:
+    """A valid but empty tar, and one whose second sample has a member name that is not UTF-8."""
+    nxt = max(int(p.name[:-4]) for p in d.glob("*.tar")) + 1
+    empty, odd = d / f"{nxt:05d}.tar", d / f"{nxt + 1:05d}.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    with tarfile.open(good_tar) as src:
+        jpgs = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.name.endswith(".jpg")][:2]
+    good_key = f"{nxt + 1:05d}0000"
+    with tarfile.open(odd, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in ((f"{good_key}.jpg", jpgs[0][1]), (f"{good_key}.txt", b"a photo of a thing"), (b"bad\xffname.jpg".decode("utf-8", "surrogateescape"), jpgs[1][1])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return {
+        "empty": {"path": str(empty), "shard": empty.name[:-4]},
+        "non_utf8": {"path": str(odd), "shard": odd.name[:-4], "good_key": good_key},
+    }
 
 
 @pytest.fixture(scope="session")

@@ -53,9 +53,12 @@ def test_accounting_identity_and_failure_reasons(pipeline_run, shards_dir):
     bad = shards_dir["bad"]
     want_failed = Counter(s for s in bad["mixed"]["expected"].values() if s != schema.STATUS_OK)
     want_failed.update(s for s in bad["truncated"]["expected"].values() if s != schema.STATUS_OK)
+    want_failed[schema.STATUS_BAD_NAME] += 1
     assert counts["failed_by_reason"] == dict(want_failed)
-    assert counts["shard_failures"].keys() == {bad["not_a_tar"]["shard"]}
-    assert counts["shard_failures"][bad["not_a_tar"]["shard"]].startswith(schema.SHARD_NOT_A_TAR)
+    failures = counts["shard_failures"]
+    assert failures.keys() == {bad["not_a_tar"]["shard"], bad["empty"]["shard"]}
+    assert failures[bad["not_a_tar"]["shard"]].startswith(schema.SHARD_NOT_A_TAR)
+    assert failures[bad["empty"]["shard"]].startswith(schema.SHARD_EMPTY)
     assert os.path.exists(f"{pipeline_run['out']}/manifest.json")
 
 
@@ -98,15 +101,13 @@ def test_distance_is_one_minus_cosine_to_nearest_prototype(pipeline_run):
 
 def test_pruned_members_are_byte_identical_and_adjacent(pipeline_run, shards_dir):
     out = pipeline_run["out"]
-    source = {}
-    for p in sorted(glob.glob(f"{shards_dir['dir']}/*.tar")):
-        try:
-            for name, data in _tar_members(p):
-                source[(schema.shard_id_of(p), name)] = data
-        except tarfile.TarError:
-            continue  # the truncated and non-tar fixtures; their good members are checked via scores
+    source, n_members = {}, {}  # every member of every input sample, as our reader streams it
+    for shard, samples in _expected_samples(shards_dir).items():
+        for s in samples:
+            source |= {(shard, info.name): data for info, data in s.members}
+            n_members[(shard, s.key)] = len(s.members)
     kept = {(r[schema.SHARD], r[schema.KEY]) for r in _scores(out).to_pylist() if r[schema.KEEP]}
-    seen = set()
+    seen, compared = set(), 0
     for tar_path in _pruned_tars(out):
         meta = pq.read_table(tar_path[:-4] + ".parquet").to_pylist()
         keys_in_order = []
@@ -116,13 +117,15 @@ def test_pruned_members_are_byte_identical_and_adjacent(pipeline_run, shards_dir
                 keys_in_order.append(key)
             row = meta[len(keys_in_order) - 1]
             assert row[schema.KEY] == key
-            src = (row[schema.SOURCE_SHARD], name)
-            if src in source:
-                assert source[src] == data, f"{name} differs from its input bytes"
+            assert source[(row[schema.SOURCE_SHARD], name)] == data, f"{name} differs from its input bytes"
+            compared += 1
             assert not name.startswith("/") and ".." not in name.split("/")
         assert len(keys_in_order) == len(set(keys_in_order)) == len(meta)  # members adjacent
         seen |= {(r[schema.SOURCE_SHARD], r[schema.KEY]) for r in meta}
     assert seen == kept
+    assert compared == sum(n_members[k] for k in kept)  # every member of every kept sample
+    truncated = shards_dir["bad"]["truncated"]["shard"]
+    assert any(s == truncated for s, _ in kept)  # the complete samples of a cut-short tar survive
 
 
 def test_pruned_shards_read_by_webdataset_and_ray(pipeline_run):
@@ -162,11 +165,22 @@ def test_band_prefixes_are_smaller_selections(pipeline_run):
     assert bands[-1]["keep_fraction"] == pipeline_run["cfg"].select.keep_fraction
 
 
-def test_nothing_escapes_the_output_directory(pipeline_run, shards_dir):
-    root = shards_dir["root"]
-    assert not glob.glob(f"{root}/**/escape.jpg", recursive=True)
+def test_nothing_is_written_outside_the_output_directory(ray_cluster, shards_dir, tmp_path):
+    """A run leaves the input directory and the working directory exactly as they were."""
+    from pipelines.run import run
+
+    def snapshot(d):
+        return {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{d}/**", recursive=True)}
+
+    before_in, before_cwd = snapshot(shards_dir["dir"]), snapshot(os.getcwd())
+    out = tmp_path / "out"
+    run(validate_config(small_config(shards_dir["dir"], out, **{"select.keep_fraction": 0.5})))
+    assert snapshot(shards_dir["dir"]) == before_in
+    assert snapshot(os.getcwd()) == before_cwd
     assert not os.path.exists("/abs/evil.jpg")
-    assert not glob.glob(f"{pipeline_run['out']}/{schema.STAGING_DIR}")  # scratch removed when done
+    assert not glob.glob(f"{out}/{schema.STAGING_DIR}")  # scratch removed when done
+    names = [m for t in _pruned_tars(out) for m, _ in _tar_members(t)]
+    assert names and not any("escape" in n or "evil" in n for n in names)
 
 
 def test_rerun_resumes_everything_and_changes_nothing(pipeline_run, run_copy):
@@ -217,6 +231,20 @@ def test_new_selection_reuses_embeddings_and_prototypes(pipeline_run, run_copy):
     assert hard["counts"]["kept"] == easy["counts"]["kept"]
     assert min(hard_kept) >= max(easy_kept) or np.mean(hard_kept) > np.mean(easy_kept)
     assert len(_pruned_tars(run_copy)) == hard["counts"]["output_shards"]
+
+
+def test_same_shard_names_from_another_input_are_not_reused(pipeline_run, run_copy, shards_dir, tmp_path):
+    """Embeddings are tied to the input file they came from, not just its shard name."""
+    from pipelines.run import run
+    from prune.demo_shards import write_demo_shards
+
+    other = tmp_path / "other"
+    write_demo_shards(str(other), count=2 * 60, shard_size=60, seed=7, start=1000)
+    manifest = run(validate_config(small_config(other, run_copy)))
+    st = manifest["stages"]
+    assert st["embed"]["shards_embedded"] == 2 and not st["prototypes"]["reused"]
+    assert manifest["counts"]["input_samples"] == 120
+    assert manifest["bands"][-1]["cumulative_samples"] == manifest["counts"]["kept"]
 
 
 def test_embed_actors_ask_for_a_gpu_when_the_cluster_has_one(pipeline_run):
