@@ -149,13 +149,17 @@ def finalize_shard(item: dict) -> dict:
     return {"shard": shard, "ok": True, "rows": len(final)}
 
 
-def embed_resources(cfg: EmbedConfig) -> tuple[dict, str]:
-    """Ray resources of one embed actor and the device it uses: a GPU each when there are GPUs."""
-    if cfg.device != "cpu" and cluster_gpus() > 0:
-        return {"num_gpus": 1, "num_cpus": cfg.num_cpus_per_actor}, "auto"
+def embed_resources(cfg: EmbedConfig) -> tuple[dict, str, int]:
+    """Ray resources of one embed actor, its device, and how many actors the cluster can hold.
+
+    A GPU each when there are GPUs; the pool never asks for more GPU actors than GPUs exist.
+    """
+    gpus = int(cluster_gpus())
+    if cfg.device != "cpu" and gpus > 0:
+        return {"num_gpus": 1, "num_cpus": cfg.num_cpus_per_actor}, "auto", min(cfg.concurrency, gpus)
     if cfg.device == "cuda":
         raise RuntimeError("embed.device is 'cuda' but the Ray cluster has no GPU resources")
-    return {"num_gpus": 0, "num_cpus": cfg.num_cpus_per_actor}, "cpu"
+    return {"num_gpus": 0, "num_cpus": cfg.num_cpus_per_actor}, "cpu", cfg.concurrency
 
 
 def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
@@ -166,14 +170,16 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
     if not todo:
         return stats
     spec = preprocess_spec_for(cfg.embed)
-    resources, device = embed_resources(cfg.embed)
-    stats["actor_resources"] = resources
+    resources, device, actors = embed_resources(cfg.embed)
+    stats["actor_resources"] = resources | {"actors": actors}
     embed_cfg = cfg.embed.model_dump()
     if device == "cpu" and embed_cfg["torch_threads"] is None:
         # Ray caps a CPU actor at num_cpus threads; the model is the hot loop, so give each
         # actor its share of the cluster's cores instead (decode tasks are light beside it)
-        cores = int(ray.cluster_resources().get("CPU", 1))
-        embed_cfg["torch_threads"] = max(1, cores // cfg.embed.concurrency)
+        total = int(ray.cluster_resources().get("CPU", 1))
+        per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
+        embed_cfg["torch_threads"] = max(1, min(per_node, total // actors))
+    stats["torch_threads"] = embed_cfg["torch_threads"]
     model_id = None
     per_round = cfg.embed.shards_per_round
     for start in range(0, len(todo), per_round):
@@ -191,7 +197,7 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
         )
         ds = ds.map_batches(
             EmbedActor, fn_constructor_args=(embed_cfg, spec, device), batch_size=cfg.embed.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency), **resources,
+            compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
         ds.write_parquet(out.url_of(run_dir), partition_cols=[schema.SHARD])
         if model_id is None:

@@ -57,6 +57,7 @@ def count_ok(item: dict) -> dict:
 def sample_shard(item: dict) -> np.ndarray:
     """A seeded random subset of one shard's ok embeddings, of the size asked for."""
     ok, x = ok_matrix(_read_embeddings(item["out"], item["shard"]))
+    x = x[np.isfinite(x).all(axis=1)]  # a NaN row would poison the whole fit
     take = min(item["take"], len(x))
     rng = np.random.default_rng([item["seed"], int.from_bytes(item["shard"].encode()[-8:], "little")])
     idx = np.sort(rng.choice(len(x), size=take, replace=False)) if take < len(x) else np.arange(len(x))
@@ -137,6 +138,14 @@ class AssignShards:
         distance = np.full(n, np.nan, np.float32)
         ids, sims = self.assigner(x)
         cluster[ok], distance[ok] = ids, prototype_distance(sims)
+        invalid = np.zeros(n, bool)
+        invalid[ok] = (ids < 0) | ~np.isfinite(sims) | ~np.isfinite(x).all(axis=1)
+        if invalid.any():  # a model that produced NaN/inf: record it, never score it
+            ok = ok & ~invalid
+            cluster[invalid], distance[invalid] = -1, np.nan
+            status = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
+            status[invalid] = schema.STATUS_BAD_EMBEDDING
+            table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
         src_meta = table.schema.metadata or {}
         meta = {ASSIGN_FP_META: self.fp.encode()}
         if SHARD_ERROR_META in src_meta:

@@ -48,7 +48,8 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision != "auto":
         return precision
     if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # native bf16 only (Ampere and newer): emulated bf16 on V100/T4 is slower than fp32
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 

@@ -23,6 +23,7 @@ STATUS_TRUNCATED = "truncated_tar"
 STATUS_UNSAFE_NAME = "unsafe_member_name"
 STATUS_DUPLICATE_KEY = "duplicate_key"
 STATUS_BAD_NAME = "non_utf8_member_name"
+STATUS_BAD_EMBEDDING = "invalid_embedding"  # NaN/inf from the model: no nearest prototype
 FAILURE_STATUSES = (
     STATUS_NO_IMAGE,
     STATUS_EMPTY,
@@ -32,6 +33,7 @@ FAILURE_STATUSES = (
     STATUS_UNSAFE_NAME,
     STATUS_DUPLICATE_KEY,
     STATUS_BAD_NAME,
+    STATUS_BAD_EMBEDDING,
 )
 
 # Shard-level failures (the shard yields no samples at all); recorded in the manifest.

@@ -110,11 +110,10 @@ class CutPlan:
     cut_bin: np.ndarray  # [G, E], -1 where nothing is kept
     need_in_bin: np.ndarray  # [G, E]: how many of the cut bin's largest priorities are kept
 
-    def boundary_bins(self) -> dict[int, set[int]]:
-        out: dict[int, set[int]] = {}
-        for g, e in zip(*np.nonzero(self.cut_bin >= 0)):
-            out.setdefault(int(g), set()).add(int(self.cut_bin[g, e]))
-        return out
+    def cut_cells(self) -> np.ndarray:
+        """Sorted flat indices (group * bins + bin) of every bin a cut falls in."""
+        g, e = np.nonzero(self.cut_bin >= 0)
+        return np.unique(g.astype(np.int64) * self.spec.bins + self.cut_bin[g, e])
 
 
 def plan_cuts(hist: np.ndarray, spec: HistogramSpec, edges: list[float]) -> CutPlan:
@@ -136,26 +135,23 @@ def plan_cuts(hist: np.ndarray, spec: HistogramSpec, edges: list[float]) -> CutP
     return CutPlan(spec, edges, n_keep, cut_bin, need)
 
 
-def boundary_values(prio: np.ndarray, groups: np.ndarray, plan: CutPlan) -> dict[tuple[int, int], np.ndarray]:
-    """Pass 2, per shard: the priorities that fall in a cut bin of their group."""
-    wanted = plan.boundary_bins()
-    bins = plan.spec.bin_of(prio)
-    out: dict[tuple[int, int], np.ndarray] = {}
-    for g, bset in wanted.items():
-        in_group = groups == g
-        for b in bset:
-            sel = prio[in_group & (bins == b)]
-            if len(sel):
-                out[(g, b)] = sel
-    return out
+def boundary_values(prio: np.ndarray, groups: np.ndarray, plan: CutPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2, per shard: (cell, priority) of the samples that fall in a cut bin of their group.
+
+    Two flat arrays, vectorized over all groups, whatever k is.
+    """
+    cells = groups.astype(np.int64) * plan.spec.bins + plan.spec.bin_of(prio)
+    inside = np.isin(cells, plan.cut_cells())
+    return cells[inside], prio[inside]
 
 
-def merge_boundary_values(parts) -> dict[tuple[int, int], np.ndarray]:
-    merged: dict[tuple[int, int], list[np.ndarray]] = {}
-    for part in parts:
-        for gb, vals in part.items():
-            merged.setdefault(gb, []).append(vals)
-    return {gb: np.sort(np.concatenate(v))[::-1] for gb, v in merged.items()}
+def merge_boundary_values(parts) -> tuple[np.ndarray, np.ndarray]:
+    """All shards' cut-bin priorities, sorted by cell, then ascending priority within a cell."""
+    parts = list(parts)
+    cells = np.concatenate([c for c, _ in parts]) if parts else np.zeros(0, np.int64)
+    values = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.uint64)
+    order = np.lexsort((values, cells))
+    return cells[order], values[order]
 
 
 @dataclass
@@ -175,13 +171,17 @@ class Cuts:
         return keep, band, percentile(prio, g, hist_total, self.plan.spec)
 
 
-def finalize_cuts(plan: CutPlan, values: dict[tuple[int, int], np.ndarray]) -> Cuts:
+def finalize_cuts(plan: CutPlan, merged: tuple[np.ndarray, np.ndarray]) -> Cuts:
+    """Each cut is the need_in_bin-th largest priority of its cell."""
+    cells, values = merged
     G, E = plan.cut_bin.shape
     cut = np.zeros((G, E), np.uint64)
     any_kept = plan.cut_bin >= 0
-    for g, e in zip(*np.nonzero(any_kept)):
-        vals = values[(int(g), int(plan.cut_bin[g, e]))]  # sorted descending
-        cut[g, e] = vals[int(plan.need_in_bin[g, e]) - 1]
+    g, e = np.nonzero(any_kept)
+    if len(g):
+        cell = g.astype(np.int64) * plan.spec.bins + plan.cut_bin[g, e]
+        end = np.searchsorted(cells, cell, side="right")  # values ascend within a cell
+        cut[g, e] = values[end - plan.need_in_bin[g, e]]
     return Cuts(plan, cut, any_kept)
 
 

@@ -61,7 +61,8 @@ def test_demo_end_to_end_on_a_cpu_only_ray(tmp_path):
     out = tmp_path / "out"
     res = _run(
         ["run", "configs/demo.yaml", f"input={shards}/{{00000..00002}}.tar", f"output={out}",
-         "kmeans.k=5", "select.keep_fraction=0.5", "write.samples_per_shard=40", "ray.num_cpus=2"],
+         "kmeans.k=5", "select.keep_fraction=0.5", "write.samples_per_shard=40", "ray.num_cpus=2",
+         "embed.torch_threads=null"],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -71,6 +72,7 @@ def test_demo_end_to_end_on_a_cpu_only_ray(tmp_path):
     assert abs(c["kept"] - 150) <= 5 / 2  # balanced over k=5 clusters: each rounds by at most 1/2
     assert c["input_samples"] == 300 == c["kept"] + c["pruned"] + c["failed"]
     assert manifest["stages"]["embed"]["actor_resources"]["num_gpus"] == 0
+    assert manifest["stages"]["embed"]["torch_threads"] == 2  # the actor gets the node's cores, not Ray's 1
     assert manifest["random_init"] is True and manifest["model_id"].endswith("random-init-seed0")
     assert json.loads((out / "pruned" / "sizes.json").read_text()) and (out / "pruned" / "bands.json").exists()
     assert {"ray", "torch", "faiss-cpu", "open_clip_torch"} <= manifest["versions"].keys()
