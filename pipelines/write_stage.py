@@ -55,9 +55,13 @@ def run_write(cfg: RunConfig, out: OutputDir, shards: dict[str, str], edges: lis
     if out.exists(marker) and out.read_json(marker).get("fingerprint") == fp:
         return out.read_json(schema.PRUNED_DIR, schema.BANDS_FILE) | {"reused": True}
     staging = f"{schema.STAGING_DIR}/write-{fp}"
-    # shards of another selection must not mix with these: start the set afresh
-    for name in out.listdir(schema.PRUNED_DIR):
-        out.remove(schema.PRUNED_DIR, name)
+    pending = f"{schema.PRUNED_DIR}/{schema.PENDING_MARKER}"
+    if not (out.exists(pending) and out.read_json(pending).get("fingerprint") == fp):
+        # shards of another selection must not mix with these: start the set afresh
+        for name in out.listdir(schema.PRUNED_DIR):
+            out.remove(schema.PRUNED_DIR, name)
+        out.write_json({"fingerprint": fp}, pending)
+    # else: an interrupted write of this very selection; its finished shards are kept
     counts: dict[tuple[int, str], int] = {}
     items = [{"out": out, "shard": s, "url": shards[s], "staging": staging} for s in sorted(shards)]
     for rec in run_tasks(fragment_task, items, desc="write: fragments"):
@@ -89,4 +93,5 @@ def run_write(cfg: RunConfig, out: OutputDir, shards: dict[str, str], edges: lis
     out.write_json(doc, schema.PRUNED_DIR, schema.BANDS_FILE)
     out.remove(staging)
     out.write_json({"fingerprint": fp}, marker)
+    out.remove(pending)
     return doc | {"reused": False}

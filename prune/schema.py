@@ -59,6 +59,7 @@ PRUNED_DIR = "pruned"
 STAGING_DIR = "_staging"  # per-run scratch, removed when a stage completes
 MANIFEST = "manifest.json"
 STAGE_MARKER = "_stage.json"  # per stage directory: the fingerprint its files were made with
+PENDING_MARKER = "_pending.json"  # pruned/: a write of this fingerprint has started (resumable)
 CENTROIDS_FILE = "centroids.npy"
 KMEANS_META_FILE = "kmeans.json"
 SIZES_FILE = "sizes.json"  # open_clip's trainer: {shard file name: sample count}

@@ -202,9 +202,10 @@ def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy
     os.remove(f"{run_copy}/manifest.json")
     os.remove(sorted(glob.glob(f"{run_copy}/embeddings/*.parquet"))[1])
     os.remove(sorted(glob.glob(f"{run_copy}/scores/*.parquet"))[2])
-    os.remove(f"{run_copy}/pruned/{schema.STAGE_MARKER}")
+    os.rename(f"{run_copy}/pruned/{schema.STAGE_MARKER}", f"{run_copy}/pruned/{schema.PENDING_MARKER}")
+    kept_tar = _pruned_tars(run_copy)[0]
+    kept_mtime = os.stat(kept_tar).st_mtime_ns
     os.remove(_pruned_tars(run_copy)[-1])
-    os.makedirs(f"{run_copy}/{schema.STAGING_DIR}/embed-deadbeef/shard=00000", exist_ok=True)
     cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy))
     manifest = run(cfg)
     assert manifest["stages"]["embed"]["shards_embedded"] == 1
@@ -212,6 +213,8 @@ def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy
     assert _scores(run_copy).equals(_scores(pipeline_run["out"]))
     for a, b in zip(_pruned_tars(run_copy), _pruned_tars(pipeline_run["out"]), strict=True):
         assert _tar_members(a) == _tar_members(b)
+    assert os.stat(kept_tar).st_mtime_ns == kept_mtime  # finished shards were not rewritten
+    assert not os.path.exists(f"{run_copy}/pruned/{schema.PENDING_MARKER}")
 
 
 def test_new_selection_reuses_embeddings_and_prototypes(pipeline_run, run_copy):
