@@ -15,7 +15,7 @@ from collections import Counter
 
 from prune import schema
 from prune.config import RunConfig
-from prune.embedders import WeightsNotFoundError, resolve_open_clip_weights
+from prune.embedders import check_weights
 from prune.storage import InputError, OutputDir, list_input_shards
 
 from . import runtime
@@ -51,15 +51,8 @@ def resolve_shards(spec: str) -> dict[str, str]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Fail before any work on what the driver can check: weights present, output not inside input."""
-    e = cfg.embed
-    if e.pretrained and e.backend == "open_clip":
-        resolve_open_clip_weights(e.model, e.pretrained, e.cache_dir)
-    elif not e.pretrained and not e.allow_random_init:
-        raise WeightsNotFoundError(
-            "embed.pretrained is not set: give a tag from the local cache or a checkpoint path "
-            "(embed.allow_random_init=true only for smoke tests)"
-        )
+    """Fail before any work on what the driver can check: the weights are on this machine."""
+    check_weights(cfg.embed)
 
 
 def run(cfg: RunConfig) -> dict:

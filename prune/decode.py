@@ -10,6 +10,7 @@ converted, and a sample that cannot be decoded gets a reason instead of an excep
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class PreprocessSpec:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"  # shortest (resize + center crop), longest (pad), squash
     fill_color: int = 0
+    crop_pct: float = 1.0  # timm: resize the shorter side to floor(size / crop_pct), then crop
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -73,10 +75,11 @@ def _resize_and_crop(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
         canvas.paste(img.resize((nw, nh), resample), ((size - nw) // 2, (size - nh) // 2))
         return canvas
     # "shortest", as torchvision's Resize(int) then CenterCrop
+    scale = size if spec.crop_pct == 1.0 else int(math.floor(size / spec.crop_pct))
     if w <= h:
-        nw, nh = size, int(size * h / w)
+        nw, nh = scale, int(scale * h / w)
     else:
-        nw, nh = int(size * w / h), size
+        nw, nh = int(scale * w / h), scale
     left = int(round((nw - size) / 2.0))
     top = int(round((nh - size) / 2.0))
     if nw * nh > _MAX_RESIZED_AREA * size * size:
@@ -138,7 +141,10 @@ def normalize(pixels_uint8, spec: PreprocessSpec, device: str = "cpu"):
     """
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).to(device, non_blocking=True)
+    arr = np.ascontiguousarray(pixels_uint8)
+    if not arr.flags.writeable:  # Ray hands batches over read-only; torch wants to own writable memory
+        arr = arr.copy()
+    x = torch.from_numpy(arr).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

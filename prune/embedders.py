@@ -177,7 +177,123 @@ class OpenClipEmbedder(Embedder):
             return F.normalize(feats, dim=-1).cpu().numpy().astype(np.float32)
 
 
-BACKENDS = {"open_clip": OpenClipEmbedder}
+def _timm_weights(cfg: EmbedConfig) -> Optional[str]:
+    """A local weights file for a timm model: a path, or `model.tag` found in the HF cache."""
+    import timm
+
+    path = os.path.expanduser(cfg.pretrained)
+    if os.path.isfile(path):
+        return path
+    name = f"{cfg.model}.{cfg.pretrained}"
+    pcfg = timm.models.get_pretrained_cfg(name)
+    if pcfg is None:
+        raise WeightsNotFoundError(
+            f"embed.pretrained={cfg.pretrained!r} is neither a weights file nor a timm tag of {cfg.model}"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    looked = []
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if pcfg.hf_hub_id:
+            found = try_to_load_from_cache(pcfg.hf_hub_id, filename, cache_dir=cfg.cache_dir)
+            if isinstance(found, str):
+                return found
+            looked.append(f"{pcfg.hf_hub_id}/{filename}")
+    raise WeightsNotFoundError(
+        f"weights for timm {name} are not on this machine and are never downloaded at run time. "
+        f"Looked in the Hugging Face cache for: {'; '.join(looked) or 'nothing (no hub id)'}. Copy the "
+        f"cache from a machine with network, or set embed.pretrained to the weights file's path."
+    )
+
+
+def timm_preprocess_spec(cfg: EmbedConfig) -> PreprocessSpec:
+    """timm's eval transform for this model (resize to size/crop_pct, center crop), from its config."""
+    import timm
+
+    name = cfg.model
+    if cfg.pretrained and not os.path.isfile(os.path.expanduser(cfg.pretrained)):
+        name = f"{cfg.model}.{cfg.pretrained}"
+    pcfg = timm.models.get_pretrained_cfg(name)
+    if pcfg is None:
+        raise ValueError(f"embed.model={cfg.model!r} is not a timm model with a known input configuration")
+    if getattr(pcfg, "crop_mode", "center") not in ("center", None):
+        raise ValueError(f"timm crop_mode {pcfg.crop_mode!r} of {name} is not supported (only 'center')")
+    return PreprocessSpec(
+        size=int(pcfg.input_size[-1]),
+        mean=tuple(pcfg.mean),
+        std=tuple(pcfg.std),
+        interpolation=pcfg.interpolation or "bicubic",
+        resize_mode="shortest",
+        crop_pct=float(pcfg.crop_pct or 1.0),
+    )
+
+
+class TimmEmbedder(Embedder):
+    """A timm image model's pooled features (e.g. DINOv2 `vit_small_patch14_dinov2`)."""
+
+    def __init__(self, cfg: EmbedConfig, device: Optional[str] = None):
+        import timm
+        import torch
+
+        self.device = resolve_device(device or cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.torch_threads and self.device == "cpu":
+            torch.set_num_threads(cfg.torch_threads)
+        if not cfg.pretrained and not cfg.allow_random_init:
+            raise WeightsNotFoundError(
+                f"embed.pretrained is not set for timm {cfg.model}: give a tag found in the local cache "
+                f"or a weights file (or embed.allow_random_init=true for a smoke test)"
+            )
+        torch.manual_seed(cfg.seed)  # random init must be identical in every actor
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if cfg.pretrained:
+            weights = _timm_weights(cfg)
+            model = timm.create_model(cfg.model, pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay={"file": weights})
+        else:
+            model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
+            self.random_init = True
+        self.preprocess = timm_preprocess_spec(cfg)
+        self.model = model.eval().to(self.device)
+        if self.precision == "bf16":
+            self.model = self.model.to(torch.bfloat16)
+        self.model_id = model_id_for(cfg)
+        self.dim = int(model.num_features)
+
+    def embed(self, pixels_uint8: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        if len(pixels_uint8) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            x = normalize(pixels_uint8, self.preprocess, self.device)
+            if self.precision == "bf16":
+                with torch.autocast(self.device, dtype=torch.bfloat16):
+                    feats = self.model(x.to(torch.bfloat16)).float()
+            else:
+                feats = self.model(x).float()
+            return F.normalize(feats, dim=-1).cpu().numpy().astype(np.float32)
+
+
+BACKENDS = {"open_clip": OpenClipEmbedder, "timm": TimmEmbedder}
+
+
+WEIGHT_CHECKS = {
+    "open_clip": lambda cfg: resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir),
+    "timm": _timm_weights,
+}
+
+
+def check_weights(cfg: EmbedConfig) -> None:
+    """Fail fast, on the driver, when the configured weights are not on this machine."""
+    if cfg.pretrained:
+        WEIGHT_CHECKS[cfg.backend](cfg)
+    elif not cfg.allow_random_init:
+        raise WeightsNotFoundError(
+            "embed.pretrained is not set: give a tag from the local cache or a weights file "
+            "(embed.allow_random_init=true only for smoke tests)"
+        )
 
 
 def make_embedder(cfg: EmbedConfig, device: Optional[str] = None) -> Embedder:
@@ -216,7 +332,7 @@ def open_clip_preprocess_spec(cfg: EmbedConfig) -> PreprocessSpec:
     return spec_from_open_clip(size, pp)
 
 
-PREPROCESS_SPECS = {"open_clip": open_clip_preprocess_spec}
+PREPROCESS_SPECS = {"open_clip": open_clip_preprocess_spec, "timm": timm_preprocess_spec}
 
 
 def preprocess_spec_for(cfg: EmbedConfig) -> PreprocessSpec:

@@ -250,6 +250,21 @@ def test_same_shard_names_from_another_input_are_not_reused(pipeline_run, run_co
     assert manifest["bands"][-1]["cumulative_samples"] == manifest["counts"]["kept"]
 
 
+def test_timm_backend_runs_the_whole_pipeline(pipeline_run, run_copy):
+    """Switching backend re-embeds (new fingerprint) and everything downstream follows."""
+    from pipelines.run import run
+
+    base = pipeline_run["cfg"].input
+    manifest = run(validate_config(small_config(base, run_copy, **{
+        "embed.backend": "timm", "embed.model": "vit_tiny_patch16_224", "embed.batch_size": 16})))
+    st = manifest["stages"]
+    assert st["embed"]["shards_embedded"] == st["embed"]["shards_total"] and not st["prototypes"]["reused"]
+    assert manifest["model_id"] == "timm:vit_tiny_patch16_224:random-init-seed0"
+    assert manifest["counts"]["input_samples"] == pipeline_run["manifest"]["counts"]["input_samples"]
+    dim = pq.read_schema(sorted(glob.glob(f"{run_copy}/embeddings/*.parquet"))[0]).field(schema.EMBEDDING).type.list_size
+    assert dim == 192  # vit_tiny's width, not ViT-S-32's
+
+
 def test_embed_actors_ask_for_a_gpu_when_the_cluster_has_one(pipeline_run):
     # the session's Ray has one fake GPU: the run completing proves the actor was placed on it
     assert pipeline_run["manifest"]["stages"]["embed"]["actor_resources"]["num_gpus"] == 1
