@@ -40,7 +40,7 @@ SOURCE_META = b"source_url"
 def embed_fingerprint(cfg: RunConfig) -> str:
     e = cfg.embed
     return fingerprint(
-        "embed", e.backend, e.model, e.pretrained, e.allow_random_init, e.seed, e.precision,
+        "embed", model_id_for(e), e.backend, e.model, e.pretrained, e.allow_random_init, e.seed, e.precision,
         cfg.decode.draft, cfg.decode.max_image_pixels, cfg.image_extensions,
     )
 

@@ -40,7 +40,7 @@ class DecodeConfig(_Section):
 
 
 class EmbedConfig(_Section):
-    backend: Literal["open_clip", "timm"] = "open_clip"
+    backend: Literal["open_clip", "timm", "local"] = "open_clip"
     model: str = "ViT-B-32"
     pretrained: Optional[str] = None  # a tag from the local cache, or a checkpoint file path
     allow_random_init: bool = False  # only for tests and smoke runs; recorded in the manifest

@@ -55,6 +55,11 @@ def resolve_precision(precision: str, device: str) -> str:
 
 def model_id_for(cfg: EmbedConfig) -> str:
     """backend:model:weights, where weights is the tag, the checkpoint's file name or random-init."""
+    if cfg.backend == "local":
+        from .checkpoints import read_config
+
+        config = read_config(cfg.pretrained)
+        return f"local:{config['architecture']}:{config['weights_sha256'][:16]}"
     if cfg.pretrained:
         path = os.path.expanduser(cfg.pretrained)
         tag = os.path.basename(path) if os.path.isfile(path) else cfg.pretrained
@@ -253,12 +258,15 @@ class TimmEmbedder(Embedder):
         else:
             model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
             self.random_init = True
-        self.preprocess = timm_preprocess_spec(cfg)
+        self._place(model, timm_preprocess_spec(cfg), model_id_for(cfg))
+
+    def _place(self, model, spec: PreprocessSpec, model_id: str) -> None:
+        import torch
+
+        self.preprocess, self.model_id, self.dim = spec, model_id, int(model.num_features)
         self.model = model.eval().to(self.device)
         if self.precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
-        self.model_id = model_id_for(cfg)
-        self.dim = int(model.num_features)
 
     def embed(self, pixels_uint8: np.ndarray) -> np.ndarray:
         import torch
@@ -276,12 +284,44 @@ class TimmEmbedder(Embedder):
             return F.normalize(feats, dim=-1).cpu().numpy().astype(np.float32)
 
 
-BACKENDS = {"open_clip": OpenClipEmbedder, "timm": TimmEmbedder}
+class LocalEmbedder(TimmEmbedder):
+    """An encoder checkpoint of our own (`prune/checkpoints.py`): safetensors + JSON, no pickle."""
+
+    def __init__(self, cfg: EmbedConfig, device: Optional[str] = None):
+        import torch
+
+        from .checkpoints import load_encoder, preprocess_of
+
+        self.device = resolve_device(device or cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.torch_threads and self.device == "cpu":
+            torch.set_num_threads(cfg.torch_threads)
+        model, config = load_encoder(_local_checkpoint(cfg))
+        self._place(model, preprocess_of(config), model_id_for(cfg))
+
+
+def _local_checkpoint(cfg: EmbedConfig) -> str:
+    from .checkpoints import read_config
+
+    if not cfg.pretrained:
+        raise WeightsNotFoundError("embed.backend=local needs embed.pretrained: the checkpoint directory")
+    read_config(cfg.pretrained)  # names the missing file, if any
+    return cfg.pretrained
+
+
+def local_preprocess_spec(cfg: EmbedConfig) -> PreprocessSpec:
+    from .checkpoints import preprocess_of, read_config
+
+    return preprocess_of(read_config(_local_checkpoint(cfg)))
+
+
+BACKENDS = {"open_clip": OpenClipEmbedder, "timm": TimmEmbedder, "local": LocalEmbedder}
 
 
 WEIGHT_CHECKS = {
     "open_clip": lambda cfg: resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir),
     "timm": _timm_weights,
+    "local": _local_checkpoint,
 }
 
 
@@ -332,7 +372,11 @@ def open_clip_preprocess_spec(cfg: EmbedConfig) -> PreprocessSpec:
     return spec_from_open_clip(size, pp)
 
 
-PREPROCESS_SPECS = {"open_clip": open_clip_preprocess_spec, "timm": timm_preprocess_spec}
+PREPROCESS_SPECS = {
+    "open_clip": open_clip_preprocess_spec,
+    "timm": timm_preprocess_spec,
+    "local": local_preprocess_spec,
+}
 
 
 def preprocess_spec_for(cfg: EmbedConfig) -> PreprocessSpec:
