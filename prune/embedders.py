@@ -79,6 +79,15 @@ class Embedder(ABC):
     @abstractmethod
     def embed(self, pixels_uint8: np.ndarray) -> np.ndarray: ...
 
+    def _setup_device(self, cfg: EmbedConfig, device: Optional[str]) -> None:
+        """Device, precision and CPU threads, the same way for every backend."""
+        import torch
+
+        self.device = resolve_device(device or cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.torch_threads and self.device == "cpu":
+            torch.set_num_threads(cfg.torch_threads)
+
 
 def resolve_open_clip_weights(model: str, pretrained: str, cache_dir: Optional[str]) -> str:
     """A checkpoint path for `pretrained` (a file, or a tag found in the local cache)."""
@@ -130,10 +139,7 @@ class OpenClipEmbedder(Embedder):
 
         if cfg.model not in open_clip.list_models():
             raise ValueError(f"embed.model={cfg.model!r} is not an open_clip architecture")
-        self.device = resolve_device(device or cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        if cfg.torch_threads and self.device == "cpu":
-            torch.set_num_threads(cfg.torch_threads)
+        self._setup_device(cfg, device)
         if cfg.pretrained:
             weights = resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir)
         elif cfg.allow_random_init:
@@ -240,10 +246,7 @@ class TimmEmbedder(Embedder):
         import timm
         import torch
 
-        self.device = resolve_device(device or cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        if cfg.torch_threads and self.device == "cpu":
-            torch.set_num_threads(cfg.torch_threads)
+        self._setup_device(cfg, device)
         if not cfg.pretrained and not cfg.allow_random_init:
             raise WeightsNotFoundError(
                 f"embed.pretrained is not set for timm {cfg.model}: give a tag found in the local cache "
@@ -288,14 +291,9 @@ class LocalEmbedder(TimmEmbedder):
     """An encoder checkpoint of our own (`prune/checkpoints.py`): safetensors + JSON, no pickle."""
 
     def __init__(self, cfg: EmbedConfig, device: Optional[str] = None):
-        import torch
-
         from .checkpoints import load_encoder, preprocess_of
 
-        self.device = resolve_device(device or cfg.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        if cfg.torch_threads and self.device == "cpu":
-            torch.set_num_threads(cfg.torch_threads)
+        self._setup_device(cfg, device)
         model, config = load_encoder(_local_checkpoint(cfg))
         self._place(model, preprocess_of(config), model_id_for(cfg))
 

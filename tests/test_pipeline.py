@@ -6,11 +6,11 @@ import glob
 import json
 import os
 import tarfile
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import ray
 import webdataset as wds
 
@@ -21,9 +21,7 @@ from prune.shards import read_shard, split_member_name
 from .conftest import small_config
 
 
-def _scores(out) -> "pa.Table":
-    import pyarrow as pa
-
+def _scores(out) -> pa.Table:
     return pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{out}/scores/*.parquet")))
 
 
