@@ -9,7 +9,6 @@ under a temporary name. Shards are processed in rounds, so a crash loses one rou
 
 from __future__ import annotations
 
-import logging
 import uuid
 
 import numpy as np
@@ -26,15 +25,9 @@ from prune.storage import OutputDir
 
 from .runtime import cluster_gpus, run_tasks
 
-log = logging.getLogger("ssl_prune")
-
 POS = "_pos"  # position of the sample in its tar (internal)
 COUNT = "_count"  # samples in the shard (internal): a shard is complete when all arrived
 SHARD_ERROR_KEY = ""  # the key of the one row that stands for a shard that could not be read
-FP_META = b"ssl_prune_fingerprint"
-MODEL_META = b"model_id"
-SHARD_ERROR_META = b"shard_error"
-SOURCE_META = b"source_url"
 
 
 def embed_fingerprint(cfg: RunConfig) -> str:
@@ -110,7 +103,7 @@ def embeddings_complete(out: OutputDir, shard: str, fp: str, url: str) -> bool:
         return False
     with out.open(schema.EMBEDDINGS_DIR, name) as f:
         meta = pq.read_schema(f).metadata or {}
-    return meta.get(FP_META, b"").decode() == fp and meta.get(SOURCE_META, b"").decode() == url
+    return meta.get(schema.META_EMBED_FINGERPRINT, b"").decode() == fp and meta.get(schema.META_SOURCE_URL, b"").decode() == url
 
 
 def finalize_shard(item: dict) -> dict:
@@ -126,9 +119,9 @@ def finalize_shard(item: dict) -> dict:
     pos = table.column(POS).to_numpy()
     pos_unique, first = np.unique(pos, return_index=True)  # a retried task may have re-written rows
     table = table.take(pa.array(first))
-    meta = {FP_META: item["fp"].encode(), MODEL_META: item["model_id"].encode(), SOURCE_META: item["url"].encode()}
+    meta = {schema.META_EMBED_FINGERPRINT: item["fp"].encode(), schema.META_MODEL_ID: item["model_id"].encode(), schema.META_SOURCE_URL: item["url"].encode()}
     if len(pos_unique) == 1 and pos_unique[0] == -1:  # the shard itself could not be read
-        meta[SHARD_ERROR_META] = table.column(schema.STATUS)[0].as_py().encode()
+        meta[schema.META_SHARD_ERROR] = table.column(schema.STATUS)[0].as_py().encode()
         table = table.slice(0, 0)
     else:
         expected = int(table.column(COUNT)[0].as_py())
@@ -180,7 +173,7 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
         per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
         embed_cfg["torch_threads"] = max(1, min(per_node, total // actors))
     stats["torch_threads"] = embed_cfg["torch_threads"]
-    model_id = None
+    model_id = model_id_for(cfg.embed)
     per_round = cfg.embed.shards_per_round
     for start in range(0, len(todo), per_round):
         batch_shards = todo[start : start + per_round]
@@ -200,8 +193,6 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
             compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
         ds.write_parquet(out.url_of(run_dir), partition_cols=[schema.SHARD])
-        if model_id is None:
-            model_id = model_id_for(cfg.embed)
         finals = [
             {"out": out, "shard": s, "url": shards[s], "part_dir": f"{run_dir}/{schema.SHARD}={s}", "fp": fp,
              "model_id": model_id}
@@ -214,8 +205,3 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
         out.remove(run_dir)
     return stats
 
-
-def read_embeddings_meta(out: OutputDir, shard: str) -> dict:
-    with out.open(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
-        meta = pq.read_schema(f).metadata or {}
-    return {k.decode(): v.decode() for k, v in meta.items() if k in (FP_META, MODEL_META, SHARD_ERROR_META)}

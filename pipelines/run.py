@@ -106,7 +106,7 @@ def run(cfg: RunConfig) -> dict:
         "counts": counts,
         "stages": {
             "embed": embed_stats,
-            "prototypes": {k: v for k, v in kmeans_meta.items()},
+            "prototypes": kmeans_meta,
             "assign": assign_stats,
             "select": {k: v for k, v in select_stats.items() if k not in ("failed", "shard_failures")},
             "write": {"reused": write_stats["reused"]},

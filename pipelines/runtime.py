@@ -8,7 +8,6 @@ number of shards.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections import deque
@@ -17,8 +16,6 @@ from typing import Callable, Iterable, Iterator
 import ray
 
 from prune.config import RayConfig
-
-log = logging.getLogger("ssl_prune")
 
 
 def connect(cfg: RayConfig) -> str:

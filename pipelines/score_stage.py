@@ -8,8 +8,6 @@ temporary name. Selection columns are filled in later by the select stage.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,11 +18,8 @@ from prune.config import RunConfig, fingerprint
 from prune.kmeans import Assigner, default_k, fit_spherical_kmeans, prototype_distance
 from prune.storage import OutputDir
 
-from .embed_stage import SHARD_ERROR_META, embed_fingerprint
+from .embed_stage import embed_fingerprint
 from .runtime import run_tasks
-
-log = logging.getLogger("ssl_prune")
-
 
 def kmeans_fingerprint(cfg: RunConfig, shards: dict[str, str]) -> str:
     """Prototypes depend on the embeddings' settings, the k-means settings and which shards."""
@@ -54,14 +49,14 @@ def count_ok(item: dict) -> dict:
     return {"shard": item["shard"], "ok": int((st == schema.STATUS_OK).sum())}
 
 
-def sample_shard(item: dict) -> np.ndarray:
-    """A seeded random subset of one shard's ok embeddings, of the size asked for."""
-    ok, x = ok_matrix(_read_embeddings(item["out"], item["shard"]))
+def sample_shard(item: dict) -> tuple[str, np.ndarray]:
+    """(shard, a seeded random subset of its ok embeddings, of the size asked for)."""
+    _, x = ok_matrix(_read_embeddings(item["out"], item["shard"]))
     x = x[np.isfinite(x).all(axis=1)]  # a NaN row would poison the whole fit
     take = min(item["take"], len(x))
     rng = np.random.default_rng([item["seed"], int.from_bytes(item["shard"].encode()[-8:], "little")])
     idx = np.sort(rng.choice(len(x), size=take, replace=False)) if take < len(x) else np.arange(len(x))
-    return x[idx]
+    return item["shard"], x[idx]
 
 
 def run_prototypes(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
@@ -82,21 +77,17 @@ def run_prototypes(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> di
         {"out": out, "shard": s, "take": int(np.ceil(counts[s] * frac)), "seed": cfg.kmeans.seed}
         for s in sorted(shards) if counts[s]
     ]
-    parts = dict(run_tasks(_sample_with_id, items, desc="prototypes: sample"))
+    parts = dict(run_tasks(sample_shard, items, desc="prototypes: sample"))
     sample = np.concatenate([parts[s] for s in sorted(parts)])[: cfg.kmeans.sample_size]
     k = cfg.kmeans.k or default_k(n_ok)
     centroids, meta = fit_spherical_kmeans(sample, k, cfg.kmeans.niter, cfg.kmeans.nredo, cfg.kmeans.seed)
     meta |= {"fingerprint": fp, "n_ok_total": n_ok, "k_default_used": cfg.kmeans.k is None}
-    # metadata (with the fingerprint) goes first and last: a crash between the two writes
-    # must not leave another run's metadata vouching for these centroids
+    # the metadata (with the fingerprint) is removed first and written last: a crash between
+    # the two writes must not leave another run's metadata vouching for these centroids
     out.remove(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
     out.write_bytes(_npy_bytes(centroids), schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
     out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
     return meta | {"reused": False}
-
-
-def _sample_with_id(item: dict):
-    return item["shard"], sample_shard(item)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -129,7 +120,7 @@ class AssignShards:
         if self.out.exists(schema.SCORES_DIR, name):
             with self.out.open(schema.SCORES_DIR, name) as f:
                 md = pq.read_schema(f).metadata or {}
-            if md.get(ASSIGN_FP_META, b"").decode() == self.fp:
+            if md.get(schema.META_ASSIGN_FINGERPRINT, b"").decode() == self.fp:
                 return {"shard": shard, "rows": -1, "reused": True}
         table = _read_embeddings(self.out, shard)
         ok, x = ok_matrix(table)
@@ -147,17 +138,15 @@ class AssignShards:
             status[invalid] = schema.STATUS_BAD_EMBEDDING
             table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
         src_meta = table.schema.metadata or {}
-        meta = {ASSIGN_FP_META: self.fp.encode()}
-        if SHARD_ERROR_META in src_meta:
-            meta[SHARD_ERROR_META] = src_meta[SHARD_ERROR_META]
+        meta = {schema.META_ASSIGN_FINGERPRINT: self.fp.encode()}
+        if schema.META_SHARD_ERROR in src_meta:
+            meta[schema.META_SHARD_ERROR] = src_meta[schema.META_SHARD_ERROR]
         scores = empty_selection(table, cluster, distance, ok).replace_schema_metadata(meta)
         with self.out.open_atomic(schema.SCORES_DIR, name) as f:
             pq.write_table(scores, f)
         return {"shard": shard, "rows": n, "reused": False}
 
 
-ASSIGN_FP_META = b"assign_fingerprint"
-SELECT_FP_META = b"select_fingerprint"
 
 
 def empty_selection(table: pa.Table, cluster, distance, ok) -> pa.Table:

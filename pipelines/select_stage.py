@@ -20,7 +20,7 @@ from prune.config import RunConfig, fingerprint
 from prune.storage import OutputDir
 
 from .runtime import resolve, run_tasks
-from .score_stage import SELECT_FP_META, kmeans_fingerprint
+from .score_stage import kmeans_fingerprint
 
 _COLS = [schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE]
 
@@ -65,8 +65,8 @@ def pass_apply(item: dict) -> dict:
     pct = np.full(n, np.nan)
     prio_all[ok], keep[ok], band[ok], pct[ok] = prio, keep_ok, band_ok, pct_ok
     meta = dict(table.schema.metadata or {})
-    if meta.get(SELECT_FP_META, b"").decode() != item["fp"]:
-        meta[SELECT_FP_META] = item["fp"].encode()
+    if meta.get(schema.META_SELECT_FINGERPRINT, b"").decode() != item["fp"]:
+        meta[schema.META_SELECT_FINGERPRINT] = item["fp"].encode()
         new = table.set_column(table.schema.get_field_index(schema.PRIORITY), schema.PRIORITY, pa.array(prio_all, pa.uint64()))
         new = new.set_column(new.schema.get_field_index(schema.PERCENTILE), schema.PERCENTILE, pa.array(pct, pa.float64(), mask=~ok))
         new = new.set_column(new.schema.get_field_index(schema.KEEP), schema.KEEP, pa.array(keep))
@@ -81,7 +81,7 @@ def pass_apply(item: dict) -> dict:
         "pruned": int((ok & ~keep).sum()),
         "failed": dict(Counter(s for s in statuses if s != schema.STATUS_OK)),
         "bands": dict(Counter(int(b) for b in band[keep])),
-        "shard_error": meta.get(b"shard_error", b"").decode() or None,
+        "shard_error": meta.get(schema.META_SHARD_ERROR, b"").decode() or None,
     }
 
 

@@ -43,13 +43,20 @@ SHARD_EMPTY = "empty_shard"  # a valid tar with no sample in it
 
 # --- columns --------------------------------------------------------------------------
 EMBEDDING = "embedding"  # fixed-size list<float16>, L2-normalized; null when status != ok
-MODEL_ID = "model_id"
 CLUSTER = "cluster"  # index of the nearest prototype; -1 when status != ok
 DISTANCE = "distance"  # 1 - cosine similarity to the nearest prototype; null when status != ok
 PRIORITY = "priority"  # uint64 sort key of the selection policy: larger is kept first
 PERCENTILE = "percentile"  # share of the selection group (all, or the cluster) ranked above: 0 = kept first
 KEEP = "keep"
 BAND = "band"  # index of the distance band the kept sample is written in; -1 if not kept
+
+# --- parquet schema metadata: what made a per-shard file, so a re-run knows it is done ---
+META_EMBED_FINGERPRINT = b"ssl_prune_fingerprint"  # embeddings: settings that made them
+META_MODEL_ID = b"model_id"  # embeddings
+META_SOURCE_URL = b"source_url"  # embeddings: the input tar they came from
+META_SHARD_ERROR = b"shard_error"  # embeddings and scores: why the shard yielded no sample
+META_ASSIGN_FINGERPRINT = b"assign_fingerprint"  # scores: prototypes they were assigned to
+META_SELECT_FINGERPRINT = b"select_fingerprint"  # scores: selection their keep/band come from
 
 # --- output layout --------------------------------------------------------------------
 EMBEDDINGS_DIR = "embeddings"
@@ -86,7 +93,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
     )
 
 
-ASSIGNMENT_SCHEMA = pa.schema(
+SCORES_SCHEMA = pa.schema(
     [
         (KEY, pa.string()),
         (SHARD, pa.string()),
@@ -94,12 +101,6 @@ ASSIGNMENT_SCHEMA = pa.schema(
         (CLUSTER, pa.int32()),
         (DISTANCE, pa.float32()),
         (PRIORITY, pa.uint64()),
-    ]
-)
-
-SCORES_SCHEMA = pa.schema(
-    list(ASSIGNMENT_SCHEMA)
-    + [
         (PERCENTILE, pa.float64()),
         (KEEP, pa.bool_()),
         (BAND, pa.int32()),

@@ -230,7 +230,7 @@ def test_new_selection_reuses_embeddings_and_prototypes(pipeline_run, run_copy):
     hard = run(validate_config(small_config(base, run_copy, **{"select.policy": "hard", "select.balanced": False, "select.keep_fraction": 0.3})))
     hard_kept = [r[schema.DISTANCE] for r in _scores(run_copy).to_pylist() if r[schema.KEEP]]
     assert hard["counts"]["kept"] == easy["counts"]["kept"]
-    assert min(hard_kept) >= max(easy_kept) or np.mean(hard_kept) > np.mean(easy_kept)
+    assert min(hard_kept) >= max(easy_kept)  # global 30% from each end of the distance order
     assert len(_pruned_tars(run_copy)) == hard["counts"]["output_shards"]
 
 
