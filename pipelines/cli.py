@@ -1,4 +1,4 @@
-"""The `ssl-prune` command: `run CONFIG [key=value ...]` and `demo-data OUT`.
+"""The `ssl-prune` command: `run`, `train-encoder`, `evaluate` (CONFIG [key=value ...]) and `demo-data OUT`.
 
 Errors a user can fix (config, missing weights, missing input) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from prune.config import ConfigError, load_config
+from prune.config import ConfigError, EvaluateConfig, TrainEncoderConfig, load_config
 
 
 def _run(args) -> int:
@@ -25,6 +25,25 @@ def _run(args) -> int:
         f"pruned {c['pruned']}, failed {c['failed']} {json.dumps(c['failed_by_reason'])}; "
         f"{c['output_shards']} pruned shards in {cfg.output.rstrip('/')}/pruned"
     )
+    return 0
+
+
+def _train_encoder(args) -> int:
+    cfg = load_config(args.config, args.overrides, TrainEncoderConfig)
+    from .train_stage import train_encoder
+
+    result = train_encoder(cfg)
+    print(f"ssl-prune: encoder {result['architecture']} ({result['embed_dim']}-d) trained {result['steps']} steps "
+          f"(final loss {result['loss']:.4f}); checkpoint in {result['checkpoint']}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    cfg = load_config(args.config, args.overrides, EvaluateConfig)
+    from .evaluate_stage import evaluate
+
+    result = evaluate(cfg)
+    print(f"ssl-prune: {result['runs']} classifier runs; table {result['markdown']}, plot {result['plot']}")
     return 0
 
 
@@ -48,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config (configs/demo.yaml, configs/laion.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. select.keep_fraction=0.5")
     p.set_defaults(fn=_run)
+    for verb, fn, help_text, example in (
+        ("train-encoder", _train_encoder, "train a self-supervised encoder (SimCLR) with Ray Train",
+         "configs/train_fmnist.yaml"),
+        ("evaluate", _evaluate, "accuracy vs keep fraction per policy, on labeled shards",
+         "configs/evaluate_fmnist.yaml"),
+    ):
+        t = sub.add_parser(verb, help=help_text)
+        t.add_argument("config", help=f"YAML config (e.g. {example})")
+        t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        t.set_defaults(fn=fn)
     d = sub.add_parser("demo-data", help="write img2dataset-layout shards from Fashion-MNIST")
     d.add_argument("out")
     d.add_argument("--split", default="train", choices=["train", "test"])

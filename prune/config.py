@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import schema
 
@@ -24,6 +24,23 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _not_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _clean_extensions(value: list[str]) -> list[str]:
+    cleaned = [v.lower().lstrip(".") for v in value]
+    if not cleaned or any(not v or "/" in v for v in cleaned):
+        raise ValueError("must be a non-empty list of extensions such as jpg, png")
+    return cleaned
+
+
+NonEmptyStr = Annotated[str, AfterValidator(_not_empty)]
+Extensions = Annotated[list[str], AfterValidator(_clean_extensions)]
 
 
 class RayConfig(_Section):
@@ -77,9 +94,9 @@ class WriteConfig(_Section):
 
 
 class RunConfig(_Section):
-    input: str
-    output: str
-    image_extensions: list[str] = list(schema.IMAGE_EXTENSIONS_DEFAULT)
+    input: NonEmptyStr
+    output: NonEmptyStr
+    image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
     ray: RayConfig = RayConfig()
     decode: DecodeConfig = DecodeConfig()
     embed: EmbedConfig = EmbedConfig()
@@ -87,26 +104,125 @@ class RunConfig(_Section):
     select: SelectConfig = SelectConfig()
     write: WriteConfig = WriteConfig()
 
-    @field_validator("input", "output")
-    @classmethod
-    def _not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
-
-    @field_validator("image_extensions")
-    @classmethod
-    def _extensions(cls, value: list[str]) -> list[str]:
-        cleaned = [v.lower().lstrip(".") for v in value]
-        if not cleaned or any(not v or "/" in v for v in cleaned):
-            raise ValueError("must be a non-empty list of extensions such as jpg, png")
-        return cleaned
-
     @model_validator(mode="after")
     def _no_random_init_with_weights(self) -> "RunConfig":
         if self.embed.allow_random_init and self.embed.pretrained:
             raise ValueError("embed.allow_random_init and embed.pretrained exclude each other")
         return self
+
+
+class AugmentConfig(_Section):
+    """Training views: SimCLR's recipe, minus colour for grayscale-like data (set by the config)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    hflip: bool = True
+    brightness: float = Field(0.4, ge=0.0)  # jitter strength (0 = off)
+    contrast: float = Field(0.4, ge=0.0)
+    saturation: float = Field(0.0, ge=0.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5)
+    jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
+    grayscale_prob: float = Field(0.0, ge=0.0, le=1.0)
+    blur_prob: float = Field(0.0, ge=0.0, le=1.0)
+    erase_prob: float = Field(0.0, ge=0.0, le=1.0)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1] <= 1.0:
+            raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+        return value
+
+
+class TrainConfig(_Section):
+    """SimCLR (NT-Xent) on a timm backbone; see README, 'Training an encoder'."""
+
+    architecture: str = "resnet18"  # a timm model name; the checkpoint stores it
+    model_kwargs: dict = {}  # passed to timm.create_model (e.g. channels, stem_width)
+    image_size: int = Field(32, ge=8)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
+    projection_hidden: int = Field(512, ge=1)
+    projection_dim: int = Field(128, ge=1)
+    temperature: float = Field(0.2, gt=0.0)
+    batch_size: int = Field(256, ge=2)  # per worker; negatives come from all workers' batches
+    epochs: int = Field(20, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # stop early (smoke tests)
+    lr: float = Field(2e-3, gt=0.0)  # AdamW, cosine decay after a linear warmup
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    num_workers: int = Field(2, ge=1)  # Ray Train data-parallel workers
+    use_gpu: bool = False  # one GPU per worker on a cluster
+    cpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: Optional[int] = Field(None, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)  # and at the end of every epoch
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+
+
+class TrainEncoderConfig(_Section):
+    """`ssl-prune train-encoder`: shards in, an encoder checkpoint directory out."""
+
+    input: NonEmptyStr
+    output: NonEmptyStr  # the checkpoint directory (encoder.safetensors + encoder.json) and Ray Train state
+    image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
+    ray: RayConfig = RayConfig()
+    decode: DecodeConfig = DecodeConfig()
+    train: TrainConfig = TrainConfig()
+
+
+EVAL_POLICIES = ("hard", "easy", "random", "balanced-hard", "balanced-easy", "balanced-random")
+
+
+class LinearProbeConfig(_Section):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-2, gt=0.0)  # Adam, cosine decay
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class CnnConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    min_steps: int = Field(200, ge=0)  # small subsets still get this many steps
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    width: int = Field(32, ge=1)
+    image_size: int = Field(28, ge=8)
+
+
+class EvaluateSection(_Section):
+    keep_fractions: list[float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
+    policies: list[Literal[EVAL_POLICIES]] = ["hard", "easy", "random", "balanced-hard", "balanced-easy"]
+    seeds: list[int] = [0, 1, 2]
+    classifiers: list[Literal["linear", "cnn"]] = ["linear", "cnn"]
+    pool_size: Optional[int] = Field(None, ge=1)  # a random subset of the train shards (None: all)
+    pool_seed: int = 0
+    label_field: str = "label"  # key in each sample's .json member
+    concurrency: int = Field(2, ge=1)  # classifier trainings running at once (Ray tasks)
+    linear: LinearProbeConfig = LinearProbeConfig()
+    cnn: CnnConfig = CnnConfig()
+
+    @field_validator("keep_fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0.0 < f <= 1.0 for f in value):
+            raise ValueError("must be a non-empty list of fractions in (0, 1]")
+        return sorted(set(value))
+
+
+class EvaluateConfig(_Section):
+    """`ssl-prune evaluate`: accuracy of classifiers trained on pruned subsets of a labeled set."""
+
+    train_input: NonEmptyStr  # labeled shards: the pool that is pruned
+    test_input: NonEmptyStr  # labeled shards: never pruned, only scored against
+    output: NonEmptyStr
+    image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
+    ray: RayConfig = RayConfig()
+    decode: DecodeConfig = DecodeConfig()
+    embed: EmbedConfig = EmbedConfig()
+    kmeans: KMeansConfig = KMeansConfig()
+    evaluate: EvaluateSection = EvaluateSection()
 
 
 def _format_validation_error(err: ValidationError) -> str:
@@ -122,7 +238,7 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+def load_config(path: Optional[str], overrides: list[str] = (), model: type[BaseModel] = RunConfig):
     """Merge a YAML file (or nothing) with dotted `key=value` overrides and validate."""
     for item in overrides:
         if "=" not in item or not item.partition("=")[0].strip():
@@ -139,12 +255,12 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"cannot read config: {exc}") from exc
-    return validate_config(raw)
+    return validate_config(raw, model)
 
 
-def validate_config(raw: dict) -> RunConfig:
+def validate_config(raw: dict, model: type[BaseModel] = RunConfig):
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
 
