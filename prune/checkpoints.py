@@ -40,13 +40,8 @@ def build_model(architecture: str, model_kwargs: dict[str, Any]):
 
 def save_encoder(path: str, model, architecture: str, model_kwargs: dict, spec: PreprocessSpec, extra: dict | None = None) -> str:
     """Write weights then config (the config last: its presence marks a complete checkpoint)."""
-    from safetensors.torch import save_file
-
     os.makedirs(path, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = os.path.join(path, f".{WEIGHTS_FILE}.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(path, WEIGHTS_FILE))
+    save_tensors(os.path.join(path, WEIGHTS_FILE), model.state_dict())
     config = {
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
@@ -91,6 +86,37 @@ def load_encoder(path: str):
     state = load_file(os.path.join(checkpoint_dir(path), WEIGHTS_FILE))
     model.load_state_dict(state, strict=True)
     return model.eval(), config
+
+
+def save_tensors(path: str, tensors: dict) -> None:
+    """safetensors file written under a temporary name, then renamed."""
+    from safetensors.torch import save_file
+
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(optimizer) -> tuple[dict, list]:
+    """An optimizer's state as flat tensors ("<param index>.<name>") + its JSON-able param groups."""
+    import torch
+
+    state = optimizer.state_dict()
+    tensors = {
+        f"{idx}.{name}": value if torch.is_tensor(value) else torch.tensor(value)
+        for idx, entry in state["state"].items()
+        for name, value in entry.items()
+    }
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(optimizer, tensors: dict, param_groups: list) -> None:
+    """The inverse of `optimizer_tensors`."""
+    state: dict = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 def file_sha256(path: str) -> str:

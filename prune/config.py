@@ -115,11 +115,11 @@ class AugmentConfig(_Section):
     """Training views: SimCLR's recipe, minus colour for grayscale-like data (set by the config)."""
 
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # and its aspect-ratio range
     hflip: bool = True
     brightness: float = Field(0.4, ge=0.0)  # jitter strength (0 = off)
     contrast: float = Field(0.4, ge=0.0)
     saturation: float = Field(0.0, ge=0.0)
-    hue: float = Field(0.0, ge=0.0, le=0.5)
     jitter_prob: float = Field(0.8, ge=0.0, le=1.0)
     grayscale_prob: float = Field(0.0, ge=0.0, le=1.0)
     blur_prob: float = Field(0.0, ge=0.0, le=1.0)
@@ -130,6 +130,13 @@ class AugmentConfig(_Section):
     def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not 0.0 < value[0] <= value[1] <= 1.0:
             raise ValueError("must be [low, high] with 0 < low <= high <= 1")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
         return value
 
 
@@ -155,8 +162,10 @@ class TrainConfig(_Section):
     use_gpu: bool = False  # one GPU per worker on a cluster
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: Optional[int] = Field(None, ge=1)
+    cache_decoded: bool = True  # decode once into Ray's object store (small sets); False: stream every epoch
     checkpoint_every_steps: int = Field(500, ge=1)  # and at the end of every epoch
     keep_checkpoints: int = Field(2, ge=1)
+    export_dtype: Literal["float32", "float16"] = "float32"  # the exported encoder (float16 halves its size)
     seed: int = 0
     augment: AugmentConfig = AugmentConfig()
 
@@ -177,6 +186,7 @@ EVAL_POLICIES = ("hard", "easy", "random", "balanced-hard", "balanced-easy", "ba
 
 class LinearProbeConfig(_Section):
     epochs: int = Field(30, ge=1)
+    min_steps: int = Field(300, ge=0)  # small subsets still get this many steps
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-2, gt=0.0)  # Adam, cosine decay
     weight_decay: float = Field(0.0, ge=0.0)
@@ -189,6 +199,7 @@ class CnnConfig(_Section):
     lr: float = Field(2e-3, gt=0.0)
     width: int = Field(32, ge=1)
     image_size: int = Field(28, ge=8)
+    augment: bool = True  # a random 2-pixel shift and horizontal flip per image
 
 
 class EvaluateSection(_Section):
