@@ -82,8 +82,11 @@ def load_encoder(path: str):
     from safetensors.torch import load_file
 
     config = read_config(path)
+    weights = os.path.join(checkpoint_dir(path), WEIGHTS_FILE)
+    if config.get("weights_sha256") and file_sha256(weights) != config["weights_sha256"]:
+        raise CheckpointError(f"{weights} does not match the sha256 in its {CONFIG_FILE}: a partial copy, or another model's weights")
     model = build_model(config["architecture"], config.get("model_kwargs", {}))
-    state = load_file(os.path.join(checkpoint_dir(path), WEIGHTS_FILE))
+    state = load_file(weights)
     model.load_state_dict(state, strict=True)
     return model.eval(), config
 

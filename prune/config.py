@@ -185,11 +185,10 @@ EVAL_POLICIES = ("hard", "easy", "random", "balanced-hard", "balanced-easy", "ba
 
 
 class LinearProbeConfig(_Section):
-    epochs: int = Field(30, ge=1)
-    min_steps: int = Field(300, ge=0)  # small subsets still get this many steps
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-2, gt=0.0)  # Adam, cosine decay
-    weight_decay: float = Field(0.0, ge=0.0)
+    """Regularized multinomial logistic regression, solved to convergence (prune/probes.py)."""
+
+    weight_decay: float = Field(1e-4, ge=0.0)  # L2 penalty on the weights
+    max_iter: int = Field(300, ge=1)  # L-BFGS iterations
 
 
 class CnnConfig(_Section):

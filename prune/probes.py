@@ -31,17 +31,23 @@ def knn_predict(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, 
 
 
 def linear_probe(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray, weight_decay: float = 1e-4,
-                 max_iter: int = 300, seed: int = 0) -> np.ndarray:
-    """Multinomial logistic regression on standardized features (full-batch L-BFGS); predicted labels."""
+                 max_iter: int = 300, n_classes: int | None = None, standardize: bool = True) -> np.ndarray:
+    """Multinomial logistic regression, full-batch L-BFGS from zero weights; predicted labels.
+
+    Deterministic (no sampling) and solved to convergence, so a subset's score depends on the
+    subset, not on a learning rate or an epoch count. `standardize` scales features by the
+    training rows' statistics; pass False when they are already standardized.
+    """
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(seed)
     x = torch.from_numpy(np.asarray(train, np.float32))
-    mu, sd = x.mean(0), x.std(0) + 1e-6
-    x = (x - mu) / sd
+    q = torch.from_numpy(np.asarray(query, np.float32))
+    if standardize:
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        x, q = (x - mu) / sd, (q - mu) / sd
     y = torch.from_numpy(np.asarray(train_labels, np.int64))
-    n_classes = int(y.max()) + 1
+    n_classes = n_classes or int(y.max()) + 1
     w = torch.zeros(x.shape[1], n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
@@ -54,7 +60,6 @@ def linear_probe(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
 
     opt.step(closure)
     with torch.no_grad():
-        q = (torch.from_numpy(np.asarray(query, np.float32)) - mu) / sd
         return (q @ w + b).argmax(1).numpy()
 
 

@@ -67,3 +67,11 @@ def test_missing_or_foreign_checkpoint_is_named(tmp_path):
     (tmp_path / "ck" / CONFIG_FILE).write_text(json.dumps({"hello": 1}))
     with pytest.raises(CheckpointError, match="not an ssl-prune encoder config"):
         load_encoder(str(tmp_path / "ck"))
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
+    _checkpoint(tmp_path / "a", seed=0)
+    _checkpoint(tmp_path / "b", seed=1)
+    (tmp_path / "a" / WEIGHTS_FILE).write_bytes((tmp_path / "b" / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        load_encoder(str(tmp_path / "a"))
