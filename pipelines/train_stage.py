@@ -120,6 +120,7 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from prune.embedders import resolve_precision
     from prune.ssl import SimCLR, augment, lr_at, nt_xent
 
     cfg = TrainConfig(**config["train"])
@@ -138,7 +139,8 @@ def train_loop(config: dict) -> None:
     if resumed:
         with resumed.as_directory() as d:
             state = _load_checkpoint(d, model, optimizer, cfg)
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last)  # the fast conv layout on CPU and GPU
+    precision = resolve_precision(cfg.precision, device.type)
     for entry in optimizer.state.values():  # restored moments follow the model to its device
         for k, v in entry.items():
             if torch.is_tensor(v) and k != "step":
@@ -175,7 +177,8 @@ def train_loop(config: dict) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state["step"], total, cfg.lr, cfg.warmup_steps)
             views = torch.cat([augment(x, cfg.augment, cfg.image_size, cfg.mean, cfg.std, g) for _ in range(2)])
-            z = ddp(views)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                z = ddp(views.contiguous(memory_format=torch.channels_last)).float()
             loss = nt_xent(z[: len(x)], z[len(x):], cfg.temperature, gather)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -35,6 +35,8 @@ def build_model(architecture: str, model_kwargs: dict[str, Any]):
     """The bare encoder: a timm model with no classifier head (pooled features out)."""
     import timm
 
+    from . import models  # noqa: F401  (registers our small-image architectures with timm)
+
     return timm.create_model(architecture, pretrained=False, num_classes=0, **model_kwargs)
 
 

@@ -71,6 +71,12 @@ class EmbedConfig(_Section):
     shards_per_round: int = Field(64, ge=1)  # a crash loses at most one round of embedding
     seed: int = 0  # random-init weights
 
+    @model_validator(mode="after")
+    def _no_random_init_with_weights(self) -> "EmbedConfig":
+        if self.allow_random_init and self.pretrained:
+            raise ValueError("embed.allow_random_init and embed.pretrained exclude each other")
+        return self
+
 
 class KMeansConfig(_Section):
     k: Optional[int] = Field(None, ge=1)  # None: n_ok / 10_000 clamped to [10, 100_000]
@@ -93,22 +99,21 @@ class WriteConfig(_Section):
     band_step: float = Field(0.1, gt=0.0, le=1.0)  # pruned shards come in bands of this keep fraction
 
 
-class RunConfig(_Section):
-    input: NonEmptyStr
+class _Job(_Section):
+    """What every command's config has: where outputs go, which members are images, Ray, decoding."""
+
     output: NonEmptyStr
     image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
     ray: RayConfig = RayConfig()
     decode: DecodeConfig = DecodeConfig()
+
+
+class RunConfig(_Job):
+    input: NonEmptyStr
     embed: EmbedConfig = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
     select: SelectConfig = SelectConfig()
     write: WriteConfig = WriteConfig()
-
-    @model_validator(mode="after")
-    def _no_random_init_with_weights(self) -> "RunConfig":
-        if self.embed.allow_random_init and self.embed.pretrained:
-            raise ValueError("embed.allow_random_init and embed.pretrained exclude each other")
-        return self
 
 
 class AugmentConfig(_Section):
@@ -162,6 +167,7 @@ class TrainConfig(_Section):
     use_gpu: bool = False  # one GPU per worker on a cluster
     cpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: Optional[int] = Field(None, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device has native bf16
     cache_decoded: bool = True  # decode once into Ray's object store (small sets); False: stream every epoch
     checkpoint_every_steps: int = Field(500, ge=1)  # and at the end of every epoch
     keep_checkpoints: int = Field(2, ge=1)
@@ -170,14 +176,13 @@ class TrainConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
 
 
-class TrainEncoderConfig(_Section):
-    """`ssl-prune train-encoder`: shards in, an encoder checkpoint directory out."""
+class TrainEncoderConfig(_Job):
+    """`ssl-prune train-encoder`: shards in, an encoder checkpoint directory out.
+
+    `output` is the checkpoint directory (encoder.safetensors + encoder.json) and Ray Train's state.
+    """
 
     input: NonEmptyStr
-    output: NonEmptyStr  # the checkpoint directory (encoder.safetensors + encoder.json) and Ray Train state
-    image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
-    ray: RayConfig = RayConfig()
-    decode: DecodeConfig = DecodeConfig()
     train: TrainConfig = TrainConfig()
 
 
@@ -221,15 +226,11 @@ class EvaluateSection(_Section):
         return sorted(set(value))
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(_Job):
     """`ssl-prune evaluate`: accuracy of classifiers trained on pruned subsets of a labeled set."""
 
     train_input: NonEmptyStr  # labeled shards: the pool that is pruned
     test_input: NonEmptyStr  # labeled shards: never pruned, only scored against
-    output: NonEmptyStr
-    image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
-    ray: RayConfig = RayConfig()
-    decode: DecodeConfig = DecodeConfig()
     embed: EmbedConfig = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
     evaluate: EvaluateSection = EvaluateSection()

@@ -75,3 +75,16 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     (tmp_path / "a" / WEIGHTS_FILE).write_bytes((tmp_path / "b" / WEIGHTS_FILE).read_bytes())
     with pytest.raises(CheckpointError, match="does not match the sha256"):
         load_encoder(str(tmp_path / "a"))
+
+
+def test_small_resnet_is_a_timm_architecture_for_small_images(tmp_path):
+    """prune/models.py registers it with timm, so a checkpoint names it like any timm model."""
+    kw = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
+    torch.manual_seed(0)
+    model = build_model("small_resnet", kw)
+    assert model.conv1.stride == (1, 1) and model.num_features == 64
+    save_encoder(str(tmp_path / "ck"), model, "small_resnet", kw, PreprocessSpec(size=28))
+    loaded, _ = load_encoder(str(tmp_path / "ck"))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.inference_mode():
+        assert torch.equal(model.eval()(x), loaded(x))

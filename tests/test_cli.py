@@ -38,7 +38,7 @@ def test_bad_config_is_one_message_naming_the_key(tmp_path, override, named):
 
 def test_missing_weights_name_the_tag_and_are_not_downloaded(tmp_path):
     res = _run(
-        ["run", "configs/demo.yaml", "embed.model=ViT-B-32", "embed.allow_random_init=false",
+        ["run", "configs/demo.yaml", "embed.backend=open_clip", "embed.model=ViT-B-32", "embed.allow_random_init=false",
          "embed.pretrained=laion2b_s34b_b79k", f"output={tmp_path / 'out'}"],
         tmp_path,
     )
