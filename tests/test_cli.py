@@ -73,6 +73,6 @@ def test_demo_end_to_end_on_a_cpu_only_ray(tmp_path):
     assert c["input_samples"] == 300 == c["kept"] + c["pruned"] + c["failed"]
     assert manifest["stages"]["embed"]["actor_resources"]["num_gpus"] == 0
     assert manifest["stages"]["embed"]["torch_threads"] == 2  # the actor gets the node's cores, not Ray's 1
-    assert manifest["random_init"] is True and manifest["model_id"].endswith("random-init-seed0")
+    assert manifest["random_init"] is False and manifest["model_id"].startswith("local:small_resnet:")  # the shipped encoder
     assert json.loads((out / "pruned" / "sizes.json").read_text()) and (out / "pruned" / "bands.json").exists()
     assert {"ray", "torch", "faiss-cpu", "open_clip_torch"} <= manifest["versions"].keys()
