@@ -41,8 +41,8 @@ def linear_probe(train: np.ndarray, train_labels: np.ndarray, query: np.ndarray,
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.asarray(train, np.float32))
-    q = torch.from_numpy(np.asarray(query, np.float32))
+    x = torch.from_numpy(np.array(train, np.float32))  # a copy: inputs may be read-only (Ray's object store)
+    q = torch.from_numpy(np.array(query, np.float32))
     if standardize:
         mu, sd = x.mean(0), x.std(0) + 1e-6
         x, q = (x - mu) / sd, (q - mu) / sd
