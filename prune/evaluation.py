@@ -55,6 +55,7 @@ EXCLUDED_BAD_LABEL = "non_integer_label"  # not an integer >= 0 (a float 3.0 or 
 EXCLUDED_NOT_IN_TAR = "not_in_tar"  # embedded, but the tar no longer holds it (changed since)
 
 LINEAR, CNN = "linear", "cnn"
+SEED_FREE = (LINEAR,)  # solved to convergence from zero weights: one training serves every seed
 BALANCED_PREFIX = "balanced-"
 LABEL_MEMBER = "json"
 
@@ -310,7 +311,8 @@ def plan_runs(classifiers, policies, keep_fractions, seeds, bands: dict[tuple[st
     """Every (classifier, policy, fraction, seed), grouped by identical training subsets.
 
     `bands[(policy, seed)]` is that selection's `select_bands`. Keep fraction 1.0 is the whole
-    pool under every policy, so it is trained once per (classifier, seed) and shared.
+    pool under every policy, so it is trained once per (classifier, seed) and shared; the linear
+    probe, which the seed does not change, is trained once per subset whatever the seed.
     """
     fractions = sorted(keep_fractions)
     groups: dict[tuple, RunGroup] = {}
@@ -321,7 +323,8 @@ def plan_runs(classifiers, policies, keep_fractions, seeds, bands: dict[tuple[st
                     idx = kept_indices(bands[(policy, seed)], i)
                     digest = hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()
                     spec = RunSpec(clf, policy, float(f), int(seed))
-                    group = groups.setdefault((clf, seed, digest), RunGroup([], idx))
+                    key = (clf, digest) if clf in SEED_FREE else (clf, seed, digest)
+                    group = groups.setdefault(key, RunGroup([], idx))
                     group.specs.append(spec)
     return list(groups.values())
 

@@ -180,12 +180,16 @@ def test_identical_subsets_are_trained_once():
     fractions, policies, seeds = [0.5, 1.0], ["hard", "easy", "random"], [0, 1]
     bands = {(p, s): ev.select_bands(p, fractions, pool["distance"], pool["cluster"], 4, pool["shards"], pool["keys"], s)
              for p in policies for s in seeds}
-    groups = ev.plan_runs(["linear"], policies, fractions, seeds, bands)
+    groups = ev.plan_runs(["cnn"], policies, fractions, seeds, bands)
     assert sum(len(g.specs) for g in groups) == 12
     assert len(groups) == 8  # 1.0 is the whole pool: one training per seed instead of three
     for g in groups:
         if g.lead.keep_fraction == 1.0:
             assert [s.policy for s in g.specs] == policies and len(g.train_idx) == len(pool["keys"])
+    # the linear probe ignores its seed: hard@0.5 and easy@0.5 once each, random@0.5 once per seed
+    # (its selection depends on the seed), 1.0 once for everything
+    linear = ev.plan_runs(["linear"], policies, fractions, seeds, bands)
+    assert sum(len(g.specs) for g in linear) == 12 and len(linear) == 5
 
 
 def test_labels_become_class_indices_however_they_are_numbered():
