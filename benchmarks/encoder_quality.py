@@ -12,7 +12,6 @@ process; raw pixels are the same images decoded to their native size, grayscale,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
@@ -21,6 +20,7 @@ from prune import schema
 from prune.config import EmbedConfig
 from prune.decode import PreprocessSpec, decode_image
 from prune.embedders import make_embedder
+from prune.evaluation import LABEL_MEMBER, parse_label
 from prune.probes import accuracy, knn_predict, linear_probe
 from prune.shards import read_shard
 from prune.storage import list_input_shards
@@ -32,8 +32,9 @@ def load(spec_in: str, embed_spec: PreprocessSpec, raw_size: int):
     raw_spec = PreprocessSpec(size=raw_size, resize_mode="squash")
     for url in list_input_shards(spec_in):
         for s in read_shard(url, list(schema.IMAGE_EXTENSIONS_DEFAULT)).samples:
-            image, meta = s.member(schema.IMAGE_EXTENSIONS_DEFAULT), s.member(["json"])
-            if s.status != schema.STATUS_OK or not image or not meta:
+            image, meta = s.member(schema.IMAGE_EXTENSIONS_DEFAULT), s.member([LABEL_MEMBER])
+            label, _why = parse_label(meta[1] if meta else None, "label")
+            if s.status != schema.STATUS_OK or not image or label is None:
                 continue
             crop, ok = decode_image(image[1], embed_spec)
             pixels, ok2 = decode_image(image[1], raw_spec)
@@ -41,7 +42,7 @@ def load(spec_in: str, embed_spec: PreprocessSpec, raw_size: int):
                 continue
             crops.append(crop)
             raw.append(pixels[..., 0].reshape(-1).astype(np.float32) / 255.0)
-            labels.append(int(json.loads(meta[1])["label"]))
+            labels.append(label)
     return np.stack(crops), np.stack(raw), np.array(labels)
 
 

@@ -204,10 +204,8 @@ def export_encoder(checkpoint_path: str, output: str, dtype: str) -> dict:
 
     model, config = checkpoints.load_encoder(checkpoint_path)
     model = model.to(getattr(torch, dtype))
-    standard = {"format_version", "architecture", "model_kwargs", "embed_dim", "preprocess", "weights_sha256"}
     checkpoints.save_encoder(output, model, config["architecture"], config["model_kwargs"],
-                             checkpoints.preprocess_of(config),
-                             extra={k: v for k, v in config.items() if k not in standard} | {"dtype": dtype})
+                             checkpoints.preprocess_of(config), extra=checkpoints.extra_of(config) | {"dtype": dtype})
     return checkpoints.read_config(output)
 
 

@@ -19,6 +19,8 @@ from .embedders import WeightsNotFoundError
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "encoder.json"
 FORMAT_VERSION = 1
+# what save_encoder itself writes; anything else in encoder.json is the caller's `extra`
+CORE_KEYS = ("format_version", "architecture", "model_kwargs", "embed_dim", "preprocess", "weights_sha256")
 
 
 class CheckpointError(WeightsNotFoundError):
@@ -77,6 +79,10 @@ def preprocess_of(config: dict) -> PreprocessSpec:
     p = dict(config["preprocess"])
     p["mean"], p["std"] = tuple(p["mean"]), tuple(p["std"])
     return PreprocessSpec(**p)
+
+
+def extra_of(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in CORE_KEYS}
 
 
 def load_encoder(path: str):

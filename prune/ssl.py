@@ -84,8 +84,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
-    """Gaussian blur, one sigma per batch in [0.1, 2.0] x (size / 224) as in SimCLR (kernel 10% of the side)."""
-    sigma = float(_uniform(1, 0.1, 2.0, g, x.device)) * size / 224 * 10
+    """Gaussian blur as in SimCLR: sigma in [0.1, 2.0] (one per batch), kernel about 10% of the side."""
+    sigma = float(_uniform(1, 0.1, 2.0, g, x.device))
     radius = max(1, size // 20)
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-(t**2) / (2 * sigma**2))
