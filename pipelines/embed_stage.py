@@ -3,8 +3,8 @@
 Ray Data streams rows of image bytes from the tars, decodes them in CPU tasks (so the model
 never waits for JPEG decoding), and feeds uint8 crops to a pool of actors that load the
 model once each. Outputs land in a staging dataset partitioned by shard; a per-shard task
-then checks that every sample of the shard arrived and writes `embeddings/NNNNN.parquet`
-under a temporary name. Shards are processed in rounds, so a crash loses one round at most.
+then checks that every sample of the shard arrived (rows a retried task wrote twice count
+once) and writes `embeddings/NNNNN.parquet` atomically (OutputDir.open_atomic). Shards are processed in rounds, so a crash loses one round at most.
 """
 
 from __future__ import annotations
@@ -106,15 +106,35 @@ def embeddings_complete(out: OutputDir, shard: str, fp: str, url: str) -> bool:
     return meta.get(schema.META_EMBED_FINGERPRINT, b"").decode() == fp and meta.get(schema.META_SOURCE_URL, b"").decode() == url
 
 
+def read_staged(out: OutputDir, part_dir: str) -> pa.Table | None:
+    """Every staged file of one shard, concatenated; None if there is none.
+
+    Ray Data names a write task's file by (write id, task index), so a retried task rewrites
+    the same object; a file that is not valid parquet (a write cut short on a store where a
+    close completes the upload) is skipped, and the count check in `finalize_shard` decides
+    whether its rows arrived in another file.
+    """
+    tables = []
+    for rel in out.find(part_dir):
+        if not rel.endswith(".parquet"):
+            continue
+        try:
+            with out.open(part_dir, rel) as f:
+                tables.append(pq.read_table(f))
+        except pa.ArrowInvalid:
+            continue
+    return pa.concat_tables(tables) if tables else None
+
+
 def finalize_shard(item: dict) -> dict:
     """Staged parts of one shard -> embeddings/NNNNN.parquet, if every sample arrived."""
     out: OutputDir = item["out"]
     shard, part_dir = item["shard"], item["part_dir"]
     if embeddings_complete(out, shard, item["fp"], item["url"]):  # a retry of a finished task
         return {"shard": shard, "ok": True, "rows": -1}
-    if not out.exists(part_dir):
+    table = read_staged(out, part_dir)
+    if table is None:
         return {"shard": shard, "ok": False, "why": "no embedded rows arrived"}
-    table = pq.read_table(out.path(part_dir), filesystem=out.fs)
     table = table.sort_by(POS)
     pos = table.column(POS).to_numpy()
     pos_unique, first = np.unique(pos, return_index=True)  # a retried task may have re-written rows
@@ -192,7 +212,9 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
             EmbedActor, fn_constructor_args=(embed_cfg, spec, device), batch_size=cfg.embed.batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors), **resources,
         )
-        ds.write_parquet(out.url_of(run_dir), partition_cols=[schema.SHARD])
+        # the OutputDir's own filesystem: the same endpoint and credentials as every other write
+        # (pyarrow's native S3 client would not read e.g. AWS_ENDPOINT_URL the way botocore does)
+        ds.write_parquet(out.path(run_dir), filesystem=out.arrow_filesystem(), partition_cols=[schema.SHARD])
         finals = [
             {"out": out, "shard": s, "url": shards[s], "part_dir": f"{run_dir}/{schema.SHARD}={s}", "fp": fp,
              "model_id": model_id}

@@ -1,8 +1,19 @@
 """Storage through fsspec: input listing and an output directory that cannot be escaped.
 
 Every write of the pipeline goes through `OutputDir`, which refuses a relative path that
-would leave the output root and writes each file under a temporary name first, renaming it
-only when complete, so a crash never leaves a half file under a final name.
+would leave the output root and makes each file appear whole or not at all:
+
+- on a filesystem with an atomic rename (local/POSIX) a file is written under a hidden
+  temporary sibling name and renamed onto its final name only when complete;
+- on an object store (S3) there is no rename (fsspec's `mv` is copy + delete), but a single
+  PUT or a completed multipart upload is atomic: the object appears whole when the upload
+  completes. So the file is written straight to its final key and, on any failure, the upload
+  is aborted (`discard`), never completed: nothing partial appears, a previous version stays.
+  A process killed mid-write never completes its upload either.
+
+Object stores have no directories: `makedirs` is a no-op there, a "directory" exists while an
+object under its prefix does, and listings are never served from fsspec's listing cache
+(writes by other Ray workers would not be in it).
 """
 
 from __future__ import annotations
@@ -26,17 +37,34 @@ class UnsafePathError(ValueError):
     """A relative path that would escape the output directory."""
 
 
-def split_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
+# Filesystems whose upload becomes visible only when complete and whose open-for-write file
+# has a `discard()` that really aborts the upload (s3fs: AbortMultipartUpload, or no PUT at
+# all for a small file). Another fsspec filesystem falls back to temporary name + rename.
+_WHOLE_OBJECT_PROTOCOLS = frozenset({"s3", "s3a"})
+
+
+def protocols_of(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool({"file", "local"} & set(protocols_of(fs)))
+
+
+def split_url(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
     return fs, path
 
 
 def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Turn a filesystem-local path back into a URL that any worker can open."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
+    if is_local(fs):
         return path
     return fs.unstrip_protocol(path)
+
+
+def _is_tar(entry: dict) -> bool:
+    return entry.get("type") == "file" and entry["name"].endswith(".tar")
 
 
 def list_input_shards(spec: str) -> list[str]:
@@ -44,35 +72,76 @@ def list_input_shards(spec: str) -> list[str]:
 
     The result is sorted and de-duplicated; a brace-expanded name that does not exist is
     left out only if other names matched, so a typo in the pattern cannot pass silently.
+    On an object store each directory is listed once (one LIST per 1000 names), not probed
+    name by name: `{00000..41407}.tar` costs a few dozen requests, not 41,408.
     """
     found: list[str] = []
+    listings: dict[tuple[int, str], dict[str, dict]] = {}
+
+    def listing(fs, directory: str) -> dict[str, dict]:
+        key = (id(fs), directory)
+        if key not in listings:
+            try:
+                entries = fs.ls(directory, detail=True)
+            except (FileNotFoundError, NotADirectoryError):
+                entries = []
+            listings[key] = {e["name"].rstrip("/"): e for e in entries}
+        return listings[key]
+
     for pattern in braceexpand(spec):
         fs, path = split_url(pattern)
+        path = path.rstrip("/") or path
         if any(ch in path for ch in "*?["):
             found += [_unstrip(fs, p) for p in fs.glob(path) if p.endswith(".tar")]
-        elif fs.isdir(path):
-            found += [
-                _unstrip(fs, p)
-                for p in fs.ls(path, detail=False)
-                if p.endswith(".tar") and fs.isfile(p)
-            ]
-        elif fs.exists(path):
+            continue
+        parent = posixpath.dirname(path)
+        entry = listing(fs, parent).get(path) if parent and parent != path else None
+        if entry is None:  # not in its parent's listing (or a root): ask about the path itself
+            if fs.isdir(path):
+                entry = {"name": path, "type": "directory"}
+            elif fs.exists(path):
+                entry = {"name": path, "type": "file"}
+            else:
+                continue
+        if entry.get("type") == "directory":
+            found += [_unstrip(fs, e["name"]) for e in listing(fs, path).values() if _is_tar(e)]
+        else:
             found.append(_unstrip(fs, path))
     if not found:
         raise InputError(f"input '{spec}' matches no .tar shard")
     return sorted(set(found))
 
 
-class OutputDir:
-    """The run's output root: joins relative paths safely and writes atomically."""
+def _abort(f) -> None:
+    """Throw an unfinished upload away; the file object must not commit it on close later."""
+    with contextlib.suppress(Exception):
+        f.discard()
+    f.closed = True  # fsspec's close() (also run by __del__) would otherwise flush and commit
 
-    def __init__(self, url: str):
+
+class OutputDir:
+    """The run's output root: joins relative paths safely and writes atomically.
+
+    `storage_options` go to fsspec (e.g. `endpoint_url`, `default_block_size` for s3fs);
+    credentials are best left to the environment (AWS_* variables), which Ray workers share.
+    """
+
+    def __init__(self, url: str, **storage_options):
         self.url = url.rstrip("/")
-        self.fs, self.root = split_url(self.url)
-        self.root = self.root.rstrip("/")
+        self.storage_options = dict(storage_options)
+        if not is_local(split_url(self.url)[0]):
+            # a listing must show what other workers wrote a moment ago: no listing cache
+            self.storage_options.setdefault("use_listings_cache", False)
+        self.fs, root = split_url(self.url, **self.storage_options)
+        self.root = root.rstrip("/")
 
     def __reduce__(self):  # ship the URL, not a live filesystem handle, to Ray workers
-        return (OutputDir, (self.url,))
+        return (_output_dir, (self.url, self.storage_options))
+
+    @property
+    def rename_is_atomic(self) -> bool:
+        """True: temp name + rename. False: an object store where one upload is atomic instead."""
+        return not bool(_WHOLE_OBJECT_PROTOCOLS & set(protocols_of(self.fs)))
 
     def path(self, *parts: str) -> str:
         rel = posixpath.normpath(posixpath.join(*parts)) if parts else "."
@@ -83,28 +152,62 @@ class OutputDir:
     def url_of(self, *parts: str) -> str:
         return _unstrip(self.fs, self.path(*parts))
 
+    def arrow_filesystem(self):
+        """This directory's filesystem for pyarrow / Ray Data (same endpoint and credentials)."""
+        from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+        return LocalFileSystem() if is_local(self.fs) else PyFileSystem(FSSpecHandler(self.fs))
+
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
     def makedirs(self, *parts: str) -> None:
-        self.fs.makedirs(self.path(*parts), exist_ok=True)
+        """Create a directory; on an object store (no directories) only check the bucket."""
+        p = self.path(*parts)
+        if self.rename_is_atomic:
+            self.fs.makedirs(p, exist_ok=True)
+        elif not parts:
+            bucket = p.split("/", 1)[0]
+            if not self.fs.exists(bucket):
+                raise FileNotFoundError(f"output bucket {bucket!r} does not exist (or is not reachable)")
 
     def listdir(self, *parts: str) -> list[str]:
         """Base names in a directory; empty if it does not exist."""
         p = self.path(*parts)
+        self.fs.invalidate_cache(p)
         if not self.fs.exists(p):
             return []
         return sorted(posixpath.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False))
+
+    def find(self, *parts: str) -> list[str]:
+        """Every file under a directory, as paths relative to it (sorted); empty if absent."""
+        p = self.path(*parts)
+        self.fs.invalidate_cache(p)
+        return sorted(posixpath.relpath(x, p) for x in self.fs.find(p))
 
     def remove(self, *parts: str) -> None:
         p = self.path(*parts)
         if self.fs.exists(p):
             self.fs.rm(p, recursive=True)
+        self.fs.invalidate_cache(p)
 
     @contextlib.contextmanager
     def open_atomic(self, *parts: str) -> Iterator[io.IOBase]:
-        """Write to a temporary sibling, rename onto the final name only on success."""
+        """A file that appears under its final name whole, or not at all (see the module doc)."""
         final = self.path(*parts)
+        if not self.rename_is_atomic:
+            f = self.fs.open(final, "wb")
+            try:
+                yield f
+            except BaseException:
+                _abort(f)
+                raise
+            try:
+                f.close()  # completes the PUT / multipart upload: the object appears whole
+            except BaseException:
+                _abort(f)
+                raise
+            return
         parent = posixpath.dirname(final)
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(final)}"
@@ -130,3 +233,7 @@ class OutputDir:
 
     def open(self, *parts: str, mode: str = "rb"):
         return self.fs.open(self.path(*parts), mode)
+
+
+def _output_dir(url: str, storage_options: dict) -> OutputDir:
+    return OutputDir(url, **storage_options)
