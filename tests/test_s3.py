@@ -284,3 +284,75 @@ def test_rerun_on_s3_reuses_every_stage(s3, s3_run):
     assert manifest["counts"] == s3_run["manifest"]["counts"]
     after = {k: s3["fs"].info(f"{BUCKET}/{k}")["ETag"] for k in keys(s3, "out/") if not k.endswith(schema.MANIFEST)}
     assert after == before  # not one object rewritten
+
+
+# --- retried tasks: outputs are idempotent ------------------------------------------------------
+
+
+def _etags(s3, prefix: str) -> dict[str, str]:
+    return {k: s3["client"].head_object(Bucket=BUCKET, Key=k)["ETag"] for k in keys(s3, prefix)}
+
+
+def test_retried_write_tasks_rewrite_identical_objects(s3, s3_run):
+    """A retried fragment or output task (a node lost mid-run) writes the very same bytes."""
+    from pipelines.run import resolve_shards
+    from pipelines.write_stage import fragment_task, output_task
+    from prune.writer import plan_output_shards
+
+    out: OutputDir = s3_run["out"]
+    shards = resolve_shards(s3_run["cfg"].input)
+    staging = f"{schema.STAGING_DIR}/retry-test"
+    items = [{"out": out, "shard": s, "url": shards[s], "staging": staging} for s in sorted(shards)]
+    first = [fragment_task(i) for i in items]
+    before = _etags(s3, f"out/{staging}/")
+    out.remove(staging, "done")  # as if every task died after its fragments, before its record
+    second = [fragment_task(i) for i in items]
+    assert second == first and _etags(s3, f"out/{staging}/") == before
+
+    counts = {(int(b), r["shard"]): n for r in first for b, n in r["counts"].items()}
+    plans = plan_output_shards(counts, s3_run["cfg"].write.samples_per_shard)
+    sizes = out.read_json(schema.PRUNED_DIR, schema.SIZES_FILE)
+    assert {p.name: p.count for p in plans} == sizes  # the same plan as the run's
+    published = _etags(s3, f"out/{schema.PRUNED_DIR}/")
+    for plan in plans[:2]:  # the task died after the tar was complete: skipped
+        assert output_task({"out": out, "plan": plan, "staging": staging})["count"] == plan.count
+    out.remove(schema.PRUNED_DIR, plans[0].name)  # ... or before: written again, identically
+    output_task({"out": out, "plan": plans[0], "staging": staging})
+    assert _etags(s3, f"out/{schema.PRUNED_DIR}/") == published
+    out.remove(staging)
+
+
+def test_finalize_counts_rows_written_twice_once(s3, s3_run):
+    """Staged rows of a retried embed write (twice, or cut short) give each sample once."""
+    import pyarrow as pa
+
+    from pipelines.embed_stage import COUNT, POS, finalize_shard
+
+    src: OutputDir = s3_run["out"]
+    shard = sorted(n[: -len(".parquet")] for n in src.listdir(schema.EMBEDDINGS_DIR))[0]
+    with src.open(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
+        final = pq.read_table(f)
+    n = len(final)
+    staged = final.drop_columns([schema.SHARD]).append_column(POS, pa.array(range(n), pa.int64()))
+    staged = staged.append_column(COUNT, pa.array([n] * n, pa.int64()))
+    out = OutputDir(f"s3://{BUCKET}/retry-embed")
+    part = f"{schema.STAGING_DIR}/embed-x/{schema.SHARD}={shard}"
+    for name, table in (("a_000000-0.parquet", staged), ("a_000001-0.parquet", staged.slice(n // 2)),
+                        ("a_000002-0.parquet", staged.slice(0, 3))):
+        with out.open_atomic(part, name) as f:
+            pq.write_table(table, f)
+    out.write_bytes(b"PAR1 cut short", part, "a_000003-0.parquet")  # not valid parquet: skipped
+    item = {"out": out, "shard": shard, "url": "s3://x/y.tar", "part_dir": part, "fp": "fp", "model_id": "m"}
+    assert finalize_shard(item) == {"shard": shard, "ok": True, "rows": n}
+    with out.open(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
+        again = pq.read_table(f)
+    assert again.column(schema.KEY).equals(final.column(schema.KEY))
+    assert again.column(schema.EMBEDDING).equals(final.column(schema.EMBEDDING))
+    assert finalize_shard(item)["rows"] == -1  # a retry after it finished: nothing rewritten
+    out.remove(part)
+    with out.open_atomic(part, "a_000000-0.parquet") as f:  # a sample missing: refused
+        pq.write_table(staged.slice(1), f)
+    out.remove(schema.EMBEDDINGS_DIR)
+    res = finalize_shard(item)
+    assert not res["ok"] and f"{n - 1} of {n}" in res["why"]
+    out.remove("")
