@@ -4,6 +4,11 @@ The fit sample is drawn per shard by tasks (each returns at most its share), so 
 holds only the sample. Assignment is a Ray Data map over shards whose workers each hold the
 centroids in a faiss index; each writes `scores/NNNNN.parquet` (cluster, distance) under a
 temporary name. Selection columns are filled in later by the select stage.
+
+With `kmeans.refine_iters > 0`, the sample fit only initializes a distributed Lloyd refinement
+over every embedding (prune/lloyd.py): per iteration the centroids are put in the object store
+once, each task reduces a fixed group of embeddings shards to per-cluster sums and counts, and
+the driver folds the results (exactly, in any order) and updates the centroids.
 """
 
 from __future__ import annotations
@@ -13,18 +18,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from prune import schema
-from prune.config import RunConfig, fingerprint
+from prune import lloyd, schema
+from prune.config import KMeansConfig, RunConfig, fingerprint
 from prune.kmeans import Assigner, default_k, fit_spherical_kmeans, prototype_distance
 from prune.storage import OutputDir
 
 from .embed_stage import embed_fingerprint
-from .runtime import run_tasks
+from .runtime import resolve, run_tasks
+
+# settings that only place work: the exact reduce makes the centroids independent of them
+_PLACEMENT_ONLY = {"assign_concurrency", "refine_shards_per_task"}
+_FAISS_INIT = {"sample_faiss": "random", "kmeans++": "kmeans++"}
+
+
+def kmeans_settings(k: KMeansConfig) -> dict:
+    """The k-means settings the centroids depend on.
+
+    New settings left at their no-op values are left out, so runs made before they existed keep
+    their fingerprint; `refine_tol` only counts when refinement is on.
+    """
+    s = k.model_dump(exclude=_PLACEMENT_ONLY)
+    if not k.refine_iters:
+        del s["refine_iters"], s["refine_tol"]
+    if k.init == "sample_faiss":
+        del s["init"]
+    if k.fit_num_cpus is None:  # a fit in a task runs faiss on that many threads
+        del s["fit_num_cpus"]
+    return s
+
 
 def kmeans_fingerprint(cfg: RunConfig, shards: dict[str, str]) -> str:
     """Prototypes depend on the embeddings' settings, the k-means settings and which shards."""
-    k = cfg.kmeans.model_dump(exclude={"assign_concurrency"})
-    return fingerprint("kmeans", embed_fingerprint(cfg), k, sorted(shards.items()))
+    return fingerprint("kmeans", embed_fingerprint(cfg), kmeans_settings(cfg.kmeans), sorted(shards.items()))
 
 
 def _read_embeddings(out: OutputDir, shard: str, columns=None) -> pa.Table:
@@ -77,10 +102,10 @@ def run_prototypes(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> di
         {"out": out, "shard": s, "take": int(np.ceil(counts[s] * frac)), "seed": cfg.kmeans.seed}
         for s in sorted(shards) if counts[s]
     ]
-    parts = dict(run_tasks(sample_shard, items, desc="prototypes: sample"))
-    sample = np.concatenate([parts[s] for s in sorted(parts)])[: cfg.kmeans.sample_size]
     k = cfg.kmeans.k or default_k(n_ok)
-    centroids, meta = fit_spherical_kmeans(sample, k, cfg.kmeans.niter, cfg.kmeans.nredo, cfg.kmeans.seed)
+    centroids, meta = fit_sample(cfg.kmeans, items, k)
+    if cfg.kmeans.refine_iters:
+        centroids, meta["refine"] = refine_all(cfg.kmeans, out, [s for s in sorted(shards) if counts[s]], centroids)
     meta |= {"fingerprint": fp, "n_ok_total": n_ok, "k_default_used": cfg.kmeans.k is None}
     # the metadata (with the fingerprint) is removed first and written last: a crash between
     # the two writes must not leave another run's metadata vouching for these centroids
@@ -88,6 +113,76 @@ def run_prototypes(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> di
     out.write_bytes(_npy_bytes(centroids), schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
     out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
     return meta | {"reused": False}
+
+
+def fit_sample(kc: KMeansConfig, items: list[dict], k: int) -> tuple[np.ndarray, dict]:
+    """Draw the sample (one task per shard) and fit on it: on the driver, or in a Ray task with
+    `fit_num_cpus` CPUs, whose sample never passes through the driver (it only holds refs)."""
+    args = (k, kc.sample_size, kc.niter, kc.nredo, kc.seed, _FAISS_INIT[kc.init])
+    if kc.fit_num_cpus is None:
+        parts = dict(run_tasks(sample_shard, items, desc="prototypes: sample"))
+        return _fit_parts([parts[s] for s in sorted(parts)], *args)
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if kc.fit_num_cpus > largest:  # Ray would queue the fit forever
+        raise RuntimeError(f"kmeans.fit_num_cpus={kc.fit_num_cpus} but the largest node has {largest:g} CPUs")
+    refs = _submit_bounded(sample_shard, items)  # items are in shard order, so are the refs
+    fit = ray.remote(num_cpus=kc.fit_num_cpus)(_fit_in_task)
+    return ray.get(fit.remote(refs, kc.fit_num_cpus, *args))
+
+
+def _fit_parts(parts: list[np.ndarray], k, sample_size, niter, nredo, seed, init) -> tuple[np.ndarray, dict]:
+    sample = np.concatenate(parts)[:sample_size]
+    return fit_spherical_kmeans(sample, k, niter, nredo, seed, init=init)
+
+
+def _fit_in_task(refs: list, threads: int, *args) -> tuple[np.ndarray, dict]:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    parts = [x for _, x in ray.get(refs)]
+    return _fit_parts(parts, *args)
+
+
+def _submit_bounded(fn, items: list, limit: int | None = None) -> list:
+    """Submit `fn(item)` tasks, a bounded number running at once; returns every result's ref."""
+    remote = ray.remote(num_cpus=1)(fn)
+    limit = limit or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
+    refs, running = [], []
+    for item in items:
+        if len(running) >= limit:
+            _, running = ray.wait(running, num_returns=1)
+        refs.append(remote.remote(item))
+        running.append(refs[-1])
+    return refs
+
+
+def refine_all(kc: KMeansConfig, out: OutputDir, shards: list[str], centroids: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Distributed Lloyd over every ok embedding of `shards` (sorted), from the sample fit's centroids."""
+    g = kc.refine_shards_per_task
+    blocks = list(enumerate(shards))  # block id = position in shard order: the candidates' tie-break
+    groups = [blocks[i : i + g] for i in range(0, len(blocks), g)]
+
+    def map_blocks(c: np.ndarray):
+        ref = ray.put(c)  # shipped once per iteration, shared by every task
+        items = [{"out": out, "blocks": grp, "centroids": ref} for grp in groups]
+        return run_tasks(refine_blocks, items, desc="prototypes: refine")
+
+    centroids, meta = lloyd.refine(centroids, map_blocks, kc.refine_iters, kc.refine_tol)
+    return centroids, meta | {"shards_per_task": g, "tasks_per_iteration": len(groups)}
+
+
+def refine_blocks(item: dict) -> lloyd.BlockStats:
+    """One task: its shards' block statistics, folded. Holds the centroids, one shard's
+    embeddings at a time and O(k·d) of sums: memory O(k·d + one block)."""
+    c = resolve(item["centroids"])
+    index = lloyd.centroid_index(c)
+    total = lloyd.empty_stats(*c.shape)
+    for block_id, shard in item["blocks"]:
+        _, x = ok_matrix(_read_embeddings(item["out"], shard))
+        x = x[np.isfinite(x).all(axis=1)]  # as the sample: a NaN row has no nearest centroid
+        total = lloyd.combine(total, lloyd.block_stats(x, c, block_id=block_id, index=index))
+        del x
+    return total
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

@@ -79,11 +79,18 @@ class EmbedConfig(_Section):
 
 
 class KMeansConfig(_Section):
+    """A faiss fit on a sample, optionally refined by distributed Lloyd passes over every embedding."""
+
     k: Optional[int] = Field(None, ge=1)  # None: n_ok / 10_000 clamped to [10, 100_000]
     sample_size: int = Field(200_000, ge=1)
-    niter: int = Field(25, ge=1)
+    niter: int = Field(25, ge=1)  # Lloyd iterations of the sample fit
     nredo: int = Field(1, ge=1)
     seed: int = 0
+    init: Literal["sample_faiss", "kmeans++"] = "sample_faiss"  # sample fit seeded by random points or k-means++
+    fit_num_cpus: Optional[int] = Field(None, ge=1)  # None: fit on the driver; n: in a Ray task with n CPUs
+    refine_iters: int = Field(0, ge=0)  # Lloyd passes over all embeddings after the sample fit (0: off)
+    refine_tol: float = Field(1e-4, ge=0.0)  # stop when the objective changes by at most this, relatively
+    refine_shards_per_task: int = Field(1, ge=1)  # shards one refinement task reduces before returning
     assign_concurrency: int = Field(2, ge=1)
 
 
