@@ -102,3 +102,63 @@ def run_copy(pipeline_run, tmp_path):
     dst = tmp_path / "out"
     shutil.copytree(pipeline_run["out"], dst)
     return dst
+
+
+# --- Tests that need a Ray of their own (multi-node clusters, a `ray start` head) -----------------
+
+SESSION_RAY = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False, "configure_logging": False}
+
+
+def start_session_ray() -> None:
+    """The Ray `ray_cluster` starts: 2 CPUs and one fake GPU, on this machine."""
+    if not ray.is_initialized():
+        ray.init(**SESSION_RAY)
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that brings its own Ray: the session's is shut down first and an equivalent one
+    is back afterwards (if there was one), so the tests after it work in any order."""
+    had_session_ray = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if had_session_ray:
+        start_session_ray()
+
+
+@pytest.fixture
+def local_cluster(own_ray, monkeypatch):
+    """A factory of `ray.cluster_utils.Cluster`s on this machine, the driver connected to the last.
+
+    Cluster writes its address to /tmp/ray/ray_current_cluster, where any other `ray.init()` or
+    `ssl-prune run` on this machine would find and join it (and remove the file at shutdown, even
+    if it has become someone else's): both are turned off for the test, which only needs
+    `cluster.address`. Every node keeps its sessions and logs under one short private temp dir.
+    """
+    import tempfile
+
+    from ray import cluster_utils
+
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: socket paths live under it
+    clusters = []
+
+    def make(head: dict, workers: list[dict]):
+        common = {"object_store_memory": 100 * 2**20, "temp_dir": temp_dir}
+        cluster = cluster_utils.Cluster(
+            initialize_head=True, head_node_args=common | {"include_dashboard": False} | head
+        )
+        clusters.append(cluster)
+        nodes = [cluster.add_node(**(common | w)) for w in workers]
+        cluster.wait_for_nodes()
+        ray.shutdown()
+        ray.init(address=cluster.address, configure_logging=False)
+        return cluster, nodes
+
+    yield make
+    ray.shutdown()
+    for cluster in clusters:
+        cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
