@@ -3,6 +3,9 @@
 A stage's outputs carry the fingerprint of the config that made them, so re-running the same
 command resumes, and changing e.g. `select.keep_fraction` re-runs only select and write. The
 manifest is removed first and written last, atomically: its presence means a complete run.
+The same holds on object storage (s3://), where "atomically" means one completed upload
+(see prune/storage.py); before any work on remote storage, a Ray worker checks that it
+reaches the input and the output with its own credentials.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import platform
 import time
 from collections import Counter
 
+import ray
+
 from prune import schema
 from prune.config import RunConfig
 from prune.embedders import check_weights
-from prune.storage import InputError, OutputDir, list_input_shards
+from prune.storage import InputError, OutputDir, is_local, list_input_shards, split_url
 
 from . import runtime
 from .embed_stage import embed_fingerprint, model_id_for, run_embed
@@ -55,6 +60,29 @@ def preflight(cfg: RunConfig) -> None:
     check_weights(cfg.embed)
 
 
+def reach_storage(out: OutputDir, input_url: str) -> None:
+    """On a worker: the output root (its bucket, on S3) and one input shard can be reached."""
+    out.makedirs()
+    fs, path = split_url(input_url)
+    fs.info(path)
+
+
+def check_worker_storage(out: OutputDir, input_url: str) -> None:
+    """Fail early if Ray workers cannot reach the storage the driver can (credentials, endpoint).
+
+    Workers do not see the driver's environment on a cluster: AWS_* variables (or an instance
+    role) must be set on every node, or passed in the job's runtime_env.
+    """
+    try:
+        ray.get(ray.remote(num_cpus=0, max_retries=0)(reach_storage).remote(out, input_url))
+    except ray.exceptions.RayTaskError as exc:
+        raise RuntimeError(
+            f"a Ray worker cannot reach the input {input_url} or the output {out.url}: {exc.cause!r}. "
+            "Set the storage credentials and endpoint (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) on every node or in the job's runtime_env"
+        ) from exc.cause
+
+
 def run(cfg: RunConfig) -> dict:
     """Run every stage that is not complete; return the manifest."""
     t_start = time.time()
@@ -64,6 +92,9 @@ def run(cfg: RunConfig) -> dict:
     out.makedirs()
     out.remove(schema.MANIFEST)
     how = runtime.connect(cfg.ray)
+    first = next(iter(shards.values()))
+    if not (is_local(out.fs) and is_local(split_url(first)[0])):
+        check_worker_storage(out, first)
     timings: dict[str, float] = {}
 
     def timed(name, fn, *args):

@@ -81,6 +81,7 @@ def list_input_shards(spec: str) -> list[str]:
     def listing(fs, directory: str) -> dict[str, dict]:
         key = (id(fs), directory)
         if key not in listings:
+            fs.invalidate_cache(directory)  # shards uploaded since an earlier listing count too
             try:
                 entries = fs.ls(directory, detail=True)
             except (FileNotFoundError, NotADirectoryError):
@@ -92,6 +93,7 @@ def list_input_shards(spec: str) -> list[str]:
         fs, path = split_url(pattern)
         path = path.rstrip("/") or path
         if any(ch in path for ch in "*?["):
+            fs.invalidate_cache()
             found += [_unstrip(fs, p) for p in fs.glob(path) if p.endswith(".tar")]
             continue
         parent = posixpath.dirname(path)

@@ -356,3 +356,13 @@ def test_finalize_counts_rows_written_twice_once(s3, s3_run):
     res = finalize_shard(item)
     assert not res["ok"] and f"{n - 1} of {n}" in res["why"]
     out.remove("")
+
+
+def test_a_worker_that_cannot_reach_the_output_fails_early(s3, s3_ray, s3_input):
+    from pipelines.run import check_worker_storage
+
+    check_worker_storage(OutputDir(f"s3://{BUCKET}/out"), f"{s3_input['url']}/00000.tar")
+    with pytest.raises(RuntimeError, match="AWS_ENDPOINT_URL"):
+        check_worker_storage(OutputDir("s3://no-such-bucket-here/out"), f"{s3_input['url']}/00000.tar")
+    with pytest.raises(RuntimeError, match="cannot reach the input"):
+        check_worker_storage(OutputDir(f"s3://{BUCKET}/out"), f"{s3_input['url']}/99999.tar")
