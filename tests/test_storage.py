@@ -145,3 +145,50 @@ def test_url_of_and_pickling(tmp_path):
         assert f.read() == b"remote"
     with pytest.raises(UnsafePathError):
         mem.url_of("../other")
+
+
+def test_atomicity_is_chosen_per_filesystem(tmp_path):
+    """Temp name + rename where rename is atomic; the final key directly on an object store."""
+    assert OutputDir(str(tmp_path / "out")).rename_is_atomic
+    assert OutputDir("memory://bucket/run").rename_is_atomic  # a rename there is a dict move
+    s3 = OutputDir("s3://bucket/run", default_block_size=5 * 2**20)  # no request is made here
+    assert not s3.rename_is_atomic and s3.root == "bucket/run"
+    assert s3.url_of("scores", "00000.parquet") == "s3://bucket/run/scores/00000.parquet"
+    clone = pickle.loads(pickle.dumps(s3))  # what a Ray worker gets: URL and options, no client
+    assert clone.storage_options == s3.storage_options
+    assert clone.storage_options["use_listings_cache"] is False  # see others' writes in listings
+    assert not clone.rename_is_atomic
+
+
+def test_find_and_arrow_filesystem(out, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert out.find("staged") == []
+    with out.open_atomic("staged", "shard=1", "a.parquet") as f:
+        pq.write_table(pa.table({"x": [1, 2]}), f)
+    out.write_bytes(b"x", "staged", "b.txt")
+    assert out.find("staged") == ["b.txt", "shard=1/a.parquet"]
+    fs = out.arrow_filesystem()
+    assert pq.read_table(out.path("staged", "shard=1"), filesystem=fs).column("x").to_pylist() == [1, 2]
+
+
+def test_list_input_shards_lists_each_directory_once(tmp_path, monkeypatch):
+    """A brace pattern over many names costs one listing of their directory, not a probe each."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from prune.storage import list_input_shards
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in (0, 1, 3):
+        (d / f"{i:05d}.tar").write_bytes(b"x")
+    os.symlink(d / "00000.tar", d / "00004.tar")  # a link to a tar is a shard too
+    calls = []
+    real_ls = LocalFileSystem.ls
+    monkeypatch.setattr(LocalFileSystem, "ls", lambda self, p, *a, **k: calls.append(p) or real_ls(self, p, *a, **k))
+    for name in ("exists", "isdir", "isfile"):
+        monkeypatch.setattr(LocalFileSystem, name, lambda *a, **k: pytest.fail("probed a name"))
+    got = list_input_shards(f"{d}/{{00000..00099}}.tar")
+    assert got == [f"{d}/{i:05d}.tar" for i in (0, 1, 3, 4)]
+    assert calls == [str(d)]
