@@ -76,9 +76,10 @@ def list_input_shards(spec: str) -> list[str]:
     name by name: `{00000..41407}.tar` costs a few dozen requests, not 41,408.
     """
     found: list[str] = []
-    listings: dict[tuple[int, str], dict[str, dict]] = {}
+    listings: dict[tuple[int, str], dict[str, dict] | None] = {}
 
-    def listing(fs, directory: str) -> dict[str, dict]:
+    def listing(fs, directory: str) -> dict[str, dict] | None:
+        """name -> entry of a directory ({} if absent); None if it may not be listed."""
         key = (id(fs), directory)
         if key not in listings:
             fs.invalidate_cache(directory)  # shards uploaded since an earlier listing count too
@@ -86,7 +87,9 @@ def list_input_shards(spec: str) -> list[str]:
                 entries = fs.ls(directory, detail=True)
             except (FileNotFoundError, NotADirectoryError):
                 entries = []
-            listings[key] = {e["name"].rstrip("/"): e for e in entries}
+            except OSError:  # e.g. a bucket policy that allows GetObject but not ListBucket
+                entries = None
+            listings[key] = None if entries is None else {e["name"].rstrip("/"): e for e in entries}
         return listings[key]
 
     for pattern in braceexpand(spec):
@@ -97,8 +100,11 @@ def list_input_shards(spec: str) -> list[str]:
             found += [_unstrip(fs, p) for p in fs.glob(path) if p.endswith(".tar")]
             continue
         parent = posixpath.dirname(path)
-        entry = listing(fs, parent).get(path) if parent and parent != path else None
-        if entry is None:  # not in its parent's listing (or a root): ask about the path itself
+        siblings = listing(fs, parent) if parent and parent != path else None
+        entry = siblings.get(path) if siblings is not None else None
+        if entry is None and siblings is not None:
+            continue  # its directory was listed without it: it does not exist
+        if entry is None:  # a root, or a directory that may not be listed: ask about the path
             if fs.isdir(path):
                 entry = {"name": path, "type": "directory"}
             elif fs.exists(path):
@@ -106,7 +112,7 @@ def list_input_shards(spec: str) -> list[str]:
             else:
                 continue
         if entry.get("type") == "directory":
-            found += [_unstrip(fs, e["name"]) for e in listing(fs, path).values() if _is_tar(e)]
+            found += [_unstrip(fs, e["name"]) for e in (listing(fs, path) or {}).values() if _is_tar(e)]
         else:
             found.append(_unstrip(fs, path))
     if not found:
