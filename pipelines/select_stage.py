@@ -4,6 +4,10 @@ Three light passes over `scores/`, each a set of per-shard tasks (see prune/sele
 histograms (summed on the driver), the priorities inside the cut bins, and the rewrite of
 each scores file with priority, percentile, keep and band. The driver holds histograms and
 cut-bin values only, never a column of every sample.
+
+The rewrite replaces each scores file in one atomic write (a rename locally, one upload on
+S3: readers see the old file or the new one) and stamps the select fingerprint; a retried
+task finds the stamp and rewrites nothing, and its counts come from the same deterministic cuts.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ Per input shard a task streams the tar once and sends kept samples to their band
 fragment; the driver plans output shards from the fragment counts alone; per output shard
 a task concatenates its fragment slices. `sizes.json` and `bands.json` come last, then the
 stage marker, so a set with a marker is complete.
+
+Ray retries a task whose node was lost. Every file here is written whole under its final name
+(OutputDir.open_atomic: rename locally, one completed upload on S3), and the outputs are pure
+functions of the selection: a retried fragment task finds its `done/` record and returns it, or
+rewrites its fragments byte for byte; a retried output task finds its tar (written last) or
+rewrites the shard identically. No sample is lost or written twice.
 """
 
 from __future__ import annotations
