@@ -20,7 +20,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from prune import capacity  # noqa: E402
 
@@ -109,9 +110,14 @@ def main(argv=None) -> int:
     a.add_argument("--kmeans-sample-size", type=int)
     a.add_argument("--k", type=int)
     a.add_argument("--kmeans-niter", type=int)
+    a.add_argument("--kmeans-fit-cpus", type=int, help="kmeans.fit_num_cpus (0: fit in the driver)")
+    a.add_argument("--kmeans-refine-iters", type=int)
     a.add_argument("--kmeans-device", choices=["cpu", "gpu"])
     a.add_argument("--assign-device", choices=["cpu", "gpu"])
     a.add_argument("--keep-fraction", type=float)
+    ap.add_argument("--config", default=os.path.join(ROOT, "configs", "laion.yaml"),
+                    help="run config whose kmeans.niter/fit_num_cpus/refine_iters/k and select.keep_fraction "
+                         "are used (default configs/laion.yaml; '' for none)")
     ap.add_argument("--measure-decode", action="store_true", help="measure decode images/s per CPU here")
     ap.add_argument("--measure-flops", action="store_true", help="count GFLOPs/image with FlopCounterMode")
     ap.add_argument("--json", action="store_true", help="print the plans as JSON instead")
@@ -119,9 +125,21 @@ def main(argv=None) -> int:
 
     v = vars(args)
     cluster = capacity.with_overrides(capacity.Cluster(), **{f: v[f] for f in capacity.Cluster.__dataclass_fields__ if f in v})
-    assume = capacity.with_overrides(
-        capacity.Assumptions(), **{f: v[f] for f in capacity.Assumptions.__dataclass_fields__ if f in v}
-    )
+    assume = capacity.Assumptions()
+    if args.config:  # the run's own k-means and select settings, unless a flag says otherwise
+        from prune.config import load_config
+
+        run = load_config(args.config, ["input=unused", "output=unused"])
+        km = run.kmeans
+        assume = capacity.with_overrides(
+            assume, kmeans_niter=km.niter, kmeans_refine_iters=km.refine_iters, k=km.k,
+            keep_fraction=run.select.keep_fraction,
+        )
+        assume = capacity.replace(assume, kmeans_fit_cpus=km.fit_num_cpus)
+    if args.kmeans_fit_cpus is not None:
+        v["kmeans_fit_cpus"] = None
+        assume = capacity.replace(assume, kmeans_fit_cpus=args.kmeans_fit_cpus or None)
+    assume = capacity.with_overrides(assume, **{f: v[f] for f in capacity.Assumptions.__dataclass_fields__ if f in v})
     notes = []
     if args.measure_decode:
         rate, kb = measure_decode()
@@ -148,8 +166,11 @@ def main(argv=None) -> int:
     print("## Assumptions\n")
     print(capacity.assumptions_text(cluster, assume, models))
     for p in plans:
-        if not p.sizing["head memory fits"]:
-            notes.append(f"{p.dataset} {p.model.name}: the k-means sample does not fit in the head's memory")
+        if not p.sizing["k-means fit memory fits"]:
+            notes.append(
+                f"{p.dataset} {p.model.name}: the k-means fit needs {p.sizing['k-means fit memory'] / 1e9:,.0f} GB, "
+                f"more than 80% of its node's {p.sizing['k-means fit node memory'] / 1e9:,.0f} GB: lower "
+                f"--kmeans-sample-size or fit on a larger-memory node")
     for note in notes:
         print(f"- {note}")
     return 0

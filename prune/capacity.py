@@ -9,7 +9,7 @@ assumptions are printed beside the table.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace  # noqa: F401 (replace: used by the CLI)
 
 from .kmeans import default_k
 
@@ -65,9 +65,11 @@ class Cluster:
     cpu_nodes: int = 8  # CPU worker group: decode, assign, select, write
     cpu_node_cpus: int = 32  # c7i.8xlarge
     cpu_node_usd_per_hour: float = 1.428
-    head_cpus: int = 64  # m7i.16xlarge: runs the driver, whose faiss k-means fit uses all its cores
-    head_memory_gb: float = 256.0
-    head_usd_per_hour: float = 3.2256
+    cpu_node_memory_gb: float = 64.0
+    gpu_node_memory_gb: float = 32.0
+    head_cpus: int = 16  # m7i.4xlarge: the driver (0 Ray CPUs: no task runs there)
+    head_memory_gb: float = 64.0
+    head_usd_per_hour: float = 0.8064
     gpu_node_gbps: float = 10.0  # network, Gbit/s ("up to" figures for g5.2xlarge)
     cpu_node_gbps: float = 12.5  # c7i.8xlarge
 
@@ -95,7 +97,9 @@ class Assumptions:
     kmeans_sample_size: int | None = None  # overrides the fraction
     k: int | None = None  # None: the pipeline's default_k(n) = n / 10,000 clamped to [10, 100,000]
     kmeans_niter: int = 20
-    kmeans_device: str = "cpu"  # cpu: faiss-cpu in the driver on the head (as built); gpu: one GPU, bf16 matmul
+    kmeans_fit_cpus: int | None = 32  # kmeans.fit_num_cpus: the fit is a Ray task with this many CPUs; None: the driver
+    kmeans_refine_iters: int = 5  # kmeans.refine_iters: distributed Lloyd passes over every embedding
+    kmeans_device: str = "cpu"  # cpu: faiss-cpu (as built); gpu: the fit on one GPU at bf16 matmul rate
     assign_device: str = "cpu"  # cpu: faiss-cpu actors on the CPU group (as built); gpu: every GPU, bf16 matmul
     keep_fraction: float = 0.7
 
@@ -229,14 +233,29 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
     fit = kmeans_flops_per_iteration(s, k, model.embed_dim) * a.kmeans_niter
     if a.kmeans_device == "gpu":
         fit_rate, where, usd_h = _gpu_matmul_flops_per_s(gpu, a), f"1 x {gpu.name}", c.gpu_node_usd_per_hour + head_h
+        fit_memory_gb = c.gpu_node_memory_gb
+    elif a.kmeans_fit_cpus is None:
+        fit_rate, where, usd_h = c.head_cpus * a.faiss_gflops_per_cpu * 1e9, f"driver (head), {c.head_cpus} CPUs", head_h
+        fit_memory_gb = c.head_memory_gb
     else:
-        fit_rate, where, usd_h = c.head_cpus * a.faiss_gflops_per_cpu * 1e9, f"head, {c.head_cpus} CPUs", head_h
+        node_h, fit_memory_gb = ((c.cpu_node_usd_per_hour, c.cpu_node_memory_gb) if c.cpu_nodes
+                                 else (c.gpu_node_usd_per_hour, c.gpu_node_memory_gb))
+        fit_rate, where, usd_h = a.kmeans_fit_cpus * a.faiss_gflops_per_cpu * 1e9, f"1 task, {a.kmeans_fit_cpus} CPUs", node_h + head_h
     h = fit / fit_rate / 3600
     p.stages.append(Stage("k-means fit", where, f"s={s:,}, k={k:,}, {a.kmeans_niter} it, {_fmt_flops(fit)}",
                           h, h * usd_h))
 
-    # assign: every sample against every centroid
+    # refine: distributed Lloyd passes, each reads every embeddings file and does 2 n k d FLOPs
     af = assign_flops(n, k, model.embed_dim)
+    io = io_rate_bytes_per_s(pool_cpus, a.io_mb_per_cpu, pool_nodes, pool_gbps)
+    emb = embedding_bytes(n, model.embed_dim, a.embedding_bytes_per_value)
+    if a.kmeans_refine_iters:
+        per_pass = max(af / (pool_cpus * a.faiss_gflops_per_cpu * 1e9), emb / io)  # tasks overlap I/O and compute
+        h = a.kmeans_refine_iters * per_pass / 3600
+        p.stages.append(Stage("k-means refine", pool_label, f"{a.kmeans_refine_iters} passes x ({_fmt_flops(af)}, "
+                              f"read {_fmt_bytes(emb)})", h, h * (pool_h + head_h)))
+
+    # assign: every sample against every centroid
     if a.assign_device == "gpu":
         rate_f, where, usd_h = c.num_gpus * _gpu_matmul_flops_per_s(gpu, a), f"{c.num_gpus} x {gpu.name}", gpu_nodes_h + head_h
     else:
@@ -245,7 +264,6 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
     p.stages.append(Stage("assign", where, _fmt_flops(af), h, h * usd_h))
 
     # select: reads the scores twice (histograms, then the cut bins): small beside the rest
-    io = io_rate_bytes_per_s(pool_cpus, a.io_mb_per_cpu, pool_nodes, pool_gbps)
     score_bytes = n * 40.0
     h = 2 * score_bytes / io / 3600
     p.stages.append(Stage("select", pool_label, f"{2 * score_bytes / GB:,.0f} GB read", h, h * (pool_h + head_h)))
@@ -256,7 +274,6 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
     p.stages.append(Stage("write", pool_label, f"read {rd / TB:,.1f} TB, write {wr / TB:,.1f} TB",
                           h, h * (pool_h + head_h), "network" if io < pool_cpus * a.io_mb_per_cpu * 1e6 else "streams"))
 
-    emb = embedding_bytes(n, model.embed_dim, a.embedding_bytes_per_value)
     p.sizing = {
         "images/s per GPU (estimate)": per_gpu,
         "decode CPUs per GPU": decode_cpus_per_gpu(per_gpu, a.decode_images_per_cpu),
@@ -265,10 +282,11 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
         "input bytes": rd,
         "k": k,
         "k-means sample": s,
-        "k-means driver memory": kmeans_memory_bytes(s, k, model.embed_dim),
+        "k-means fit memory": kmeans_memory_bytes(s, k, model.embed_dim),
         "k-means FLOPs per iteration": kmeans_flops_per_iteration(s, k, model.embed_dim),
         "distributed Lloyd iteration, hours": af / (pool_cpus * a.faiss_gflops_per_cpu * 1e9) / 3600,
-        "head memory fits": kmeans_memory_bytes(s, k, model.embed_dim) <= 0.8 * c.head_memory_gb * GB,
+        "k-means fit memory fits": kmeans_memory_bytes(s, k, model.embed_dim) <= 0.8 * fit_memory_gb * GB,
+        "k-means fit node memory": fit_memory_gb * GB,
     }
     return p
 
@@ -303,7 +321,7 @@ def sizing_table(plans: list[Plan]) -> str:
     row("embeddings stored (float16)", lambda p: _fmt_bytes(p.sizing["embeddings (float16)"]))
     row("k (n / 10,000)", lambda p: f"{p.sizing['k']:,}")
     row("k-means sample", lambda p: f"{p.sizing['k-means sample']:,}")
-    row("k-means driver memory", lambda p: _fmt_bytes(p.sizing["k-means driver memory"]))
+    row("k-means fit memory", lambda p: _fmt_bytes(p.sizing["k-means fit memory"]))
     row("k-means FLOPs per iteration", lambda p: _fmt_flops(p.sizing["k-means FLOPs per iteration"]))
     row("one distributed Lloyd iteration (CPU group), h",
         lambda p: f"{p.sizing['distributed Lloyd iteration, hours']:,.1f}")
@@ -338,7 +356,8 @@ def assumptions_text(cluster: Cluster, a: Assumptions, models: list[ModelSpec]) 
         f"capped by the nodes' network ({cluster.gpu_node_gbps} / {cluster.cpu_node_gbps} Gbit/s per GPU / CPU node)",
         f"- k-means: faiss {a.faiss_gflops_per_cpu:,.0f} GFLOP/s per CPU; sample "
         f"{a.kmeans_sample_size or f'{a.kmeans_sample_fraction:.0%} of n'}; {a.kmeans_niter} iterations; "
-        f"fit on {a.kmeans_device}, assign on {a.assign_device}; keep fraction {a.keep_fraction}",
+        f"fit on {a.kmeans_device} ({'the driver' if a.kmeans_fit_cpus is None else f'a task of {a.kmeans_fit_cpus} CPUs'}), "
+        f"{a.kmeans_refine_iters} refinement passes, assign on {a.assign_device}; keep fraction {a.keep_fraction}",
     ]
     return "\n".join(lines)
 

@@ -82,18 +82,40 @@ def test_kmeans_sizes_follow_the_pipeline():
     assert m2 - m1 == pytest.approx(2 * 10**6 * 512 * 4)
 
 
-def test_kmeans_time_scales_with_iterations_and_head_cores():
+def test_kmeans_time_scales_with_iterations_and_fit_cpus():
     base = _stage(_plan(), "k-means fit").hours
     assert _stage(_plan(a=replace(Assumptions(), kmeans_niter=40)), "k-means fit").hours == pytest.approx(2 * base)
-    assert _stage(_plan(cluster=replace(Cluster(), head_cpus=128)), "k-means fit").hours == pytest.approx(base / 2)
+    fit_cpus = Assumptions().kmeans_fit_cpus
+    assert _stage(_plan(a=replace(Assumptions(), kmeans_fit_cpus=2 * fit_cpus)), "k-means fit").hours == pytest.approx(base / 2)
+    # fitted in the driver (kmeans.fit_num_cpus unset): the head's cores set the pace
+    on_head = replace(Assumptions(), kmeans_fit_cpus=None)
+    h64 = _stage(_plan(cluster=replace(Cluster(), head_cpus=64), a=on_head), "k-means fit")
+    h128 = _stage(_plan(cluster=replace(Cluster(), head_cpus=128), a=on_head), "k-means fit")
+    assert h128.hours == pytest.approx(h64.hours / 2) and "driver" in h64.runs_on
     gpu = _stage(_plan(a=replace(Assumptions(), kmeans_device="gpu")), "k-means fit")
     assert gpu.hours < base and "A10G" in gpu.runs_on
+
+
+def test_refinement_passes_cost_one_assignment_each():
+    p = _plan()
+    refine, assign = _stage(p, "k-means refine"), _stage(p, "assign")
+    passes = Assumptions().kmeans_refine_iters
+    assert refine.hours >= passes * assign.hours * (1 - 1e-9)  # each pass: 2 n k d, plus re-reading embeddings
+    assert _stage(_plan(a=replace(Assumptions(), kmeans_refine_iters=2 * passes)), "k-means refine").hours == pytest.approx(2 * refine.hours)
+    assert all(s.name != "k-means refine" for s in _plan(a=replace(Assumptions(), kmeans_refine_iters=0)).stages)
+
+
+def test_fit_memory_is_checked_against_the_node_that_fits():
+    small, big = _plan(n=400_000_000), _plan(n=2_320_000_000, model=L14)
+    assert small.sizing["k-means fit memory fits"] and not big.sizing["k-means fit memory fits"]
+    roomy = _plan(n=2_320_000_000, model=L14, cluster=replace(Cluster(), cpu_node_memory_gb=512))
+    assert roomy.sizing["k-means fit memory fits"]
 
 
 def test_stage_hours_are_linear_in_dataset_size():
     a, b = _plan(n=400_000_000), _plan(n=800_000_000, a=replace(Assumptions(), k=40_000))
     a = _plan(n=400_000_000, a=replace(Assumptions(), k=40_000))
-    for name in ("embed", "assign", "select", "write"):
+    for name in ("embed", "k-means refine", "assign", "select", "write"):
         assert _stage(b, name).hours == pytest.approx(2 * _stage(a, name).hours)
         assert _stage(b, name).usd == pytest.approx(2 * _stage(a, name).usd)
     # with k growing as n / 10,000 too, the fit (sample x k) grows quadratically
