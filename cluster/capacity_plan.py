@@ -91,15 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", action="append", choices=sorted(capacity.MODELS), help="default: both")
     g = ap.add_argument_group("cluster (defaults: cluster/aws.yaml at max size)")
     g.add_argument("--gpu", choices=sorted(capacity.GPUS))
-    g.add_argument("--num-gpus", type=int)
-    g.add_argument("--gpu-node-usd-per-hour", type=float)
-    g.add_argument("--gpu-node-cpus", type=int)
-    g.add_argument("--cpu-nodes", type=int)
-    g.add_argument("--cpu-node-cpus", type=int)
-    g.add_argument("--cpu-node-usd-per-hour", type=float)
-    g.add_argument("--head-cpus", type=int)
-    g.add_argument("--head-memory-gb", type=float)
-    g.add_argument("--head-usd-per-hour", type=float)
+    for name, f in capacity.Cluster.__dataclass_fields__.items():  # every field: --num-gpus, --cpu-node-gbps, ...
+        if name != "gpu":
+            g.add_argument("--" + name.replace("_", "-"), type=type(f.default), help=f"default {f.default}")
     a = ap.add_argument_group("assumptions")
     a.add_argument("--efficiency", type=float, help="share of the GPU's bf16 peak reached")
     a.add_argument("--decode-images-per-cpu", type=float)

@@ -258,10 +258,12 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
     # assign: every sample against every centroid
     if a.assign_device == "gpu":
         rate_f, where, usd_h = c.num_gpus * _gpu_matmul_flops_per_s(gpu, a), f"{c.num_gpus} x {gpu.name}", gpu_nodes_h + head_h
+        read_rate = c.num_gpus * c.gpu_node_gbps * 1e9 / 8
     else:
         rate_f, where, usd_h = pool_cpus * a.faiss_gflops_per_cpu * 1e9, pool_label, pool_h + head_h
-    h = af / rate_f / 3600
-    p.stages.append(Stage("assign", where, _fmt_flops(af), h, h * usd_h))
+        read_rate = io
+    h = max(af / rate_f, emb / read_rate) / 3600  # reads every embeddings file once
+    p.stages.append(Stage("assign", where, f"{_fmt_flops(af)}, read {_fmt_bytes(emb)}", h, h * usd_h))
 
     # select: reads the scores twice (histograms, then the cut bins): small beside the rest
     score_bytes = n * 40.0
@@ -301,6 +303,10 @@ def _fmt_bytes(b: float) -> str:
     return f"{b:,.0f} B"
 
 
+def _fmt_hours(h: float) -> str:
+    return f"{h:,.2f}" if h < 1 else f"{h:,.1f}"
+
+
 def _fmt_flops(f: float) -> str:
     for unit, size in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12)):
         if f >= size:
@@ -334,7 +340,7 @@ def stages_table(p: Plan) -> str:
             "| stage | runs on | work | hours | cost (USD) |", "| --- | --- | --- | ---: | ---: |"]
     for s in p.stages:
         rows.append(f"| {s.name} | {s.runs_on} | {s.work}{f' ({s.bound}-bound)' if s.bound else ''} | "
-                    f"{s.hours:,.1f} | {s.usd:,.0f} |")
+                    f"{_fmt_hours(s.hours)} | {s.usd:,.0f} |")
     rows.append(f"| **total** | | | **{p.hours:,.1f}** | **{p.usd:,.0f}** |")
     return "\n".join(rows)
 
