@@ -13,6 +13,8 @@ the driver folds the results (exactly, in any order) and updates the centroids.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -126,6 +128,7 @@ def fit_sample(kc: KMeansConfig, items: list[dict], k: int) -> tuple[np.ndarray,
     if kc.fit_num_cpus > largest:  # Ray would queue the fit forever
         raise RuntimeError(f"kmeans.fit_num_cpus={kc.fit_num_cpus} but the largest node has {largest:g} CPUs")
     refs = _submit_bounded(sample_shard, items)  # items are in shard order, so are the refs
+    ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the fit's CPUs are not held while sampling
     fit = ray.remote(num_cpus=kc.fit_num_cpus)(_fit_in_task)
     return ray.get(fit.remote(refs, kc.fit_num_cpus, *args))
 
@@ -156,18 +159,24 @@ def _submit_bounded(fn, items: list, limit: int | None = None) -> list:
     return refs
 
 
-def refine_all(kc: KMeansConfig, out: OutputDir, shards: list[str], centroids: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Distributed Lloyd over every ok embedding of `shards` (sorted), from the sample fit's centroids."""
+def refine_all(
+    kc: KMeansConfig, out: OutputDir, shards: list[str], centroids: np.ndarray, on_iteration=None
+) -> tuple[np.ndarray, dict]:
+    """Distributed Lloyd over every ok embedding of `shards` (sorted), from the sample fit's centroids.
+
+    `on_iteration(log_entry)` is called after each update (progress, benchmarks)."""
     g = kc.refine_shards_per_task
     blocks = list(enumerate(shards))  # block id = position in shard order: the candidates' tie-break
     groups = [blocks[i : i + g] for i in range(0, len(blocks), g)]
 
+    passes = itertools.count(1)
+
     def map_blocks(c: np.ndarray):
         ref = ray.put(c)  # shipped once per iteration, shared by every task
         items = [{"out": out, "blocks": grp, "centroids": ref} for grp in groups]
-        return run_tasks(refine_blocks, items, desc="prototypes: refine")
+        return run_tasks(refine_blocks, items, desc=f"prototypes: refine {next(passes)}/{kc.refine_iters}")
 
-    centroids, meta = lloyd.refine(centroids, map_blocks, kc.refine_iters, kc.refine_tol)
+    centroids, meta = lloyd.refine(centroids, map_blocks, kc.refine_iters, kc.refine_tol, on_iteration)
     return centroids, meta | {"shards_per_task": g, "tasks_per_iteration": len(groups)}
 
 
@@ -178,7 +187,7 @@ def refine_blocks(item: dict) -> lloyd.BlockStats:
     index = lloyd.centroid_index(c)
     total = lloyd.empty_stats(*c.shape)
     for block_id, shard in item["blocks"]:
-        _, x = ok_matrix(_read_embeddings(item["out"], shard))
+        _, x = ok_matrix(_read_embeddings(item["out"], shard, columns=[schema.STATUS, schema.EMBEDDING]))
         x = x[np.isfinite(x).all(axis=1)]  # as the sample: a NaN row has no nearest centroid
         total = lloyd.combine(total, lloyd.block_stats(x, c, block_id=block_id, index=index))
         del x
