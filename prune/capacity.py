@@ -227,7 +227,7 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
                           f"{_fmt_flops(n * model.gflops_per_image * 1e9)}, {rate:,.0f} img/s",
                           h, h * (gpu_nodes_h + cpu_nodes_h + head_h), bound))
 
-    # prototypes: k-means fit on a sample, in the driver (faiss-cpu, head) or on one GPU
+    # prototypes: k-means fit on a sample: a Ray task of kmeans.fit_num_cpus CPUs, the driver, or one GPU
     k = kmeans_k(n, a.k)
     s = kmeans_sample_size(n, a.kmeans_sample_fraction, a.kmeans_sample_size)
     fit = kmeans_flops_per_iteration(s, k, model.embed_dim) * a.kmeans_niter
@@ -249,8 +249,8 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
     af = assign_flops(n, k, model.embed_dim)
     io = io_rate_bytes_per_s(pool_cpus, a.io_mb_per_cpu, pool_nodes, pool_gbps)
     emb = embedding_bytes(n, model.embed_dim, a.embedding_bytes_per_value)
+    per_pass = max(af / (pool_cpus * a.faiss_gflops_per_cpu * 1e9), emb / io)  # tasks overlap I/O and compute
     if a.kmeans_refine_iters:
-        per_pass = max(af / (pool_cpus * a.faiss_gflops_per_cpu * 1e9), emb / io)  # tasks overlap I/O and compute
         h = a.kmeans_refine_iters * per_pass / 3600
         p.stages.append(Stage("k-means refine", pool_label, f"{a.kmeans_refine_iters} passes x ({_fmt_flops(af)}, "
                               f"read {_fmt_bytes(emb)})", h, h * (pool_h + head_h)))
@@ -286,7 +286,7 @@ def plan(dataset: str, n: int, model: ModelSpec, cluster: Cluster, a: Assumption
         "k-means sample": s,
         "k-means fit memory": kmeans_memory_bytes(s, k, model.embed_dim),
         "k-means FLOPs per iteration": kmeans_flops_per_iteration(s, k, model.embed_dim),
-        "distributed Lloyd iteration, hours": af / (pool_cpus * a.faiss_gflops_per_cpu * 1e9) / 3600,
+        "distributed Lloyd iteration, hours": per_pass / 3600,
         "k-means fit memory fits": kmeans_memory_bytes(s, k, model.embed_dim) <= 0.8 * fit_memory_gb * GB,
         "k-means fit node memory": fit_memory_gb * GB,
     }
