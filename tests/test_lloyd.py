@@ -252,3 +252,27 @@ def test_pipeline_refines_and_logs_iterations(ray_cluster, run_copy, tmp_path):
 
 def _input_of(out) -> str:
     return json.load(open(out / "manifest.json"))["config"]["input"]
+
+
+def test_multinode_refinement_equals_in_process_reduce(pipeline_run, local_cluster, tmp_path):
+    """Three 1-CPU nodes, two shards per task, tasks finishing in any order: bit-identical to
+    reducing the same shards one by one in this process, without Ray."""
+    from pipelines.score_stage import count_ok, load_centroids, refine_all, refine_blocks
+    from prune.storage import OutputDir
+
+    local_cluster({"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 1}])
+    out = OutputDir(str(pipeline_run["out"]))
+    shards = sorted(p.name[: -len(".parquet")] for p in (pipeline_run["out"] / "embeddings").glob("*.parquet"))
+    shards = [s for s in shards if count_ok({"out": out, "shard": s})["ok"]]
+    c0 = load_centroids(out)
+    c0 = np.roll(c0, 1, axis=1)  # somewhere off the fit, so the iterations have work to do
+    kc = KMeansConfig(refine_iters=3, refine_tol=0.0, refine_shards_per_task=2)
+    ours, meta = refine_all(kc, out, shards, c0)
+
+    def one_by_one(c):
+        return (refine_blocks({"out": out, "blocks": [(i, s)], "centroids": c}) for i, s in enumerate(shards))
+
+    reference, ref_meta = lloyd.refine(c0, one_by_one, 3, 0.0)
+    np.testing.assert_array_equal(ours, reference)
+    assert [e["objective"] for e in meta["log"]] == [e["objective"] for e in ref_meta["log"]]
+    assert meta["tasks_per_iteration"] == (len(shards) + 1) // 2
