@@ -48,8 +48,7 @@ def small_config(input_dir, output_dir, **overrides) -> dict:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+    start_session_ray()
     yield
     ray.shutdown()
 
@@ -115,15 +114,36 @@ def start_session_ray() -> None:
         ray.init(**SESSION_RAY)
 
 
+_NEXT_TEST: dict = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    _NEXT_TEST["item"] = nextitem  # lets `own_ray` see whether the next test brings its own Ray too
+
+
 @pytest.fixture
 def own_ray():
     """For a test that brings its own Ray: the session's is shut down first and an equivalent one
-    is back afterwards (if there was one), so the tests after it work in any order."""
-    had_session_ray = ray.is_initialized()
+    is back afterwards (if there was one), so the tests after it work in any order. Between two
+    such tests in a row it stays down (the next would only shut it down again)."""
+    had_session_ray = ray.is_initialized() or _NEXT_TEST.pop("session_ray_owed", False)
     ray.shutdown()
     yield
     ray.shutdown()
-    if had_session_ray:
+    nxt = _NEXT_TEST.get("item")
+    if had_session_ray and nxt is not None and "own_ray" in nxt.fixturenames:
+        _NEXT_TEST["session_ray_owed"] = True
+    elif had_session_ray and nxt is not None:
+        start_session_ray()
+
+
+@pytest.fixture(autouse=True)
+def _session_ray_owed(request):
+    """If the test `own_ray` left the session's Ray down for never got to `own_ray` (a fixture
+    before it failed), the next test that does not bring its own Ray gets it back all the same."""
+    if _NEXT_TEST.get("session_ray_owed") and "own_ray" not in request.fixturenames:
+        _NEXT_TEST.pop("session_ray_owed")
         start_session_ray()
 
 
@@ -159,6 +179,10 @@ def local_cluster(own_ray, monkeypatch):
 
     yield make
     ray.shutdown()
-    for cluster in clusters:
+    for cluster in clusters:  # SIGKILL, no grace period: nothing of the cluster is kept
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node, allow_graceful=False)
+        if cluster.head_node is not None:
+            cluster.remove_node(cluster.head_node, allow_graceful=False)
         cluster.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

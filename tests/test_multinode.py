@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 import tarfile
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +24,12 @@ from prune.config import validate_config
 from .conftest import small_config
 
 COMPARED_SCORE_COLUMNS = [schema.KEY, schema.SHARD, schema.STATUS, schema.CLUSTER, schema.DISTANCE, schema.KEEP, schema.BAND]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _scores(out) -> pa.Table:
@@ -62,13 +70,27 @@ def gpu_node_ids() -> set[str]:
     return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
 
 
+def decode_task_nodes(address: str, timeout_s: float = 20) -> set[str]:
+    """Nodes that ran decode tasks, from the state API (task events reach it asynchronously)."""
+    from ray.util.state import list_tasks
+
+    deadline = time.time() + timeout_s
+    while True:
+        tasks = list_tasks(address=address, filters=[("name", "=", "MapBatches(decode_rows)")], detail=True, limit=10_000)
+        nodes = {t.node_id for t in tasks if t.state == "FINISHED" and t.node_id}
+        if nodes or time.time() > deadline:
+            return nodes
+        time.sleep(1)
+
+
 def test_embed_actors_only_on_gpu_nodes_and_results_match_one_node(pipeline_run, shards_dir, local_cluster, tmp_path):
     """Head (driver, 1 CPU) + 2 CPU nodes + 1 node with a fake GPU: the embed actor must land on
     the GPU node (it asks for `num_gpus=1`) while decode and the rest use the CPU nodes."""
     from pipelines.run import run
 
     cluster, _ = local_cluster(
-        {"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 1}, {"num_cpus": 1, "num_gpus": 1}]
+        {"num_cpus": 1, "include_dashboard": True, "dashboard_port": _free_port()},  # the state API: task placement
+        [{"num_cpus": 1}, {"num_cpus": 1}, {"num_cpus": 1, "num_gpus": 1}],
     )
     assert len([n for n in ray.nodes() if n["Alive"]]) == 4 and ray.cluster_resources()["GPU"] == 1
     out = tmp_path / "out"
@@ -77,6 +99,8 @@ def test_embed_actors_only_on_gpu_nodes_and_results_match_one_node(pipeline_run,
     assert manifest["ray"] == "existing" and manifest["stages"]["embed"]["actor_resources"]["num_gpus"] == 1
     placed = embed_actor_nodes()
     assert placed and set(placed) <= gpu_node_ids(), f"embed actors on {placed}, GPU nodes {gpu_node_ids()}"
+    decoded_on = decode_task_nodes(cluster.address)
+    assert decoded_on - gpu_node_ids(), f"decode ran only on the GPU node: {decoded_on}"
     assert manifest["counts"] == pipeline_run["manifest"]["counts"]
     assert_same_results(out, pipeline_run["out"])
 
