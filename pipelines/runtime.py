@@ -66,11 +66,16 @@ def cluster_gpus() -> float:
 def run_tasks(
     fn: Callable, items: Iterable, *, max_in_flight: int | None = None, desc: str = "", **remote_args
 ) -> Iterator:
-    """Run `fn(item)` as Ray tasks, at most `max_in_flight` at once; yield results in order done."""
+    """Run `fn(item)` as Ray tasks, at most `max_in_flight` at once; yield results in order done.
+
+    A task lost with its worker or node is run again (Ray's system-failure retries, made explicit
+    here), possibly after a partial first attempt: every `fn` must be idempotent, writing its
+    outputs under a temporary name and renaming, or skipping what an earlier attempt finished.
+    """
     from ray.experimental import tqdm_ray
 
     items = list(items)
-    remote = ray.remote(**({"num_cpus": 1} | remote_args))(fn)
+    remote = ray.remote(**({"num_cpus": 1, "max_retries": 3} | remote_args))(fn)
     limit = max_in_flight or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
     bar = tqdm_ray.tqdm(total=len(items), desc=desc) if desc else None
     pending: deque = deque()

@@ -26,6 +26,9 @@ import yaml
 
 from .conftest import small_config
 
+# the job server lives in Ray's dashboard, which needs ray[default]'s packages
+pytest.importorskip("aiohttp_cors", reason="Ray Jobs need ray[default] (the dashboard's packages) installed")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
 RAY = os.path.join(VENV_BIN, "ray")
@@ -161,22 +164,26 @@ def ray_head():
 
 
 def test_run_submitted_as_a_ray_job(ray_head, shards_dir, tmp_path):
-    pytest.importorskip("aiohttp_cors", reason="the job server needs ray[default] (its dashboard packages)")
     out = tmp_path / "out"
     shards = f"{shards_dir['dir']}/{{00000..00001}}.tar"
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(small_config(shards, out)))
     job_id = f"ssl-prune-test-{uuid.uuid4().hex[:8]}"
 
-    submit = _cli(
-        "job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id, "--working-dir", REPO,
-        "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-        "--", "python", "-m", "pipelines.cli", "run", str(config), "select.keep_fraction=0.5",
-        timeout=JOB_TIMEOUT_S,
-    )
+    try:  # blocking: tails the job's log, exits 1 if the job failed
+        submit = _cli(
+            "job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id, "--working-dir", REPO,
+            "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
+            "--", "python", "-m", "pipelines.cli", "run", str(config), "select.keep_fraction=0.5",
+            timeout=JOB_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        logs = _cli("job", "logs", "--address", ray_head.dashboard, job_id)
+        _cli("job", "stop", "--address", ray_head.dashboard, job_id)
+        pytest.fail(f"job {job_id} still running after {exc.timeout}s; its log:\n{logs.stdout[-8000:]}")
     status = _cli("job", "status", "--address", ray_head.dashboard, job_id)
     logs = _cli("job", "logs", "--address", ray_head.dashboard, job_id)
-    print(f"--- ray job submit (exit {submit.returncode}):\n{submit.stdout[-4000:]}\n{submit.stderr[-3000:]}")
+    print(f"--- ray job submit (exit {submit.returncode}):\n{submit.stdout[:1500]}\n...\n{submit.stderr[-3000:]}")
     print(f"--- ray job status:\n{status.stdout}{status.stderr}")
     print(f"--- ray job logs:\n{logs.stdout[-8000:]}")
     assert submit.returncode == 0, f"job failed:\n{logs.stdout[-6000:]}\n{submit.stderr[-3000:]}"
