@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     a.add_argument("--assign-device", choices=["cpu", "gpu"])
     a.add_argument("--keep-fraction", type=float)
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "laion.yaml"),
-                    help="run config whose kmeans.niter/fit_num_cpus/refine_iters/k and select.keep_fraction "
+                    help="run config whose kmeans.sample_size/niter/fit_num_cpus/refine_iters/k and select.keep_fraction "
                          "are used (default configs/laion.yaml; '' for none)")
     ap.add_argument("--measure-decode", action="store_true", help="measure decode images/s per CPU here")
     ap.add_argument("--measure-flops", action="store_true", help="count GFLOPs/image with FlopCounterMode")
@@ -127,6 +127,7 @@ def main(argv=None) -> int:
         km = run.kmeans
         assume = capacity.with_overrides(
             assume, kmeans_niter=km.niter, kmeans_refine_iters=km.refine_iters, k=km.k,
+            kmeans_sample_size=km.sample_size,
             keep_fraction=run.select.keep_fraction,
         )
         assume = capacity.replace(assume, kmeans_fit_cpus=km.fit_num_cpus)
