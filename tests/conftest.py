@@ -8,8 +8,10 @@ the CPU. The CPU-only path is exercised by the CLI test, which starts its own Ra
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import tarfile
+import time
 
 import pytest
 import ray
@@ -185,4 +187,8 @@ def local_cluster(own_ray, monkeypatch):
         if cluster.head_node is not None:
             cluster.remove_node(cluster.head_node, allow_graceful=False)
         cluster.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    for _ in range(10):  # a killed node's log files may still be closing
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if not os.path.exists(temp_dir):
+            break
+        time.sleep(0.5)
