@@ -67,19 +67,31 @@ def reach_storage(out: OutputDir, input_url: str) -> None:
     fs.info(path)
 
 
+STORAGE_CHECK_TIMEOUT_S = 900  # long enough for an autoscaler to launch a first worker
+
+
 def check_worker_storage(out: OutputDir, input_url: str) -> None:
     """Fail early if Ray workers cannot reach the storage the driver can (credentials, endpoint).
 
-    Workers do not see the driver's environment on a cluster: AWS_* variables (or an instance
-    role) must be set on every node, or passed in the job's runtime_env.
+    Workers do not see the driver's environment on a cluster: an instance role or AWS_*
+    variables must be set on every node.
     """
+    # one CPU: the task must run on a worker node (a cluster's head often has none to give),
+    # which on an autoscaling cluster may first have to be launched
+    ref = ray.remote(num_cpus=1, max_retries=0)(reach_storage).remote(out, input_url)
     try:
-        ray.get(ray.remote(num_cpus=0, max_retries=0)(reach_storage).remote(out, input_url))
+        ray.get(ref, timeout=STORAGE_CHECK_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError as exc:
+        ray.cancel(ref, force=True)
+        raise RuntimeError(
+            f"no Ray worker checked the input and output storage within {STORAGE_CHECK_TIMEOUT_S} s: "
+            "no worker node with a free CPU came up, or the storage endpoint does not answer"
+        ) from exc
     except ray.exceptions.RayTaskError as exc:
         raise RuntimeError(
             f"a Ray worker cannot reach the input {input_url} or the output {out.url}: {exc.cause!r}. "
             "Set the storage credentials and endpoint (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
-            "AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) on every node or in the job's runtime_env"
+            "AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) on every node, or give the nodes an instance role"
         ) from exc.cause
 
 

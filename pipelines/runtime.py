@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections import deque
 from typing import Callable, Iterable, Iterator
 
@@ -63,26 +64,51 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+MIN_IN_FLIGHT = 64  # enough queued demand for an autoscaler to launch CPU nodes from zero
+LIMIT_REFRESH_S = 10.0
+
+
+class _InFlightLimit:
+    """How many tasks to keep submitted: twice the cluster's CPUs, re-read as nodes come and go.
+
+    Fixed once, it would stay at the few CPUs of a fresh autoscaling cluster, whose autoscaler
+    only grows to the demand it sees.
+    """
+
+    def __init__(self, fixed: int | None):
+        self.fixed, self.value, self.read_at = fixed, 0, -float("inf")
+
+    def __call__(self) -> int:
+        if self.fixed:
+            return self.fixed
+        if time.monotonic() - self.read_at > LIMIT_REFRESH_S:
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            self.value, self.read_at = max(MIN_IN_FLIGHT, 2 * cpus), time.monotonic()
+        return self.value
+
+
+def _remote(fn: Callable, remote_args: dict):
+    # A task lost with its worker or node is run again (Ray's system-failure retries, made
+    # explicit), possibly after a partial first attempt: every `fn` must be idempotent,
+    # writing its outputs atomically, or skipping what an earlier attempt finished.
+    return ray.remote(**({"num_cpus": 1, "max_retries": 3} | remote_args))(fn)
+
+
 def run_tasks(
     fn: Callable, items: Iterable, *, max_in_flight: int | None = None, desc: str = "", **remote_args
 ) -> Iterator:
-    """Run `fn(item)` as Ray tasks, at most `max_in_flight` at once; yield results in order done.
-
-    A task lost with its worker or node is run again (Ray's system-failure retries, made explicit
-    here), possibly after a partial first attempt: every `fn` must be idempotent, writing its
-    outputs under a temporary name and renaming, or skipping what an earlier attempt finished.
-    """
+    """Run `fn(item)` as Ray tasks, a bounded number at once; yield results in order done."""
     from ray.experimental import tqdm_ray
 
     items = list(items)
-    remote = ray.remote(**({"num_cpus": 1, "max_retries": 3} | remote_args))(fn)
-    limit = max_in_flight or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
+    remote = _remote(fn, remote_args)
+    limit = _InFlightLimit(max_in_flight)
     bar = tqdm_ray.tqdm(total=len(items), desc=desc) if desc else None
     pending: deque = deque()
     queue = deque(items)
     try:
         while queue or pending:
-            while queue and len(pending) < limit:
+            while queue and len(pending) < limit():
                 pending.append(remote.remote(queue.popleft()))
             done, rest = ray.wait(list(pending), num_returns=1)
             pending = deque(rest)
@@ -92,6 +118,20 @@ def run_tasks(
     finally:
         if bar:
             bar.close()
+
+
+def submit_bounded(fn: Callable, items: Iterable, *, max_in_flight: int | None = None, **remote_args) -> list:
+    """Like `run_tasks`, but returns every task's ref in submission order without fetching any
+    result (for results that go on to another task, not to the driver)."""
+    remote = _remote(fn, remote_args)
+    limit = _InFlightLimit(max_in_flight)
+    refs, running = [], []
+    for item in items:
+        while len(running) >= limit():
+            _, running = ray.wait(running, num_returns=1, fetch_local=False)
+        refs.append(remote.remote(item))
+        running.append(refs[-1])
+    return refs
 
 
 def resolve(value):

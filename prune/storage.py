@@ -41,6 +41,13 @@ class UnsafePathError(ValueError):
 # has a `discard()` that really aborts the upload (s3fs: AbortMultipartUpload, or no PUT at
 # all for a small file). Another fsspec filesystem falls back to temporary name + rename.
 _WHOLE_OBJECT_PROTOCOLS = frozenset({"s3", "s3a"})
+# Where temporary name + rename is a real rename. Elsewhere (gs://, abfs://...) fsspec's `mv` is
+# copy + delete, so neither way of writing is known to be atomic: such outputs are refused.
+_RENAME_PROTOCOLS = frozenset({"file", "local", "memory"})
+
+
+class UnsupportedStorageError(ValueError):
+    """An output store on which no write of ours is known to be atomic."""
 
 
 def protocols_of(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -142,6 +149,11 @@ class OutputDir:
             self.storage_options.setdefault("use_listings_cache", False)
         self.fs, root = split_url(self.url, **self.storage_options)
         self.root = root.rstrip("/")
+        if not (_WHOLE_OBJECT_PROTOCOLS | _RENAME_PROTOCOLS) & set(protocols_of(self.fs)):
+            raise UnsupportedStorageError(
+                f"output {url!r}: writes to {protocols_of(self.fs)[0]}:// are not known to be atomic "
+                "(a crash could leave half files under final names); use a local path or s3://"
+            )
 
     def __reduce__(self):  # ship the URL, not a live filesystem handle, to Ray workers
         return (_output_dir, (self.url, self.storage_options))

@@ -192,3 +192,10 @@ def test_list_input_shards_lists_each_directory_once(tmp_path, monkeypatch):
     got = list_input_shards(f"{d}/{{00000..00099}}.tar")
     assert got == [f"{d}/{i:05d}.tar" for i in (0, 1, 3, 4)]
     assert calls == [str(d)]
+
+
+def test_an_output_store_without_atomic_writes_is_refused():
+    from prune.storage import UnsupportedStorageError
+
+    with pytest.raises(UnsupportedStorageError, match="http:// are not known to be atomic"):
+        OutputDir("http://127.0.0.1:9/out")
