@@ -14,6 +14,7 @@ the driver folds the results (exactly, in any order) and updates the centroids.
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,7 @@ from prune.storage import OutputDir
 from .embed_stage import embed_fingerprint
 from .runtime import resolve, run_tasks
 
+log = logging.getLogger("ssl_prune")
 # settings that only place work: the exact reduce makes the centroids independent of them
 _PLACEMENT_ONLY = {"assign_concurrency", "refine_shards_per_task"}
 _FAISS_INIT = {"sample_faiss": "random", "kmeans++": "kmeans++"}
@@ -107,7 +109,17 @@ def run_prototypes(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> di
     k = cfg.kmeans.k or default_k(n_ok)
     centroids, meta = fit_sample(cfg.kmeans, items, k)
     if cfg.kmeans.refine_iters:
-        centroids, meta["refine"] = refine_all(cfg.kmeans, out, [s for s in sorted(shards) if counts[s]], centroids)
+        centroids, meta["refine"] = refine_all(
+            cfg.kmeans, out, [s for s in sorted(shards) if counts[s]], centroids, block_rows=max(counts.values())
+        )
+        r = meta["refine"]
+        meta["mean_distance_all"] = r["mean_distance_all"]
+        meta["conventions"] = meta.get("conventions", {}) | {
+            "mean_distance_all": "refinement: mean over all ok embeddings of (1 - cos) to the nearest centroid, "
+            "of the centroids refine.final_objective_centroids names",
+            "refine.final_objective": "refinement: sum over all ok embeddings of (1 - cos), lower is better "
+            "(as refine.log[].objective; faiss's convention is n - this)",
+        }
     meta |= {"fingerprint": fp, "n_ok_total": n_ok, "k_default_used": cfg.kmeans.k is None}
     # the metadata (with the fingerprint) is removed first and written last: a crash between
     # the two writes must not leave another run's metadata vouching for these centroids
@@ -124,13 +136,30 @@ def fit_sample(kc: KMeansConfig, items: list[dict], k: int) -> tuple[np.ndarray,
     if kc.fit_num_cpus is None:
         parts = dict(run_tasks(sample_shard, items, desc="prototypes: sample"))
         return _fit_parts([parts[s] for s in sorted(parts)], *args)
-    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-    if kc.fit_num_cpus > largest:  # Ray would queue the fit forever
-        raise RuntimeError(f"kmeans.fit_num_cpus={kc.fit_num_cpus} but the largest node has {largest:g} CPUs")
+    check_fit_cpus(kc.fit_num_cpus)
     refs = _submit_bounded(sample_shard, items)  # items are in shard order, so are the refs
     ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the fit's CPUs are not held while sampling
     fit = ray.remote(num_cpus=kc.fit_num_cpus)(_fit_in_task)
     return ray.get(fit.remote(refs, kc.fit_num_cpus, *args))
+
+
+def _largest_live_node(resource: str) -> float:
+    return max((n["Resources"].get(resource, 0) for n in ray.nodes() if n["Alive"]), default=0)
+
+
+def check_fit_cpus(num_cpus: int) -> bool:
+    """Warn when no live node has `num_cpus` CPUs: on an autoscaling cluster the node may not be
+    launched yet, so this is no error, but on a fixed cluster the fit would wait forever.
+    -> True when some live node is big enough."""
+    largest = _largest_live_node("CPU")
+    if num_cpus <= largest:
+        return True
+    log.warning(
+        "kmeans.fit_num_cpus=%d but the largest live node has %g CPUs: the sample fit task waits for a node "
+        "with %d CPUs (an autoscaler may launch one; on a fixed cluster lower kmeans.fit_num_cpus)",
+        num_cpus, largest, num_cpus,
+    )
+    return False
 
 
 def _fit_parts(parts: list[np.ndarray], k, sample_size, niter, nredo, seed, init) -> tuple[np.ndarray, dict]:
@@ -159,39 +188,65 @@ def _submit_bounded(fn, items: list, limit: int | None = None) -> list:
     return refs
 
 
+# rows of the largest embeddings shard when the caller does not know them: img2dataset's default
+# shard size (LAION's shards hold ~10,000 samples)
+DEFAULT_BLOCK_ROWS = 10_000
+
+
+def refine_memory(k: int, d: int, block_rows: int | None = None) -> int:
+    """The Ray `memory=` reservation (bytes) of one refine task: see `lloyd.task_memory_bytes`."""
+    return lloyd.task_memory_bytes(k, d, DEFAULT_BLOCK_ROWS if block_rows is None else block_rows)
+
+
 def refine_all(
-    kc: KMeansConfig, out: OutputDir, shards: list[str], centroids: np.ndarray, on_iteration=None
+    kc: KMeansConfig, out: OutputDir, shards: list[str], centroids: np.ndarray, on_iteration=None,
+    block_rows: int | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Distributed Lloyd over every ok embedding of `shards` (sorted), from the sample fit's centroids.
 
-    `on_iteration(log_entry)` is called after each update (progress, benchmarks)."""
+    `on_iteration(log_entry)` is called after each update (progress, benchmarks). `block_rows`: the
+    ok rows of the largest shard (default `DEFAULT_BLOCK_ROWS`), for the tasks' memory reservation."""
     g = kc.refine_shards_per_task
     blocks = list(enumerate(shards))  # block id = position in shard order: the candidates' tie-break
     groups = [blocks[i : i + g] for i in range(0, len(blocks), g)]
+    memory = refine_memory(*centroids.shape, block_rows)
+    largest = _largest_live_node("memory")
+    if memory > largest:
+        log.warning(
+            "refine tasks reserve %.2f GB of memory (k=%d, d=%d) but the largest live node offers %.2f GB: "
+            "they wait for a larger node (autoscaler); on a fixed cluster lower kmeans.k",
+            memory / 1e9, *centroids.shape, largest / 1e9,
+        )
 
     passes = itertools.count(1)
 
     def map_blocks(c: np.ndarray):
         ref = ray.put(c)  # shipped once per iteration, shared by every task
         items = [{"out": out, "blocks": grp, "centroids": ref} for grp in groups]
-        return run_tasks(refine_blocks, items, desc=f"prototypes: refine {next(passes)}/{kc.refine_iters}")
+        return run_tasks(
+            refine_blocks, items, desc=f"prototypes: refine {next(passes)}/{kc.refine_iters}", memory=memory
+        )
 
     centroids, meta = lloyd.refine(centroids, map_blocks, kc.refine_iters, kc.refine_tol, on_iteration)
-    return centroids, meta | {"shards_per_task": g, "tasks_per_iteration": len(groups)}
+    return centroids, meta | {"shards_per_task": g, "tasks_per_iteration": len(groups), "task_memory_bytes": memory}
 
 
 def refine_blocks(item: dict) -> lloyd.BlockStats:
-    """One task: its shards' block statistics, folded. Holds the centroids, one shard's
-    embeddings at a time and O(k·d) of sums: memory O(k·d + one block)."""
+    """One task: its shards' block statistics, folded in place into the first block's. Holds the
+    centroids (and their faiss index), one shard's embeddings at a time, the running sums and one
+    block's: memory `lloyd.task_memory_bytes`, reserved by `refine_all`."""
     c = resolve(item["centroids"])
     index = lloyd.centroid_index(c)
-    total = lloyd.empty_stats(*c.shape)
+    total = None
     for block_id, shard in item["blocks"]:
         _, x = ok_matrix(_read_embeddings(item["out"], shard, columns=[schema.STATUS, schema.EMBEDDING]))
         x = x[np.isfinite(x).all(axis=1)]  # as the sample: a NaN row has no nearest centroid
-        total = lloyd.combine(total, lloyd.block_stats(x, c, block_id=block_id, index=index))
+        part = lloyd.block_stats(x, c, block_id=block_id, index=index)
         del x
-    return total
+        # block_stats returns fresh arrays, owned here: the total is added into without a copy
+        total = part if total is None else lloyd.combine(total, part, inplace=True)
+        del part
+    return total if total is not None else lloyd.empty_stats(*c.shape)
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -210,8 +265,8 @@ def load_centroids(out: OutputDir) -> np.ndarray:
 class AssignShards:
     """Ray Data worker: holds the centroids; per shard, writes the assignment scores file."""
 
-    def __init__(self, out_url: str, centroids: np.ndarray, fp: str):
-        self.out = OutputDir(out_url)
+    def __init__(self, out: OutputDir, centroids: np.ndarray, fp: str):
+        self.out = out  # the OutputDir itself: it pickles with its storage options (a URL would not)
         self.assigner = Assigner(centroids)
         self.fp = fp
 
@@ -277,7 +332,7 @@ def run_assign(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
     centroids = load_centroids(out)
     ds = ray.data.from_items([{schema.SHARD: s} for s in sorted(shards)], override_num_blocks=max(1, len(shards)))
     ds = ds.map_batches(
-        AssignShards, fn_constructor_args=(out.url, centroids, fp),
+        AssignShards, fn_constructor_args=(out, centroids, fp),
         batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=cfg.kmeans.assign_concurrency),
     )
     assigned = reused = 0

@@ -27,10 +27,24 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-INIT_METHODS = {  # how faiss seeds Lloyd's on the sample
-    "random": faiss.ClusteringInitMethod_RANDOM,  # k distinct sample points (faiss's default)
-    "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,  # D²-weighted: O(n·k·d) extra work
-}
+INIT_METHODS = ("random", "kmeans++")  # how faiss seeds Lloyd's on the sample
+
+
+def faiss_init_args(init: str) -> dict:
+    """faiss.Kmeans keyword for `init`: "random" is faiss's default (k distinct sample points),
+    so nothing is passed and any faiss works; "kmeans++" (D²-weighted, O(n·k·d) extra work) needs
+    faiss's `ClusteringInitMethod`, which older faiss (pyproject allows faiss-cpu>=1.8) lacks."""
+    if init == "random":
+        return {}
+    if init == "kmeans++":
+        method = getattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS", None)
+        if method is None:
+            raise RuntimeError(
+                f"kmeans.init: kmeans++ needs faiss's ClusteringInitMethod, which faiss {faiss.__version__} "
+                "lacks: upgrade faiss-cpu, or set kmeans.init: sample_faiss (faiss's random-point seeding)"
+            )
+        return {"init_method": method}
+    raise ValueError(f"kmeans init {init!r}: expected one of {INIT_METHODS}")
 
 
 def fit_spherical_kmeans(
@@ -41,6 +55,7 @@ def fit_spherical_kmeans(
     `init` picks faiss's seeding: "random" points, or "kmeans++" (fewer merged/split clusters
     when k is near the true count, at O(n·k·d) cost before the first iteration).
     """
+    init_args = faiss_init_args(init)  # before any work: an init this faiss lacks fails fast
     x = l2_normalize(sample)
     n, d = x.shape
     if n == 0:
@@ -56,10 +71,11 @@ def fit_spherical_kmeans(
         verbose=False,
         min_points_per_centroid=1,
         max_points_per_centroid=max(256, math.ceil(n / k_used) + 1),  # use the whole sample
-        init_method=INIT_METHODS[init],
+        **init_args,
     )
     km.train(x)
     centroids = l2_normalize(km.centroids)
+    faiss_obj = float(km.obj[-1]) if len(km.obj) else None
     meta = {
         "k": k_used,
         "k_requested": k,
@@ -69,9 +85,17 @@ def fit_spherical_kmeans(
         "seed": seed,
         "init": init,
         "n_fit": n,
-        "objective": float(km.obj[-1]) if len(km.obj) else None,
+        # faiss's convention, on the fit sample only: sum of cos (higher is better), of the centroids
+        # entering faiss's last iteration; the refinement's objectives are sums of (1 - cos)
+        "fit_objective_faiss": faiss_obj,
+        "objective": faiss_obj,  # the same, under its old key (kept for readers of older kmeans.json)
         "mean_distance_fit": float(np.mean(1.0 - assign(x, centroids)[1])) if n else None,
         "faiss_version": faiss.__version__,
+        "conventions": {
+            "fit_objective_faiss": "sample fit: faiss's objective, sum over the fit sample of cos(x, nearest centroid); "
+            "higher is better (`objective` is the same value, old key)",
+            "mean_distance_fit": "sample fit: mean over the fit sample of (1 - cos) to the sample-fit centroids",
+        },
     }
     return centroids, meta
 

@@ -181,3 +181,57 @@ def test_kmeans_plus_plus_init_finds_clusters_random_points_merge():
     a, meta = fit_spherical_kmeans(x, 8, niter=5, seed=3, init="kmeans++")
     assert meta["init"] == "kmeans++"
     assert np.array_equal(a, fit_spherical_kmeans(x, 8, niter=5, seed=3, init="kmeans++")[0])
+
+
+def test_sample_fit_metadata_names_its_convention():
+    """The sample fit's objective is faiss's (sum of cos, higher is better), the refinement's is a
+    sum of (1 - cos): named apart, and the old `objective` key kept for older readers."""
+    x, _, _ = sphere_clusters(k=4, per=50, d=16, seed=7)
+    centroids, meta = fit_spherical_kmeans(x, k=4, niter=10)
+    assert meta["fit_objective_faiss"] == meta["objective"]
+    _, cos = assign(x, centroids)
+    # faiss's last objective is of the centroids entering its last iteration: close to, not equal to, sum(cos)
+    assert meta["fit_objective_faiss"] == pytest.approx(float(np.sum(cos)), rel=1e-3)
+    assert meta["mean_distance_fit"] == pytest.approx(float(np.mean(1.0 - cos)), abs=1e-6)
+    assert set(meta["conventions"]) == {"fit_objective_faiss", "mean_distance_fit"}
+
+
+OLD_FAISS = """
+import faiss
+for name in [n for n in dir(faiss) if n.startswith("ClusteringInitMethod")]:
+    delattr(faiss, name)  # as faiss-cpu 1.8 had it: no init_method
+import numpy as np
+import prune.kmeans as km
+x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+c, meta = km.fit_spherical_kmeans(x, 4, niter=3, init="random")
+assert c.shape == (4, 8) and meta["init"] == "random"
+try:
+    km.fit_spherical_kmeans(x, 4, niter=3, init="kmeans++")
+except RuntimeError as e:
+    print(e)
+else:
+    raise SystemExit("kmeans++ without ClusteringInitMethod did not fail")
+"""
+
+
+def test_imports_and_fits_on_a_faiss_without_init_methods():
+    """pyproject allows faiss-cpu>=1.8, which has no ClusteringInitMethod: importing prune.kmeans and
+    the default (random) fit must work there; only kmeans++ fails, saying which setting and faiss."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", OLD_FAISS], cwd=root, capture_output=True, text=True, timeout=120,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    assert "kmeans.init" in r.stdout and f"faiss {faiss.__version__}" in r.stdout and "sample_faiss" in r.stdout
+
+
+def test_random_init_passes_nothing_to_faiss():
+    from prune.kmeans import faiss_init_args
+
+    assert faiss_init_args("random") == {}  # faiss's default, on any faiss
+    assert faiss_init_args("kmeans++") == {"init_method": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS}
+    with pytest.raises(ValueError, match="forgy"):
+        faiss_init_args("forgy")

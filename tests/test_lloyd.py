@@ -4,7 +4,9 @@ parity with faiss, and the pipeline's refinement on real Ray."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import tracemalloc
 
 import faiss
 import numpy as np
@@ -128,6 +130,125 @@ def test_empty_cluster_is_reseeded_with_the_worst_fit_point():
     assert meta["log"][0]["reseeded"] == [2] and meta["reseeded_total"] == 1
 
 
+def test_a_singleton_cluster_never_gives_its_only_point_as_a_seed():
+    """The point the centroids fit worst is the only member of cluster 1, and cluster 2 is empty:
+    re-seeding 2 with it would leave centroids 1 and 2 identical (both that point), to swap it
+    and re-seed each other every pass. The next-worst point, of the big cluster, is taken instead."""
+    rng = np.random.default_rng(8)
+    e = np.eye(8, dtype=np.float32)
+    big = l2_normalize(e[0] + 0.05 * rng.normal(size=(100, 8)))
+    alone = l2_normalize((e[2] + 0.2 * e[1])[None])  # nearest to e1 (cos ~0.2), far from all
+    x = np.concatenate([big, alone])
+    c = np.stack([e[0], e[1], -e[0]])
+    total = lloyd.block_stats(x, c)
+    assert list(total.counts) == [100, 1, 0] and total.cand_key[0, 1] == 100  # it is the worst fit
+    assert total.cand_cluster[0] == 1
+    new, reseeded = lloyd.spherical_update(total, c)
+    assert list(reseeded) == [2]
+    worst_of_big = int(np.argmin(big @ e[0]))
+    np.testing.assert_allclose(new[2], big[worst_of_big], atol=1e-6)
+    np.testing.assert_allclose(new[1], alone[0], atol=1e-6)  # cluster 1 moved onto its point
+    assert (new @ new.T - 2 * np.eye(3)).max() < 0.999  # no two centroids alike
+
+
+def test_exact_duplicates_are_not_reseeded_onto_their_own_centroid():
+    """Cluster 0 holds two copies of one point; they are the worst fit. Either copy as a seed would
+    sit exactly on cluster 0's new centroid: no usable candidate, the empty cluster keeps its own."""
+    e = np.eye(4, dtype=np.float32)
+    dup = l2_normalize((e[0] + e[1])[None])
+    x = np.concatenate([dup, dup, np.repeat(e[2:3], 3, axis=0)])
+    c = np.stack([e[0], e[2], -e[2]])
+    total = lloyd.block_stats(x, c)
+    assert list(total.counts) == [2, 3, 0] and list(total.cand_cluster[:2]) == [0, 0]
+    new, reseeded = lloyd.spherical_update(total, c)
+    assert len(reseeded) == 0
+    np.testing.assert_allclose(new[2], -e[2])
+
+
+def test_more_centroids_than_distinct_points_settles_instead_of_cycling():
+    """9 distinct directions (4 of them twice) and 10 centroids: one cluster stays empty whatever
+    happens. Re-seeding it with a singleton's point made two equal centroids that swapped that point
+    and re-seeded each other every pass (this very case ran to the cap of 30); now it stops."""
+    rng = np.random.default_rng(15)
+    rng.integers(2, 6), rng.integers(3, 12), rng.integers(2, 14)  # the draws that made d=5, n=9, k=10
+    x = l2_normalize(rng.normal(size=(9, 5)))
+    x = np.concatenate([x, x[:4]])
+    c0 = l2_normalize(rng.normal(size=(10, 5)))
+    c, meta = lloyd.refine(c0, in_process([x]), max_iter=30)
+    assert meta["stop_reason"] == "converged" and meta["iterations"] < 10, [e["reseeded"] for e in meta["log"]]
+    used = np.unique(lloyd.block_stats(x, c).cand_cluster)
+    cos = c[used] @ c[used].T
+    assert (cos - 2 * np.eye(len(used))).max() < lloyd.SAME_POINT_COS  # no two live centroids alike
+
+
+def test_final_objective_fields_say_which_centroids_they_describe():
+    separated = clustered(n=2000, d=32, k=5, spread=0.1, seed=5)
+    c, meta = lloyd.refine(separated[:5], in_process([separated]), max_iter=50, tol=0.0)
+    assert meta["stop_reason"] == "converged" and meta["final_objective_centroids"] == "saved"
+    assert meta["final_objective"] == pytest.approx(lloyd.objective_of([separated], c), rel=1e-5)
+    assert meta["mean_distance_all"] == pytest.approx(meta["final_objective"] / 2000) and meta["n_all"] == 2000
+    x = clustered(n=3000, d=32, k=40, spread=2.0, seed=4)
+    c, meta = lloyd.refine(x[:60], in_process([x]), max_iter=2, tol=0.0)
+    assert meta["stop_reason"] == "max_iter" and meta["final_objective_centroids"].startswith("entering the last pass")
+    assert meta["final_objective"] == meta["log"][-1]["objective"]
+    assert lloyd.objective_of([x], c) <= meta["final_objective"]  # the saved ones are one update better
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def test_block_stats_and_in_place_fold_stay_near_one_kd_array():
+    """A task folds a second block into its running total: beyond the inputs, the faiss index and
+    that total, it peaks at one [k, d] float64 accumulator (turned into the int64 sums in place)
+    plus one chunk's temporaries, not the 3-4 [k, d] arrays of `rint(acc * scale).astype(int64)`
+    and `a.sums + b.sums`. numpy reports its buffers to tracemalloc."""
+    rng = np.random.default_rng(9)
+    k, d, n = 4096, 128, 512
+    kd8 = k * d * 8
+    c = l2_normalize(rng.normal(size=(k, d)))
+    x1, x2 = l2_normalize(rng.normal(size=(n, d))), l2_normalize(rng.normal(size=(n, d)))
+    block = x2.nbytes  # kd8 / 16
+    index = lloyd.centroid_index(c)
+    total = lloyd.block_stats(x1, c, index=index)
+    reference = lloyd.combine(total, lloyd.block_stats(x2, c, index=index, block_id=1))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        part = lloyd.block_stats(x2, c, index=index, block_id=1)
+        total = lloyd.combine(total, part, inplace=True)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= kd8 + 8 * block, f"peak {peak / kd8:.2f} x k*d*8"
+    assert peak <= lloyd.task_memory_bytes(k, d, n, base=0) - 2 * kd8  # within what a task reserves for it
+    np.testing.assert_array_equal(total.sums, reference.sums)  # in place: the same exact sums
+    np.testing.assert_array_equal(total.counts, reference.counts)
+    assert total.cos_fixed == reference.cos_fixed
+
+
+def test_fixed_point_conversion_in_place_matches_the_plain_rounding():
+    rng = np.random.default_rng(10)
+    a = rng.normal(scale=100.0, size=(lloyd._FIXED_ROWS * 2 + 7, 5))
+    want = np.rint(a * 2.0**lloyd.FIXED_POINT_BITS).astype(np.int64)
+    got = lloyd._to_fixed_inplace(a.copy())
+    assert got.dtype == np.int64 and got.shape == a.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_refine_task_memory_reservation():
+    from pipelines.score_stage import DEFAULT_BLOCK_ROWS, refine_memory
+
+    k, d, rows = 40_000, 512, 10_000  # LAION-400M: k*d*8 = 164 MB
+    kd8 = k * d * 8
+    want = 4 * kd8 + 3 * rows * d * 4 + rows * d * 24 + (256 << 20)
+    assert refine_memory(k, d, rows) == lloyd.task_memory_bytes(k, d, rows) == want
+    assert 0.9e9 < want < 1.2e9
+    assert refine_memory(k, d) == refine_memory(k, d, DEFAULT_BLOCK_ROWS)
+    assert refine_memory(2 * k, d, rows) - refine_memory(k, d, rows) == 4 * kd8  # grows with k*d
+    big = refine_memory(k, d, 100_000)  # chunks cap the temporaries, the block itself is counted whole
+    assert big - refine_memory(k, d, rows) == 3 * 90_000 * d * 4 + (lloyd.CHUNK_ROWS - rows) * d * 24
+
+
 def test_stops_on_iteration_cap_tolerance_and_fixed_point():
     x = clustered(n=6000, d=32, k=40, spread=2.0, seed=4)  # overlapping: slow to settle
     c0 = x[:60]
@@ -191,6 +312,32 @@ def test_distributed_objective_within_one_percent_of_faiss(ray_cluster):
     np.testing.assert_array_equal(again, ours)  # whatever order the tasks finished in
 
 
+def test_fit_cpus_beyond_every_live_node_is_a_warning_not_an_error(ray_cluster, caplog):
+    """An autoscaling cluster may not have launched the node the fit needs yet: say so, go on."""
+    from pipelines.score_stage import check_fit_cpus
+
+    with caplog.at_level(logging.WARNING, logger="ssl_prune"):
+        assert check_fit_cpus(1) is True
+        assert not caplog.records
+        assert check_fit_cpus(10_000) is False
+    (rec,) = caplog.records
+    assert rec.name == "ssl_prune" and rec.levelno == logging.WARNING
+    msg = rec.getMessage()
+    assert "kmeans.fit_num_cpus=10000" in msg and "waits for a node with 10000 CPUs" in msg and "autoscaler" in msg
+
+
+def test_assign_workers_get_the_output_dir_with_its_storage_options(ray_cluster, tmp_path):
+    """AssignShards used to rebuild OutputDir(url) in the worker, dropping e.g. an S3 endpoint."""
+    from pipelines.score_stage import AssignShards
+    from prune.storage import OutputDir
+
+    out = OutputDir(str(tmp_path), auto_mkdir=True)
+    worker = ray.remote(num_cpus=0)(AssignShards).remote(out, np.eye(4, dtype=np.float32), "fp")
+    url, options = ray.get(worker.__ray_call__.remote(lambda self: (self.out.url, self.out.storage_options)))
+    assert url == out.url and options == out.storage_options == {"auto_mkdir": True}
+    ray.kill(worker)
+
+
 # --- config and pipeline ------------------------------------------------------------------------
 
 
@@ -234,6 +381,14 @@ def test_pipeline_refines_and_logs_iterations(ray_cluster, run_copy, tmp_path):
     objs = [e["objective"] for e in refine["log"]]
     noise = 1e-6 * meta["n_ok_total"]  # float32 cosines: the sample fit has all but converged here
     assert all(b <= a + noise for a, b in zip(objs, objs[1:]))
+    # final fields, named apart from the sample fit's (faiss's sum of cosines)
+    assert refine["final_objective"] == objs[-1] and refine["n_all"] == meta["n_ok_total"]
+    assert meta["mean_distance_all"] == refine["mean_distance_all"] == pytest.approx(objs[-1] / meta["n_ok_total"])
+    assert meta["fit_objective_faiss"] == meta["objective"] and "mean_distance_all" in meta["conventions"]
+    from pipelines.score_stage import count_ok, refine_memory
+
+    rows = max(count_ok({"out": OutputDir(str(run_copy)), "shard": p.stem})["ok"] for p in (run_copy / "embeddings").glob("*.parquet"))
+    assert refine["task_memory_bytes"] == refine_memory(meta["k"], meta["dim"], rows)  # the largest shard's rows
     centroids = np.load(run_copy / "prototypes" / "centroids.npy")
     assert centroids.shape == (meta["k"], meta["dim"])
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
