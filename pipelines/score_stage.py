@@ -27,7 +27,7 @@ from prune.kmeans import Assigner, default_k, fit_spherical_kmeans, prototype_di
 from prune.storage import OutputDir
 
 from .embed_stage import embed_fingerprint
-from .runtime import resolve, run_tasks
+from .runtime import resolve, run_tasks, submit_bounded
 
 log = logging.getLogger("ssl_prune")
 # settings that only place work: the exact reduce makes the centroids independent of them
@@ -137,7 +137,7 @@ def fit_sample(kc: KMeansConfig, items: list[dict], k: int) -> tuple[np.ndarray,
         parts = dict(run_tasks(sample_shard, items, desc="prototypes: sample"))
         return _fit_parts([parts[s] for s in sorted(parts)], *args)
     check_fit_cpus(kc.fit_num_cpus)
-    refs = _submit_bounded(sample_shard, items)  # items are in shard order, so are the refs
+    refs = submit_bounded(sample_shard, items)  # items are in shard order, so are the refs
     ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the fit's CPUs are not held while sampling
     fit = ray.remote(num_cpus=kc.fit_num_cpus)(_fit_in_task)
     return ray.get(fit.remote(refs, kc.fit_num_cpus, *args))
@@ -173,24 +173,6 @@ def _fit_in_task(refs: list, threads: int, *args) -> tuple[np.ndarray, dict]:
     faiss.omp_set_num_threads(threads)
     parts = [x for _, x in ray.get(refs)]
     return _fit_parts(parts, *args)
-
-
-def _submit_bounded(fn, items: list, limit: int | None = None) -> list:
-    """Submit `fn(item)` tasks, a bounded number running at once; returns every result's ref."""
-    remote = ray.remote(num_cpus=1)(fn)
-    limit = limit or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
-    refs, running = [], []
-    for item in items:
-        if len(running) >= limit:
-            _, running = ray.wait(running, num_returns=1)
-        refs.append(remote.remote(item))
-        running.append(refs[-1])
-    return refs
-
-
-# rows of the largest embeddings shard when the caller does not know them: img2dataset's default
-# shard size (LAION's shards hold ~10,000 samples)
-DEFAULT_BLOCK_ROWS = 10_000
 
 
 def refine_memory(k: int, d: int, block_rows: int | None = None) -> int:
