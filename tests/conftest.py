@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import tarfile
 import time
 
@@ -105,15 +106,29 @@ def run_copy(pipeline_run, tmp_path):
     return dst
 
 
-# --- Tests that need a Ray of their own (multi-node clusters, a `ray start` head) -----------------
+# --- Tests that need a Ray of their own (multi-node clusters, the S3 module's runtime_env) ---------
 
 SESSION_RAY = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False, "configure_logging": False}
 
 
-def start_session_ray() -> None:
-    """The Ray `ray_cluster` starts: 2 CPUs and one fake GPU, on this machine."""
+def start_session_ray(runtime_env: dict | None = None) -> None:
+    """The Ray `ray_cluster` starts: 2 CPUs and one fake GPU, on this machine. A module whose
+    workers need more (the S3 tests: the AWS_* variables) starts it with a `runtime_env`, under
+    `own_ray_module`, which gives the plain one back after the module."""
     if not ray.is_initialized():
-        ray.init(**SESSION_RAY)
+        ray.init(**SESSION_RAY, runtime_env=runtime_env)
+
+
+def free_ports(n: int = 1) -> list[int]:
+    """`n` distinct TCP ports free on 127.0.0.1 right now (held open together while chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 _NEXT_TEST: dict = {}
@@ -124,27 +139,46 @@ def pytest_runtest_protocol(item, nextitem):
     _NEXT_TEST["item"] = nextitem  # lets `own_ray` see whether the next test brings its own Ray too
 
 
-@pytest.fixture
-def own_ray():
-    """For a test that brings its own Ray: the session's is shut down first and an equivalent one
-    is back afterwards (if there was one), so the tests after it work in any order. Between two
-    such tests in a row it stays down (the next would only shut it down again)."""
+OWN_RAY_FIXTURES = ("own_ray", "own_ray_module")
+
+
+def _brings_own_ray(item) -> bool:
+    return any(name in item.fixturenames for name in OWN_RAY_FIXTURES)
+
+
+def _session_ray_replaced():
+    """The session's Ray is shut down first and an equivalent one is back afterwards (if there was
+    one), so the tests after work in any order. Between two tests that bring their own Ray in a
+    row it stays down (the next would only shut it down again)."""
     had_session_ray = ray.is_initialized() or _NEXT_TEST.pop("session_ray_owed", False)
     ray.shutdown()
     yield
     ray.shutdown()
     nxt = _NEXT_TEST.get("item")
-    if had_session_ray and nxt is not None and "own_ray" in nxt.fixturenames:
+    if had_session_ray and nxt is not None and _brings_own_ray(nxt):
         _NEXT_TEST["session_ray_owed"] = True
     elif had_session_ray and nxt is not None:
         start_session_ray()
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that brings its own Ray (see `_session_ray_replaced`)."""
+    yield from _session_ray_replaced()
+
+
+@pytest.fixture(scope="module")
+def own_ray_module():
+    """For a module-scoped fixture that brings its own Ray for the rest of the module (the S3
+    tests: `start_session_ray(runtime_env=...)`); the session's is back after the module."""
+    yield from _session_ray_replaced()
 
 
 @pytest.fixture(autouse=True)
 def _session_ray_owed(request):
     """If the test `own_ray` left the session's Ray down for never got to `own_ray` (a fixture
     before it failed), the next test that does not bring its own Ray gets it back all the same."""
-    if _NEXT_TEST.get("session_ray_owed") and "own_ray" not in request.fixturenames:
+    if _NEXT_TEST.get("session_ray_owed") and not _brings_own_ray(request):
         _NEXT_TEST.pop("session_ray_owed")
         start_session_ray()
 

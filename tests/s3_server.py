@@ -9,22 +9,17 @@ at it (s3fs/botocore honour AWS_ENDPOINT_URL); set them in the process and in Ra
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import free_ports
 
 
 class S3Server:
     def __init__(self, startup_timeout_s: float = 30.0):
-        self.port = free_port()
+        (self.port,) = free_ports(1)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {
             "AWS_ACCESS_KEY_ID": "testing",

@@ -8,9 +8,7 @@ a multi-node run gives byte-identical outputs to the session's single-node run o
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
-import socket
 import tarfile
 import time
 
@@ -22,16 +20,9 @@ import ray
 from prune import schema
 from prune.config import validate_config
 
-from .conftest import small_config
+from .conftest import free_ports, small_config
 
-HAS_DASHBOARD = importlib.util.find_spec("aiohttp_cors") is not None
 COMPARED_SCORE_COLUMNS = [schema.KEY, schema.SHARD, schema.STATUS, schema.CLUSTER, schema.DISTANCE, schema.KEEP, schema.BAND]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scores(out) -> pa.Table:
@@ -90,8 +81,8 @@ def test_embed_actors_only_on_gpu_nodes_and_results_match_one_node(pipeline_run,
     the GPU node (it asks for `num_gpus=1`) while decode and the rest use the CPU nodes."""
     from pipelines.run import run
 
-    # the dashboard serves the state API that tells where tasks ran (it needs ray[default])
-    head = {"num_cpus": 1} | ({"include_dashboard": True, "dashboard_port": _free_port()} if HAS_DASHBOARD else {})
+    # the dashboard serves the state API that tells where tasks ran (ray[default], a dependency)
+    head = {"num_cpus": 1, "include_dashboard": True, "dashboard_port": free_ports(1)[0]}
     cluster, _ = local_cluster(head, [{"num_cpus": 1}, {"num_cpus": 1}, {"num_cpus": 1, "num_gpus": 1}])
     assert len([n for n in ray.nodes() if n["Alive"]]) == 4 and ray.cluster_resources()["GPU"] == 1
     out = tmp_path / "out"
@@ -100,9 +91,9 @@ def test_embed_actors_only_on_gpu_nodes_and_results_match_one_node(pipeline_run,
     assert manifest["ray"] == "existing" and manifest["stages"]["embed"]["actor_resources"]["num_gpus"] == 1
     placed = embed_actor_nodes()
     assert placed and set(placed) <= gpu_node_ids(), f"embed actors on {placed}, GPU nodes {gpu_node_ids()}"
-    if HAS_DASHBOARD:
-        decoded_on = decode_task_nodes(cluster.address)
-        assert decoded_on - gpu_node_ids(), f"decode ran only on the GPU node: {decoded_on}"
+    decoded_on = decode_task_nodes(cluster.address)
+    assert decoded_on, "the state API reports no finished decode task"
+    assert decoded_on - gpu_node_ids(), f"decode ran only on the GPU node: {decoded_on}"
     assert manifest["counts"] == pipeline_run["manifest"]["counts"]
     assert_same_results(out, pipeline_run["out"])
 

@@ -5,17 +5,24 @@ or written twice. The outputs are compared with the session's undisturbed run of
 from __future__ import annotations
 
 import glob
+import json
 import os
-import threading
+import subprocess
+import sys
+import textwrap
 import time
 
+import pytest
 import ray
+import yaml
 
 from prune import schema
-from prune.config import validate_config
 
 from .conftest import small_config
 from .test_multinode import _pruned, _scores, assert_same_results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_TIMEOUT_S = 300
 
 
 def _alive_embed_actor_node() -> str | None:
@@ -25,37 +32,44 @@ def _alive_embed_actor_node() -> str | None:
     return None
 
 
+def _env(**extra) -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": REPO} | extra
+
+
 def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, shards_dir, local_cluster, tmp_path):
     """Driver alone on the head (0 CPUs); three 1-CPU workers. Once the first embeddings file
-    exists (round 1 of 3 done, round 2 running), the node holding the embed actor is killed."""
-    from pipelines.run import run
+    exists (round 1 of 3 done, round 2 running), the node holding the embed actor is killed.
 
+    The run is `ssl-prune run` in a process of its own, joined to the cluster: if it hangs it is
+    killed and the test fails, and nothing of it goes on using Ray after the cluster is gone."""
     cluster, workers = local_cluster({"num_cpus": 0}, [{"num_cpus": 1}, {"num_cpus": 1}, {"num_cpus": 1}])
     out = tmp_path / "out"
-    cfg = validate_config(small_config(shards_dir["dir"], out, **{"embed.shards_per_round": 3}))
-    result: dict = {}
-
-    def target():
-        try:
-            result["manifest"] = run(cfg)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    killed = None
-    deadline = time.time() + 240
-    while time.time() < deadline and thread.is_alive() and killed is None:
-        if glob.glob(f"{out}/{schema.EMBEDDINGS_DIR}/*.parquet"):
-            node_id = _alive_embed_actor_node()
-            victim = next((w for w in workers if w.node_id == node_id), None)
-            if victim is not None:
-                cluster.remove_node(victim, allow_graceful=False)
-                killed, killed_at = node_id, time.time()
-        time.sleep(0.2)
-    thread.join(timeout=max(1, deadline - time.time()))
-    assert not thread.is_alive(), "the run did not finish after the node was lost"
-    assert "error" not in result, f"the run failed after the node was lost: {result.get('error')!r}"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small_config(shards_dir["dir"], out, **{"embed.shards_per_round": 3})))
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config)], cwd=REPO,
+                                env=_env(RAY_ADDRESS=cluster.address), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        killed = None
+        deadline = time.time() + RUN_TIMEOUT_S
+        while proc.poll() is None and time.time() < deadline:
+            if killed is None and glob.glob(f"{out}/{schema.EMBEDDINGS_DIR}/*.parquet"):
+                node_id = _alive_embed_actor_node()
+                victim = next((w for w in workers if w.node_id == node_id), None)
+                if victim is not None:
+                    cluster.remove_node(victim, allow_graceful=False)
+                    killed, killed_at = node_id, time.time()
+            time.sleep(0.2)
+    finally:
+        hung = proc.poll() is None
+        if hung:
+            proc.kill()
+        proc.wait()
+    run_log = log_path.read_text()[-6000:]
+    if hung:
+        pytest.fail(f"the run did not finish in {RUN_TIMEOUT_S}s (node killed: {killed is not None}); killed it. Its log:\n{run_log}")
+    assert proc.returncode == 0, f"the run failed (exit {proc.returncode}) after the node was lost:\n{run_log}"
     assert killed, "the run finished before a node could be killed"
     embed_actors = [a for a in ray._private.state.actors().values() if "EmbedActor" in a["ActorClassName"]]
     print(f"killed node {killed[:8]} {time.time() - killed_at:.1f}s before the run ended; embed actors: "
@@ -63,8 +77,9 @@ def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, s
     # the actor that was on the lost node did its work elsewhere (restarted, or a new one)
     assert any(a["Address"]["NodeID"] != killed for a in embed_actors)
 
-    manifest = result["manifest"]
-    assert manifest["counts"] == pipeline_run["manifest"]["counts"]
+    manifest = json.loads((out / schema.MANIFEST).read_text())
+    assert manifest["ray"] == f"address:{cluster.address}"
+    assert manifest["counts"] == json.loads((pipeline_run["out"] / schema.MANIFEST).read_text())["counts"]
     scores = _scores(out)
     ids = list(zip(scores.column(schema.SHARD).to_pylist(), scores.column(schema.KEY).to_pylist()))
     assert len(ids) == len(set(ids))
@@ -74,10 +89,82 @@ def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, s
     assert not os.path.exists(f"{out}/{schema.STAGING_DIR}")
 
 
-def test_the_session_ray_is_back_after_tests_with_their_own(ray_cluster):
-    """In file order this runs after the multi-node and node-loss tests: the Ray the rest of the
-    suite expects (2 CPUs, one fake GPU, one node) is there again."""
-    assert ray.is_initialized()
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 1
-    resources = ray.cluster_resources()
-    assert resources["CPU"] == 2 and resources["GPU"] == 1
+# A pytest session of its own with this suite's conftest: tests that bring their own Ray (`own_ray`,
+# `own_ray_module`, as the multi-node, node-loss and S3 tests do) and the tests after them.
+INNER_TESTS = {
+    "conftest.py": 'pytest_plugins = ["tests.conftest"]\n',
+    "test_a.py": """
+        import pytest
+        import ray
+
+        def is_session_ray():  # 2 CPUs, one fake GPU, one node
+            if not ray.is_initialized():
+                return False
+            res = ray.cluster_resources()
+            return len([n for n in ray.nodes() if n["Alive"]]) == 1 and res["CPU"] == 2 and res["GPU"] == 1
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("a fixture before own_ray fails")
+
+        def test_1_session(ray_cluster):
+            assert is_session_ray()
+
+        def test_2_own(own_ray):
+            assert not ray.is_initialized()  # the session's Ray was shut down for it
+
+        def test_3_own_right_after(own_ray):
+            assert not ray.is_initialized()  # not restarted in between only to be shut down again
+
+        def test_4_own_after_a_failed_fixture(broken, own_ray):
+            pass
+
+        def test_5_plain():  # without `ray_cluster`: the session's Ray is back all the same
+            assert is_session_ray()
+
+        def test_6_own_with_a_ray_of_its_own(own_ray):
+            ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+
+        def test_7_plain():
+            assert is_session_ray()  # the test's own Ray is gone, the session's is back
+    """,
+    "test_b.py": """
+        import pytest
+        import ray
+
+        @pytest.fixture(scope="module")
+        def module_ray(own_ray_module):
+            assert not ray.is_initialized()
+            ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
+
+        def test_1_module_ray(module_ray):
+            assert ray.cluster_resources()["CPU"] == 1
+
+        def test_2_same_module(module_ray):
+            assert ray.cluster_resources()["CPU"] == 1  # still the module's Ray
+    """,
+    "test_c.py": """
+        from test_a import is_session_ray
+
+        def test_after_a_module_with_its_own_ray():
+            assert is_session_ray()
+    """,
+}
+INNER_PASSING = {
+    "test_a.py": ["test_1_session", "test_2_own", "test_3_own_right_after", "test_5_plain",
+                  "test_6_own_with_a_ray_of_its_own", "test_7_plain"],
+    "test_b.py": ["test_1_module_ray", "test_2_same_module"],
+    "test_c.py": ["test_after_a_module_with_its_own_ray"],
+}
+
+
+def test_tests_with_their_own_ray_give_the_session_ray_back(tmp_path):
+    for name, text in INNER_TESTS.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "."], cwd=tmp_path,
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    print(inner.stdout[-6000:], inner.stderr[-3000:])
+    outcomes = {line.split()[1]: line.split()[0] for line in inner.stdout.splitlines() if line.startswith(("PASSED ", "FAILED ", "ERROR "))}
+    expected = {f"{f}::{t}": "PASSED" for f, tests in INNER_PASSING.items() for t in tests}
+    expected["test_a.py::test_4_own_after_a_failed_fixture"] = "ERROR"  # its `broken` fixture, as meant
+    assert outcomes == expected, inner.stdout[-6000:]

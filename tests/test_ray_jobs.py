@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,10 +24,7 @@ import uuid
 import pytest
 import yaml
 
-from .conftest import small_config
-
-# the job server lives in Ray's dashboard, which needs ray[default]'s packages
-pytest.importorskip("aiohttp_cors", reason="Ray Jobs need ray[default] (the dashboard's packages) installed")
+from .conftest import free_ports, small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
@@ -36,16 +33,6 @@ RAY = os.path.join(VENV_BIN, "ray")
 # size limit); .gitignore'd paths are left out by Ray already, these are named to be sure
 EXCLUDES = [".git", ".venv", "demo", "benchmarks/results", "**/__pycache__", "*.egg-info", ".pytest_cache", "models/*/ray_train"]
 JOB_TIMEOUT_S = 420
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 # Ray's token authentication (on by default for `ray start`): the head and the `ray job` CLI
@@ -66,17 +53,19 @@ def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def _pids_naming(*needles: str) -> list[int]:
-    """Processes whose command line holds any of `needles` (a head's temp dir, its GCS address)."""
+    """Processes whose command line names any of `needles` (a head's temp dir, its GCS address) as
+    a whole: not followed by more of a name or a number (127.0.0.1:6379 is not 127.0.0.1:63790)."""
+    pattern = re.compile("|".join(rf"(?<![\w.]){re.escape(n)}(?![\w.-])" for n in needles))
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
+                cmdline = f.read().decode(errors="replace")  # arguments separated by NUL
         except OSError:
             continue
-        if any(n in cmdline for n in needles):
+        if pattern.search(cmdline):
             pids.append(int(entry))
     return pids
 
@@ -86,7 +75,7 @@ class Head:
 
     def __init__(self, num_cpus: int = 2):
         self.temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: socket paths live under it
-        (gcs, dash, agent_http, agent_grpc, metrics, env_agent, client, node_mgr, obj_mgr) = _free_ports(9)
+        (gcs, dash, agent_http, agent_grpc, metrics, env_agent, client, node_mgr, obj_mgr) = free_ports(9)
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dash}"
         self.log = open(os.path.join(self.temp_dir, "ray_start.log"), "w")

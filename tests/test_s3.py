@@ -1,9 +1,9 @@
 """Object storage: the whole pipeline with input and output on s3://, against moto's S3 server.
 
 A module-scoped moto server on loopback stands in for S3 (tests/s3_server.py). The standard
-AWS variables point clients at it; Ray is started for this module with the same variables in
-its `runtime_env`, so every worker reaches the same server, and an equivalent of the session
-Ray is restored afterwards for the tests that follow.
+AWS variables point clients at it; the session's Ray is started for this module with the same
+variables in its `runtime_env` (under conftest's `own_ray_module`), so every worker reaches the
+same server, and the plain session Ray is back afterwards for the tests that follow.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from prune.config import validate_config
 from prune.shards import iter_tar_samples
 from prune.storage import OutputDir, list_input_shards
 
-from .conftest import small_config
+from .conftest import small_config, start_session_ray
 from .s3_server import S3Server
 
 s3fs = pytest.importorskip("s3fs")
@@ -34,7 +34,6 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
 BUCKET = "ssl-prune-test"
-SESSION_RAY = {"num_cpus": 2, "num_gpus": 1, "include_dashboard": False, "configure_logging": False}
 
 
 def _clear_s3fs_instances():
@@ -56,15 +55,10 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def s3_ray(s3):
-    """Ray whose workers see the S3 variables; the session's Ray is back afterwards."""
-    had_ray = ray.is_initialized()
-    ray.shutdown()
-    ray.init(**SESSION_RAY, runtime_env={"env_vars": dict(s3["server"].env)})
-    yield
-    ray.shutdown()
-    if had_ray:
-        ray.init(**SESSION_RAY)
+def s3_ray(s3, own_ray_module):
+    """The session's Ray, its workers seeing the S3 variables, for the rest of the module."""
+    start_session_ray(runtime_env={"env_vars": dict(s3["server"].env)})
+    assert ray.get_runtime_context().runtime_env.env_vars() == s3["server"].env
 
 
 def keys(s3, prefix: str) -> list[str]:
