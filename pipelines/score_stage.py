@@ -175,6 +175,11 @@ def _fit_in_task(refs: list, threads: int, *args) -> tuple[np.ndarray, dict]:
     return _fit_parts(parts, *args)
 
 
+# rows of the largest embeddings shard when the caller does not know them: img2dataset's default
+# shard size (LAION's shards hold ~10,000 samples)
+DEFAULT_BLOCK_ROWS = 10_000
+
+
 def refine_memory(k: int, d: int, block_rows: int | None = None) -> int:
     """The Ray `memory=` reservation (bytes) of one refine task: see `lloyd.task_memory_bytes`."""
     return lloyd.task_memory_bytes(k, d, DEFAULT_BLOCK_ROWS if block_rows is None else block_rows)
