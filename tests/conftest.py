@@ -226,3 +226,14 @@ def local_cluster(own_ray, monkeypatch):
         if not os.path.exists(temp_dir):
             break
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """Tiny faiss searches and fits: OpenMP threads would only spin against Ray's workers on 2 cores."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

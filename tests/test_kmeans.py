@@ -9,13 +9,7 @@ import pytest
 from prune.kmeans import Assigner, assign, default_k, fit_spherical_kmeans, l2_normalize, prototype_distance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """These fits take milliseconds; OpenMP threads only spin when other processes hold the cores."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def sphere_clusters(k=8, per=150, d=32, spread=0.15, seed=0):

@@ -22,13 +22,7 @@ from .conftest import small_config
 GRID = 2.0**-lloyd.FIXED_POINT_BITS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    """Tiny searches: OpenMP threads would only spin against the Ray workers on 2 cores."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered(n=20_000, d=64, k=50, spread=1.0, seed=0) -> np.ndarray:

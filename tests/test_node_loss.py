@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -87,84 +86,3 @@ def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, s
     assert len(members) == len(set(members))
     assert_same_results(out, pipeline_run["out"])
     assert not os.path.exists(f"{out}/{schema.STAGING_DIR}")
-
-
-# A pytest session of its own with this suite's conftest: tests that bring their own Ray (`own_ray`,
-# `own_ray_module`, as the multi-node, node-loss and S3 tests do) and the tests after them.
-INNER_TESTS = {
-    "conftest.py": 'pytest_plugins = ["tests.conftest"]\n',
-    "test_a.py": """
-        import pytest
-        import ray
-
-        def is_session_ray():  # 2 CPUs, one fake GPU, one node
-            if not ray.is_initialized():
-                return False
-            res = ray.cluster_resources()
-            return len([n for n in ray.nodes() if n["Alive"]]) == 1 and res["CPU"] == 2 and res["GPU"] == 1
-
-        @pytest.fixture
-        def broken():
-            raise RuntimeError("a fixture before own_ray fails")
-
-        def test_1_session(ray_cluster):
-            assert is_session_ray()
-
-        def test_2_own(own_ray):
-            assert not ray.is_initialized()  # the session's Ray was shut down for it
-
-        def test_3_own_right_after(own_ray):
-            assert not ray.is_initialized()  # not restarted in between only to be shut down again
-
-        def test_4_own_after_a_failed_fixture(broken, own_ray):
-            pass
-
-        def test_5_plain():  # without `ray_cluster`: the session's Ray is back all the same
-            assert is_session_ray()
-
-        def test_6_own_with_a_ray_of_its_own(own_ray):
-            ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
-
-        def test_7_plain():
-            assert is_session_ray()  # the test's own Ray is gone, the session's is back
-    """,
-    "test_b.py": """
-        import pytest
-        import ray
-
-        @pytest.fixture(scope="module")
-        def module_ray(own_ray_module):
-            assert not ray.is_initialized()
-            ray.init(num_cpus=1, include_dashboard=False, configure_logging=False)
-
-        def test_1_module_ray(module_ray):
-            assert ray.cluster_resources()["CPU"] == 1
-
-        def test_2_same_module(module_ray):
-            assert ray.cluster_resources()["CPU"] == 1  # still the module's Ray
-    """,
-    "test_c.py": """
-        from test_a import is_session_ray
-
-        def test_after_a_module_with_its_own_ray():
-            assert is_session_ray()
-    """,
-}
-INNER_PASSING = {
-    "test_a.py": ["test_1_session", "test_2_own", "test_3_own_right_after", "test_5_plain",
-                  "test_6_own_with_a_ray_of_its_own", "test_7_plain"],
-    "test_b.py": ["test_1_module_ray", "test_2_same_module"],
-    "test_c.py": ["test_after_a_module_with_its_own_ray"],
-}
-
-
-def test_tests_with_their_own_ray_give_the_session_ray_back(tmp_path):
-    for name, text in INNER_TESTS.items():
-        (tmp_path / name).write_text(textwrap.dedent(text))
-    inner = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "."], cwd=tmp_path,
-                           env=_env(), capture_output=True, text=True, timeout=600)
-    print(inner.stdout[-6000:], inner.stderr[-3000:])
-    outcomes = {line.split()[1]: line.split()[0] for line in inner.stdout.splitlines() if line.startswith(("PASSED ", "FAILED ", "ERROR "))}
-    expected = {f"{f}::{t}": "PASSED" for f, tests in INNER_PASSING.items() for t in tests}
-    expected["test_a.py::test_4_own_after_a_failed_fixture"] = "ERROR"  # its `broken` fixture, as meant
-    assert outcomes == expected, inner.stdout[-6000:]
