@@ -20,6 +20,8 @@ import ray
 from prune.config import validate_config
 from prune.demo_shards import write_demo_shards, write_bad_shards
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, a str
+
 GOOD_SHARDS = 4
 PER_SHARD = 60
 
