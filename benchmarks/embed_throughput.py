@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from prune import schema
+from prune.capacity import image_gflops
 from prune.config import DecodeConfig, EmbedConfig, RayConfig, RunConfig
 from prune.decode import decode_batch
 from prune.demo_shards import write_demo_shards
@@ -119,17 +120,6 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.5) -> fl
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
-
-
-def model_gflops(visual: torch.nn.Module, size) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    size = size if isinstance(size, int) else int(size[0])
-    # grad on: under no_grad/inference_mode nn.MultiheadAttention takes its fused fast path,
-    # whose q/k/v and output projections FlopCounterMode does not see (a third of ViT-B-32)
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        visual(torch.zeros(1, 3, size, size))
-    return counter.get_total_flops() / 1e9
 
 
 def iter_images(tars):
@@ -287,7 +277,8 @@ def main() -> None:
         results = {}
         naive = results["naive: tarfile + PIL + open_clip transform, fp32"] = measured(
             run_naive, tars, args.model, args.seed, args.batch_size)
-        gflops = model_gflops(naive.pop("visual"), naive["size"])
+        size = naive["size"]
+        gflops = image_gflops(naive.pop("visual"), size if isinstance(size, int) else int(size[0]))
         if not args.skip_embedder:
             base = EmbedConfig(model=args.model, allow_random_init=True, seed=args.seed, torch_threads=args.threads)
             results["embedder in-process, fp32"] = measured(

@@ -43,6 +43,8 @@ from prune.config import KMeansConfig  # noqa: E402
 from prune.kmeans import fit_spherical_kmeans, l2_normalize  # noqa: E402
 from prune.storage import OutputDir  # noqa: E402
 
+from embed_throughput import cpu_seconds as machine_and_own_cpu_seconds  # noqa: E402  (same folder)
+
 SHARD_ROWS = 10_000
 
 
@@ -85,24 +87,9 @@ def faiss_run(x: np.ndarray, k: int, iters: int, init: np.ndarray | None, seed: 
 
 
 def cpu_seconds() -> float:
-    """CPU time (user + system) of this process and every descendant (the local Ray: raylet,
-    workers), from /proc. Unlike wall time it barely moves when other jobs share the cores."""
-    procs = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            procs[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
-    mine, frontier = {os.getpid()}, [os.getpid()]
-    while frontier:
-        parent = frontier.pop()
-        kids = [pid for pid, (ppid, _) in procs.items() if ppid == parent and pid not in mine]
-        mine.update(kids)
-        frontier += kids
-    return sum(procs[p][1] for p in mine if p in procs) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) of this process and every live descendant (the local Ray:
+    raylet, workers). Unlike wall time it barely moves when other jobs share the cores."""
+    return machine_and_own_cpu_seconds()[1]
 
 
 def prepare(n: int, d: int, k: int, root: str) -> dict:

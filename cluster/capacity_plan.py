@@ -29,17 +29,12 @@ DATASETS = {"LAION-400M": 400_000_000, "LAION-2B": 2_320_000_000}  # LAION-2B-en
 
 
 def measure_flops(model: str) -> float:
-    """GFLOPs per image of an open_clip image tower (random init, grad on: see prune/capacity.py)."""
+    """GFLOPs per image of an open_clip image tower (random init)."""
     import open_clip
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     visual = open_clip.create_model(model, pretrained=None).visual.eval()
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
-    counter = FlopCounterMode(display=False)
-    with torch.enable_grad(), counter:  # grad on: nn.MultiheadAttention's uncounted fast path is off
-        visual(torch.randn(1, 3, size, size))
-    return counter.get_total_flops() / 1e9
+    return capacity.image_gflops(visual, size)
 
 
 def _sample_jpegs(count: int = 200, seed: int = 0) -> list[bytes]:

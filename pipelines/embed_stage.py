@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import ray
 
 from prune import schema
-from prune.config import EmbedConfig, RunConfig, fingerprint
+from prune.config import EmbedConfig, RunConfig, JobConfig, fingerprint
 from prune.decode import PreprocessSpec, decode_batch
 from prune.embedders import make_embedder, model_id_for, preprocess_spec_for
 from prune.shards import read_shard
@@ -162,6 +162,20 @@ def finalize_shard(item: dict) -> dict:
     return {"shard": shard, "ok": True, "rows": len(final)}
 
 
+def decoded_dataset(items: list[dict], cfg: JobConfig, spec: PreprocessSpec) -> ray.data.Dataset:
+    """Shards ({shard, url} items) -> a Ray Dataset of rows with uint8 crops: read tasks, then
+    CPU decode tasks. Shared by embedding and encoder training, so both see the same crops."""
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.flat_map(read_rows, fn_args=(cfg.image_extensions,))
+    return ds.map_batches(
+        decode_rows, fn_args=(spec, cfg.decode.draft, cfg.decode.max_image_pixels),
+        batch_size=cfg.decode.batch_size, num_cpus=cfg.decode.num_cpus,
+        # the memory a batch of crops and its PIL intermediates needs; as a side effect these
+        # args differ from the actors', so Ray Data never fuses decode into the model actors
+        memory=decode_memory_bytes(cfg.decode.batch_size, spec),
+    )
+
+
 def embed_resources(cfg: EmbedConfig) -> tuple[dict, str, int]:
     """Ray resources of one embed actor, its device, and how many actors the cluster can hold.
 
@@ -198,16 +212,7 @@ def run_embed(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> dict:
     for start in range(0, len(todo), per_round):
         batch_shards = todo[start : start + per_round]
         run_dir = f"{schema.STAGING_DIR}/embed-{uuid.uuid4().hex[:12]}"
-        items = [{"shard": s, "url": shards[s]} for s in batch_shards]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.flat_map(read_rows, fn_args=(cfg.image_extensions,))
-        ds = ds.map_batches(
-            decode_rows, fn_args=(spec, cfg.decode.draft, cfg.decode.max_image_pixels),
-            batch_size=cfg.decode.batch_size, num_cpus=cfg.decode.num_cpus,
-            # the memory a batch of crops and its PIL intermediates needs; as a side effect these
-            # args differ from the actors', so Ray Data never fuses decode into the model actors
-            memory=decode_memory_bytes(cfg.decode.batch_size, spec),
-        )
+        ds = decoded_dataset([{"shard": s, "url": shards[s]} for s in batch_shards], cfg, spec)
         ds = ds.map_batches(
             EmbedActor, fn_constructor_args=(embed_cfg, spec, device), batch_size=cfg.embed.batch_size,
             compute=ray.data.ActorPoolStrategy(size=actors), **resources,

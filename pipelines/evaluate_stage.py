@@ -29,7 +29,7 @@ from prune.storage import OutputDir
 from . import runtime
 from .embed_stage import embed_fingerprint, run_embed
 from .run import resolve_shards
-from .score_stage import ok_matrix
+from .score_stage import kmeans_settings, ok_matrix
 
 log = logging.getLogger("ssl_prune")
 
@@ -101,7 +101,7 @@ def common_fingerprint(cfg: EvaluateConfig, train_cfg: RunConfig, train_shards: 
     e = cfg.evaluate
     return fingerprint(
         "evaluate", embed_fingerprint(train_cfg), sorted(train_shards.items()), sorted(test_shards.items()),
-        cfg.kmeans.model_dump(exclude={"assign_concurrency"}), e.pool_size, e.pool_seed, e.label_field,
+        kmeans_settings(cfg.kmeans), e.pool_size, e.pool_seed, e.label_field,
         cfg.decode.draft, cfg.decode.max_image_pixels,
     )
 

@@ -32,9 +32,6 @@ from .runtime import resolve, run_tasks, submit_bounded
 log = logging.getLogger("ssl_prune")
 # settings that only place work: the exact reduce makes the centroids independent of them
 _PLACEMENT_ONLY = {"assign_concurrency", "refine_shards_per_task"}
-_FAISS_INIT = {"sample_faiss": "random", "kmeans++": "kmeans++"}
-
-
 def kmeans_settings(k: KMeansConfig) -> dict:
     """The k-means settings the centroids depend on.
 
@@ -44,7 +41,7 @@ def kmeans_settings(k: KMeansConfig) -> dict:
     s = k.model_dump(exclude=_PLACEMENT_ONLY)
     if not k.refine_iters:
         del s["refine_iters"], s["refine_tol"]
-    if k.init == "sample_faiss":
+    if k.init == "random":
         del s["init"]
     if k.fit_num_cpus is None:  # a fit in a task runs faiss on that many threads
         del s["fit_num_cpus"]
@@ -132,7 +129,7 @@ def run_prototypes(cfg: RunConfig, out: OutputDir, shards: dict[str, str]) -> di
 def fit_sample(kc: KMeansConfig, items: list[dict], k: int) -> tuple[np.ndarray, dict]:
     """Draw the sample (one task per shard) and fit on it: on the driver, or in a Ray task with
     `fit_num_cpus` CPUs, whose sample never passes through the driver (it only holds refs)."""
-    args = (k, kc.sample_size, kc.niter, kc.nredo, kc.seed, _FAISS_INIT[kc.init])
+    args = (k, kc.sample_size, kc.niter, kc.nredo, kc.seed, kc.init)
     if kc.fit_num_cpus is None:
         parts = dict(run_tasks(sample_shard, items, desc="prototypes: sample"))
         return _fit_parts([parts[s] for s in sorted(parts)], *args)

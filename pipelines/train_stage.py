@@ -27,7 +27,7 @@ from prune.config import TrainConfig, TrainEncoderConfig, fingerprint
 from prune.decode import PreprocessSpec
 
 from . import runtime
-from .embed_stage import decode_memory_bytes, decode_rows, read_rows
+from .embed_stage import decoded_dataset
 from .run import resolve_shards
 
 log = logging.getLogger("ssl_prune")
@@ -62,14 +62,7 @@ def training_dataset(cfg: TrainEncoderConfig):
     shards = resolve_shards(cfg.input)
     spec = train_spec(cfg.train)
     items = [{"shard": s, "url": u} for s, u in sorted(shards.items())]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_rows, fn_args=(cfg.image_extensions,))
-    ds = ds.map_batches(
-        decode_rows, fn_args=(spec, cfg.decode.draft, cfg.decode.max_image_pixels),
-        batch_size=cfg.decode.batch_size, num_cpus=cfg.decode.num_cpus,
-        memory=decode_memory_bytes(cfg.decode.batch_size, spec),
-    )
-    ds = ds.map_batches(ok_pixels, batch_size=None, zero_copy_batch=True)
+    ds = decoded_dataset(items, cfg, spec).map_batches(ok_pixels, batch_size=None, zero_copy_batch=True)
     if cfg.train.cache_decoded:
         ds = ds.materialize()
     return ds, len(shards)

@@ -17,6 +17,19 @@ GB = 1e9
 TB = 1e12
 
 
+
+def image_gflops(visual, size: int) -> float:
+    """GFLOPs of one forward pass of an image tower on a size x size image (FlopCounterMode).
+
+    Grad on: under no_grad/inference_mode nn.MultiheadAttention takes its fused fast path,
+    whose q/k/v and output projections FlopCounterMode does not see (a third of ViT-B-32)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        visual(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str

@@ -86,7 +86,7 @@ class KMeansConfig(_Section):
     niter: int = Field(25, ge=1)  # Lloyd iterations of the sample fit
     nredo: int = Field(1, ge=1)
     seed: int = 0
-    init: Literal["sample_faiss", "kmeans++"] = "sample_faiss"  # sample fit seeded by random points or k-means++
+    init: Literal["random", "kmeans++"] = "random"  # sample fit seeded by random points (faiss) or k-means++
     fit_num_cpus: Optional[int] = Field(None, ge=1)  # None: fit on the driver; n: in a Ray task with n CPUs
     refine_iters: int = Field(0, ge=0)  # Lloyd passes over all embeddings after the sample fit (0: off)
     refine_tol: float = Field(1e-4, ge=0.0)  # stop when the objective changes by at most this, relatively
@@ -106,7 +106,7 @@ class WriteConfig(_Section):
     band_step: float = Field(0.1, gt=0.0, le=1.0)  # pruned shards come in bands of this keep fraction
 
 
-class _Job(_Section):
+class JobConfig(_Section):
     """What every command's config has: where outputs go, which members are images, Ray, decoding."""
 
     output: NonEmptyStr
@@ -115,7 +115,7 @@ class _Job(_Section):
     decode: DecodeConfig = DecodeConfig()
 
 
-class RunConfig(_Job):
+class RunConfig(JobConfig):
     input: NonEmptyStr
     embed: EmbedConfig = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
@@ -183,7 +183,7 @@ class TrainConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
 
 
-class TrainEncoderConfig(_Job):
+class TrainEncoderConfig(JobConfig):
     """`ssl-prune train-encoder`: shards in, an encoder checkpoint directory out.
 
     `output` is the checkpoint directory (encoder.safetensors + encoder.json) and Ray Train's state.
@@ -233,7 +233,7 @@ class EvaluateSection(_Section):
         return sorted(set(value))
 
 
-class EvaluateConfig(_Job):
+class EvaluateConfig(JobConfig):
     """`ssl-prune evaluate`: accuracy of classifiers trained on pruned subsets of a labeled set."""
 
     train_input: NonEmptyStr  # labeled shards: the pool that is pruned

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import schema, selection
+from . import lloyd, schema, selection
 from .config import CnnConfig, KMeansConfig, LinearProbeConfig
 from .decode import PreprocessSpec, decode_image
 from .kmeans import assign, default_k, fit_spherical_kmeans, l2_normalize, prototype_distance
@@ -221,14 +221,19 @@ def draw_pool(n_available: int, pool_size: Optional[int], seed: int) -> np.ndarr
 
 
 def prototypes(embeddings: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Spherical k-means on the pool (a seeded sample of `sample_size` when larger), as the
-    prototype stage fits it; -> (cluster int32, distance float32 = 1 - cosine, k-means metadata)."""
+    """Spherical k-means on the pool (a seeded sample of `sample_size` when larger), then the
+    Lloyd refinement over the whole pool when `refine_iters` asks for it (the pool is one block),
+    as the prototype stage does; -> (cluster int32, distance float32 = 1 - cosine, metadata)."""
     n = len(embeddings)
     fit_rows = np.arange(n)
     if n > cfg.sample_size:
         fit_rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size=cfg.sample_size, replace=False))
     k = cfg.k or default_k(n)
-    centroids, meta = fit_spherical_kmeans(embeddings[fit_rows], k, cfg.niter, cfg.nredo, cfg.seed)
+    centroids, meta = fit_spherical_kmeans(embeddings[fit_rows], k, cfg.niter, cfg.nredo, cfg.seed, init=cfg.init)
+    if cfg.refine_iters:
+        centroids, meta["refine"] = lloyd.refine(
+            centroids, lambda c: [lloyd.block_stats(embeddings, c)], cfg.refine_iters, cfg.refine_tol
+        )
     cluster, cosine = assign(embeddings, centroids)
     meta |= {"k_default_used": cfg.k is None, "cluster_sizes": np.bincount(cluster, minlength=meta["k"]).tolist()}
     return cluster, prototype_distance(cosine), meta

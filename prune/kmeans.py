@@ -41,7 +41,7 @@ def faiss_init_args(init: str) -> dict:
         if method is None:
             raise RuntimeError(
                 f"kmeans.init: kmeans++ needs faiss's ClusteringInitMethod, which faiss {faiss.__version__} "
-                "lacks: upgrade faiss-cpu, or set kmeans.init: sample_faiss (faiss's random-point seeding)"
+                "lacks: upgrade faiss-cpu, or set kmeans.init: random (faiss's random-point seeding)"
             )
         return {"init_method": method}
     raise ValueError(f"kmeans init {init!r}: expected one of {INIT_METHODS}")
@@ -100,13 +100,19 @@ def fit_spherical_kmeans(
     return centroids, meta
 
 
+def centroid_index(centroids: np.ndarray) -> faiss.IndexFlatIP:
+    """Exact inner-product search over unit centroids: the nearest is the largest cosine."""
+    c = l2_normalize(centroids)
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(c)
+    return index
+
+
 class Assigner:
     """Holds the centroids in a faiss index; one per worker, reused for every block."""
 
     def __init__(self, centroids: np.ndarray):
-        c = l2_normalize(centroids)
-        self.index = faiss.IndexFlatIP(c.shape[1])
-        self.index.add(c)
+        self.index = centroid_index(centroids)
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (cluster int32 [n], cosine similarity float32 [n])."""

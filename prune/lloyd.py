@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Optional
 import faiss
 import numpy as np
 
-from .kmeans import l2_normalize
+from .kmeans import centroid_index, l2_normalize
 
 FIXED_POINT_BITS = 30  # grid of the exact sums: 2^-30 ~ 1e-9, far below float32 resolution
 _SCALE = float(1 << FIXED_POINT_BITS)
@@ -63,14 +63,6 @@ class BlockStats:
     def objective(self) -> float:
         """Sum of (1 - cos) to the nearest centroid; faiss's spherical objective is n - this."""
         return float(self.n - self.cos_fixed / _SCALE)
-
-
-def centroid_index(centroids: np.ndarray) -> faiss.IndexFlatIP:
-    """Exact inner-product search over unit centroids: the nearest is the largest cosine."""
-    c = l2_normalize(centroids)
-    index = faiss.IndexFlatIP(c.shape[1])
-    index.add(c)
-    return index
 
 
 def empty_stats(k: int, d: int) -> BlockStats:

@@ -194,7 +194,6 @@ class OutputDir:
     def listdir(self, *parts: str) -> list[str]:
         """Base names in a directory; empty if it does not exist."""
         p = self.path(*parts)
-        self.fs.invalidate_cache(p)
         if not self.fs.exists(p):
             return []
         return sorted(posixpath.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False))
@@ -202,14 +201,12 @@ class OutputDir:
     def find(self, *parts: str) -> list[str]:
         """Every file under a directory, as paths relative to it (sorted); empty if absent."""
         p = self.path(*parts)
-        self.fs.invalidate_cache(p)
         return sorted(posixpath.relpath(x, p) for x in self.fs.find(p))
 
     def remove(self, *parts: str) -> None:
         p = self.path(*parts)
         if self.fs.exists(p):
             self.fs.rm(p, recursive=True)
-        self.fs.invalidate_cache(p)
 
     @contextlib.contextmanager
     def open_atomic(self, *parts: str) -> Iterator[io.IOBase]:

@@ -233,14 +233,12 @@ def test_refine_task_memory_reservation():
     from pipelines.score_stage import DEFAULT_BLOCK_ROWS, refine_memory
 
     k, d, rows = 40_000, 512, 10_000  # LAION-400M: k*d*8 = 164 MB
-    kd8 = k * d * 8
-    want = 4 * kd8 + 3 * rows * d * 4 + rows * d * 24 + (256 << 20)
-    assert refine_memory(k, d, rows) == lloyd.task_memory_bytes(k, d, rows) == want
-    assert 0.9e9 < want < 1.2e9
+    mem = refine_memory(k, d, rows)
+    assert mem == lloyd.task_memory_bytes(k, d, rows)
+    assert 0.9e9 < mem < 1.2e9  # the "~1 GB per refine task" configs/laion.yaml states
     assert refine_memory(k, d) == refine_memory(k, d, DEFAULT_BLOCK_ROWS)
-    assert refine_memory(2 * k, d, rows) - refine_memory(k, d, rows) == 4 * kd8  # grows with k*d
-    big = refine_memory(k, d, 100_000)  # chunks cap the temporaries, the block itself is counted whole
-    assert big - refine_memory(k, d, rows) == 3 * 90_000 * d * 4 + (lloyd.CHUNK_ROWS - rows) * d * 24
+    # more centroids or a larger block reserve more (the measured peak is in the test above)
+    assert refine_memory(2 * k, d, rows) > mem and refine_memory(k, d, 100_000) > mem
 
 
 def test_stops_on_iteration_cap_tolerance_and_fixed_point():
@@ -337,7 +335,7 @@ def test_assign_workers_get_the_output_dir_with_its_storage_options(ray_cluster,
 
 def test_config_defaults_and_validation():
     k = KMeansConfig()
-    assert (k.refine_iters, k.refine_tol, k.init, k.fit_num_cpus, k.refine_shards_per_task) == (0, 1e-4, "sample_faiss", None, 1)
+    assert (k.refine_iters, k.refine_tol, k.init, k.fit_num_cpus, k.refine_shards_per_task) == (0, 1e-4, "random", None, 1)
     for bad in ({"refine_iters": -1}, {"init": "forgy"}, {"refine_tol": -0.1}, {"fit_num_cpus": 0}):
         with pytest.raises(ConfigError, match="kmeans"):
             validate_config({"input": "x", "output": "y", "kmeans": bad})
@@ -425,3 +423,17 @@ def test_multinode_refinement_equals_in_process_reduce(pipeline_run, local_clust
     np.testing.assert_array_equal(ours, reference)
     assert [e["objective"] for e in meta["log"]] == [e["objective"] for e in ref_meta["log"]]
     assert meta["tasks_per_iteration"] == (len(shards) + 1) // 2
+
+
+def test_evaluate_prototypes_follow_init_and_refinement():
+    """evaluate fits its pool's prototypes as the prototype stage would: the configured seeding,
+    then the Lloyd refinement over the whole pool (one block) when asked."""
+    from prune import evaluation as ev
+    from prune.config import KMeansConfig
+
+    x = clustered(n=4000, d=16, k=12, spread=2.0, seed=7)
+    _, d_fit, m_fit = ev.prototypes(x, KMeansConfig(k=12, niter=2))
+    _, d_ref, m_ref = ev.prototypes(x, KMeansConfig(k=12, niter=2, refine_iters=6))
+    assert "refine" not in m_fit and m_ref["refine"]["iterations"] >= 1
+    assert d_ref.sum() < d_fit.sum()  # two faiss iterations leave room that refinement takes
+    assert ev.prototypes(x, KMeansConfig(k=12, niter=2, init="kmeans++"))[2]["init"] == "kmeans++"
