@@ -7,20 +7,37 @@ the CPU. The CPU-only path is exercised by the CLI test, which starts its own Ra
 
 from __future__ import annotations
 
+import glob
 import io
+import math
 import os
 import shutil
 import socket
 import tarfile
 import time
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 
+from prune import schema
 from prune.config import validate_config
 from prune.demo_shards import write_demo_shards, write_bad_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, a str
+
+
+def subprocess_env(**extra) -> dict:
+    """This environment for a child process, without RAY_ADDRESS (it would join whatever Ray that
+    names instead of the one the test means), plus `extra`."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | extra
+
+
+def n_keep(f: float, n: int) -> int:
+    """The select stage's counts rule: each group keeps round(f * n), halves up."""
+    return math.floor(f * n + 0.5)
 
 GOOD_SHARDS = 4
 PER_SHARD = 60
@@ -106,6 +123,54 @@ def run_copy(pipeline_run, tmp_path):
     dst = tmp_path / "out"
     shutil.copytree(pipeline_run["out"], dst)
     return dst
+
+
+# --- A run's outputs, read back ---------------------------------------------------------------------
+
+
+def read_scores(out) -> pa.Table:
+    """All score files of the run in `out`, in shard order."""
+    return pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{out}/scores/*.parquet")))
+
+
+def pruned_tars(out) -> list[str]:
+    return sorted(glob.glob(f"{out}/pruned/*.tar"))
+
+
+def tar_members(path) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every file member, in tar order."""
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def read_pruned(out) -> dict[str, list[tuple[str, bytes]]]:
+    """Pruned tar name -> its members (see `tar_members`), in name order."""
+    return {os.path.basename(p): tar_members(p) for p in pruned_tars(out)}
+
+
+COMPARED_SCORE_COLUMNS = [schema.KEY, schema.SHARD, schema.STATUS, schema.CLUSTER, schema.DISTANCE, schema.KEEP, schema.BAND]
+
+
+def assert_same_results(out, ref) -> None:
+    """Same embeddings, centroids, scores and pruned shards (member bytes, order and names)."""
+    np.testing.assert_array_equal(np.load(f"{out}/prototypes/centroids.npy"), np.load(f"{ref}/prototypes/centroids.npy"))
+    names = sorted(os.listdir(f"{ref}/embeddings"))
+    assert sorted(os.listdir(f"{out}/embeddings")) == names
+    for name in names:
+        assert pq.read_table(f"{out}/embeddings/{name}").equals(pq.read_table(f"{ref}/embeddings/{name}")), name
+    assert read_scores(out).select(COMPARED_SCORE_COLUMNS).equals(read_scores(ref).select(COMPARED_SCORE_COLUMNS))
+    assert read_pruned(out) == read_pruned(ref)
+    for name in ("sizes.json", "bands.json"):
+        assert open(f"{out}/pruned/{name}").read() == open(f"{ref}/pruned/{name}").read()
+
+
+def embed_actor_nodes() -> dict[str, set[str]]:
+    """node id -> states of the embed actors it held in this cluster's life (dead ones included)."""
+    nodes: dict[str, set[str]] = {}
+    for actor in ray._private.state.actors().values():
+        if "EmbedActor" in actor["ActorClassName"]:
+            nodes.setdefault(actor["Address"]["NodeID"], set()).add(actor["State"])
+    return nodes
 
 
 # --- Tests that need a Ray of their own (multi-node clusters, the S3 module's runtime_env) ---------

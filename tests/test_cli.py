@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .conftest import REPO, subprocess_env
+
 CLI = [sys.executable, "-m", "pipelines.cli"]
 
 
 def _run(args, tmp_path, **env):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    full_env |= {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")} | env
+    full_env = subprocess_env(**{"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")} | env)
     return subprocess.run(CLI + args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
 
 

@@ -22,8 +22,9 @@ import yaml
 from prune import capacity
 from prune.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "cluster"
+from .conftest import REPO
+
+CLUSTER = Path(REPO, "cluster")
 
 
 def _load(path):
@@ -54,7 +55,7 @@ def dockerfile():
 def _project_version() -> str:
     import tomllib
 
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    return tomllib.loads(Path(REPO, "pyproject.toml").read_text())["project"]["version"]
 
 
 def _image_home(dockerfile: str) -> str:
@@ -62,7 +63,7 @@ def _image_home(dockerfile: str) -> str:
 
 
 def _laion():
-    return load_config(str(ROOT / "configs" / "laion.yaml"), ["input=x", "output=y"])
+    return load_config(os.path.join(REPO, "configs", "laion.yaml"), ["input=x", "output=y"])
 
 
 # ------------------------------------------------------------------ the cluster launcher (AWS)
@@ -119,7 +120,7 @@ def test_aws_image_and_mounts(aws, dockerfile):
     image = aws["docker"]["image"]
     assert image.rsplit("/", 1)[-1] == f"ssl-prune:{_project_version()}"
     for remote, local in aws["file_mounts"].items():
-        assert (ROOT / local).exists(), local
+        assert Path(REPO, local).exists(), local
         assert remote.startswith(_image_home(dockerfile))
     weights_mount = [o for o in aws["docker"]["run_options"] if o.startswith("-v ")]
     assert any(f":{_hf_home(dockerfile)}:" in o for o in weights_mount)
@@ -210,7 +211,7 @@ def _entrypoint(rayjob, dockerfile):
     config, overrides = argv[2], argv[3:]
     home = _image_home(dockerfile)
     assert config.startswith(home + "/"), f"{config} is not in the image's {home}"
-    return ROOT / os.path.relpath(config, home), overrides
+    return Path(REPO, os.path.relpath(config, home)), overrides
 
 
 def test_rayjob_entrypoint_is_a_valid_run(rayjob, raycluster, dockerfile):
@@ -259,14 +260,14 @@ def test_dockerfile_base_is_rays_image_of_the_installed_version(dockerfile):
 
 
 def test_dockerfile_installs_the_package_and_the_pinned_torch(dockerfile):
-    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    setup = Path(REPO, "scripts", "setup.sh").read_text()
     for name, var in (("TORCH_VERSION", "TORCH_VERSION"), ("TORCHVISION_VERSION", "TORCHVISION_VERSION")):
         pinned = re.search(rf"\${{{var}:-([^}}]+)}}", setup).group(1)
         assert _arg(dockerfile, name) == pinned
     assert re.search(r"pip install [^\n]*--no-cache-dir \.(\s|$)", dockerfile)  # the package, not editable
     for src in ("pyproject.toml", "prune", "pipelines", "configs", "models"):
         assert re.search(rf"^COPY [^\n]*\b{re.escape(src)}\b", dockerfile, re.M), src
-        assert (ROOT / src).exists()
+        assert Path(REPO, src).exists()
     assert "HF_HUB_OFFLINE=1" in dockerfile  # weights come from the cache, never the network
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
     assert ".venv" in ignore and ".git" in ignore

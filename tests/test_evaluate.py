@@ -27,10 +27,7 @@ from prune.demo_shards import encode_image, tar_bytes, write_demo_shards
 from prune.shards import TarSample
 from prune.storage import OutputDir
 
-
-def n_keep(f: float, n: int) -> int:
-    """The select stage's counts rule: each group keeps round(f * n), halves up."""
-    return math.floor(f * n + 0.5)
+from .conftest import REPO, n_keep
 
 
 # --- labels ------------------------------------------------------------------------------------
@@ -271,7 +268,7 @@ def test_augmentation_only_shifts_and_flips_and_is_seeded():
 def test_shipped_config_is_the_full_grid():
     from prune.config import load_config
 
-    shipped = Path(__file__).resolve().parent.parent / "configs" / "evaluate_fmnist.yaml"
+    shipped = Path(REPO, "configs", "evaluate_fmnist.yaml")
     cfg = load_config(str(shipped), ["evaluate.pool_size=5000"], EvaluateConfig)
     assert cfg.evaluate.keep_fractions == [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0] and cfg.evaluate.seeds == [0, 1, 2]
     assert cfg.evaluate.policies == ["hard", "easy", "random", "balanced-hard", "balanced-easy"]

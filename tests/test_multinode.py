@@ -7,56 +7,13 @@ a multi-node run gives byte-identical outputs to the session's single-node run o
 
 from __future__ import annotations
 
-import glob
-import os
-import tarfile
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
-from prune import schema
 from prune.config import validate_config
 
-from .conftest import free_ports, small_config
-
-COMPARED_SCORE_COLUMNS = [schema.KEY, schema.SHARD, schema.STATUS, schema.CLUSTER, schema.DISTANCE, schema.KEEP, schema.BAND]
-
-
-def _scores(out) -> pa.Table:
-    return pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{out}/scores/*.parquet")))
-
-
-def _pruned(out) -> dict[str, list[tuple[str, bytes]]]:
-    result = {}
-    for path in sorted(glob.glob(f"{out}/pruned/*.tar")):
-        with tarfile.open(path) as tar:
-            result[os.path.basename(path)] = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-    return result
-
-
-def assert_same_results(out, ref) -> None:
-    """Same embeddings, centroids, scores and pruned shards (member bytes, order and names)."""
-    np.testing.assert_array_equal(np.load(f"{out}/prototypes/centroids.npy"), np.load(f"{ref}/prototypes/centroids.npy"))
-    names = sorted(os.listdir(f"{ref}/embeddings"))
-    assert sorted(os.listdir(f"{out}/embeddings")) == names
-    for name in names:
-        assert pq.read_table(f"{out}/embeddings/{name}").equals(pq.read_table(f"{ref}/embeddings/{name}")), name
-    assert _scores(out).select(COMPARED_SCORE_COLUMNS).equals(_scores(ref).select(COMPARED_SCORE_COLUMNS))
-    assert _pruned(out) == _pruned(ref)
-    for name in ("sizes.json", "bands.json"):
-        assert open(f"{out}/pruned/{name}").read() == open(f"{ref}/pruned/{name}").read()
-
-
-def embed_actor_nodes() -> dict[str, set[str]]:
-    """node id -> states of the embed actors it held in this cluster's life (dead ones included)."""
-    nodes: dict[str, set[str]] = {}
-    for actor in ray._private.state.actors().values():
-        if "EmbedActor" in actor["ActorClassName"]:
-            nodes.setdefault(actor["Address"]["NodeID"], set()).add(actor["State"])
-    return nodes
+from .conftest import assert_same_results, embed_actor_nodes, free_ports, small_config
 
 
 def gpu_node_ids() -> set[str]:

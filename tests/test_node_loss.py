@@ -17,22 +17,9 @@ import yaml
 
 from prune import schema
 
-from .conftest import small_config
-from .test_multinode import _pruned, _scores, assert_same_results
+from .conftest import REPO, assert_same_results, embed_actor_nodes, read_pruned, read_scores, small_config, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TIMEOUT_S = 300
-
-
-def _alive_embed_actor_node() -> str | None:
-    for actor in ray._private.state.actors().values():
-        if "EmbedActor" in actor["ActorClassName"] and actor["State"] == "ALIVE":
-            return actor["Address"]["NodeID"]
-    return None
-
-
-def _env(**extra) -> dict:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": REPO} | extra
 
 
 def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, shards_dir, local_cluster, tmp_path):
@@ -48,13 +35,13 @@ def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, s
     log_path = tmp_path / "run.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config)], cwd=REPO,
-                                env=_env(RAY_ADDRESS=cluster.address), stdout=log, stderr=subprocess.STDOUT)
+                                env=subprocess_env(PYTHONPATH=REPO, RAY_ADDRESS=cluster.address), stdout=log, stderr=subprocess.STDOUT)
     try:
         killed = None
         deadline = time.time() + RUN_TIMEOUT_S
         while proc.poll() is None and time.time() < deadline:
             if killed is None and glob.glob(f"{out}/{schema.EMBEDDINGS_DIR}/*.parquet"):
-                node_id = _alive_embed_actor_node()
+                node_id = next((n for n, states in embed_actor_nodes().items() if "ALIVE" in states), None)
                 victim = next((w for w in workers if w.node_id == node_id), None)
                 if victim is not None:
                     cluster.remove_node(victim, allow_graceful=False)
@@ -79,10 +66,10 @@ def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, s
     manifest = json.loads((out / schema.MANIFEST).read_text())
     assert manifest["ray"] == f"address:{cluster.address}"
     assert manifest["counts"] == json.loads((pipeline_run["out"] / schema.MANIFEST).read_text())["counts"]
-    scores = _scores(out)
+    scores = read_scores(out)
     ids = list(zip(scores.column(schema.SHARD).to_pylist(), scores.column(schema.KEY).to_pylist()))
     assert len(ids) == len(set(ids))
-    members = [name for tar in _pruned(out).values() for name, _ in tar]
+    members = [name for tar in read_pruned(out).values() for name, _ in tar]
     assert len(members) == len(set(members))
     assert_same_results(out, pipeline_run["out"])
     assert not os.path.exists(f"{out}/{schema.STAGING_DIR}")

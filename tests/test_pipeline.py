@@ -5,11 +5,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tarfile
 from collections import Counter
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import webdataset as wds
@@ -18,20 +16,7 @@ from prune import schema
 from prune.config import validate_config
 from prune.shards import read_shard, split_member_name
 
-from .conftest import small_config
-
-
-def _scores(out) -> pa.Table:
-    return pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{out}/scores/*.parquet")))
-
-
-def _tar_members(path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-
-
-def _pruned_tars(out) -> list[str]:
-    return sorted(glob.glob(f"{out}/pruned/*.tar"))
+from .conftest import pruned_tars, read_scores, small_config, tar_members
 
 
 def _expected_samples(shards_dir) -> dict[str, list]:
@@ -62,7 +47,7 @@ def test_accounting_identity_and_failure_reasons(pipeline_run, shards_dir):
 
 def test_scores_one_row_per_sample_with_reasons(pipeline_run, shards_dir):
     out = pipeline_run["out"]
-    scores = _scores(out).to_pylist()
+    scores = read_scores(out).to_pylist()
     by_id = {(r[schema.SHARD], r[schema.KEY]): r for r in scores}
     assert len(by_id) == len(scores)
     for shard, samples in _expected_samples(shards_dir).items():
@@ -104,12 +89,12 @@ def test_pruned_members_are_byte_identical_and_adjacent(pipeline_run, shards_dir
         for s in samples:
             source |= {(shard, info.name): data for info, data in s.members}
             n_members[(shard, s.key)] = len(s.members)
-    kept = {(r[schema.SHARD], r[schema.KEY]) for r in _scores(out).to_pylist() if r[schema.KEEP]}
+    kept = {(r[schema.SHARD], r[schema.KEY]) for r in read_scores(out).to_pylist() if r[schema.KEEP]}
     seen, compared = set(), 0
-    for tar_path in _pruned_tars(out):
+    for tar_path in pruned_tars(out):
         meta = pq.read_table(tar_path[:-4] + ".parquet").to_pylist()
         keys_in_order = []
-        for name, data in _tar_members(tar_path):
+        for name, data in tar_members(tar_path):
             key = split_member_name(name)[0]
             if not keys_in_order or keys_in_order[-1] != key:
                 keys_in_order.append(key)
@@ -129,7 +114,7 @@ def test_pruned_members_are_byte_identical_and_adjacent(pipeline_run, shards_dir
 def test_pruned_shards_read_by_webdataset_and_ray(pipeline_run):
     out = pipeline_run["out"]
     sizes = json.load(open(f"{out}/pruned/sizes.json"))
-    tars = _pruned_tars(out)
+    tars = pruned_tars(out)
     assert sorted(sizes) == [os.path.basename(t) for t in tars]
     total = sum(sizes.values())
     assert total == pipeline_run["manifest"]["counts"]["kept"]
@@ -146,7 +131,7 @@ def test_pruned_shards_read_by_webdataset_and_ray(pipeline_run):
 def test_band_prefixes_are_smaller_selections(pipeline_run):
     out = pipeline_run["out"]
     bands = json.load(open(f"{out}/pruned/bands.json"))["bands"]
-    scores = [r for r in _scores(out).to_pylist() if r[schema.STATUS] == schema.STATUS_OK]
+    scores = [r for r in read_scores(out).to_pylist() if r[schema.STATUS] == schema.STATUS_OK]
     per_cluster = Counter(r[schema.CLUSTER] for r in scores)
     shards_so_far = []
     for b in bands:
@@ -177,7 +162,7 @@ def test_nothing_is_written_outside_the_output_directory(ray_cluster, shards_dir
     assert snapshot(os.getcwd()) == before_cwd
     assert not os.path.exists("/abs/evil.jpg")
     assert not glob.glob(f"{out}/{schema.STAGING_DIR}")  # scratch removed when done
-    names = [m for t in _pruned_tars(out) for m, _ in _tar_members(t)]
+    names = [m for t in pruned_tars(out) for m, _ in tar_members(t)]
     assert names and not any("escape" in n or "evil" in n for n in names)
 
 
@@ -190,7 +175,7 @@ def test_rerun_resumes_everything_and_changes_nothing(pipeline_run, run_copy):
     assert st["embed"]["shards_reused"] == st["embed"]["shards_total"] and st["embed"]["shards_embedded"] == 0
     assert st["prototypes"]["reused"] and st["assign"]["shards_assigned"] == 0 and st["write"]["reused"]
     assert manifest["counts"] == pipeline_run["manifest"]["counts"]
-    assert _scores(run_copy).equals(_scores(pipeline_run["out"]))
+    assert read_scores(run_copy).equals(read_scores(pipeline_run["out"]))
 
 
 def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy):
@@ -201,16 +186,16 @@ def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy
     os.remove(sorted(glob.glob(f"{run_copy}/embeddings/*.parquet"))[1])
     os.remove(sorted(glob.glob(f"{run_copy}/scores/*.parquet"))[2])
     os.rename(f"{run_copy}/pruned/{schema.STAGE_MARKER}", f"{run_copy}/pruned/{schema.PENDING_MARKER}")
-    kept_tar = _pruned_tars(run_copy)[0]
+    kept_tar = pruned_tars(run_copy)[0]
     kept_mtime = os.stat(kept_tar).st_mtime_ns
-    os.remove(_pruned_tars(run_copy)[-1])
+    os.remove(pruned_tars(run_copy)[-1])
     cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy))
     manifest = run(cfg)
     assert manifest["stages"]["embed"]["shards_embedded"] == 1
     assert manifest["counts"] == pipeline_run["manifest"]["counts"]
-    assert _scores(run_copy).equals(_scores(pipeline_run["out"]))
-    for a, b in zip(_pruned_tars(run_copy), _pruned_tars(pipeline_run["out"]), strict=True):
-        assert _tar_members(a) == _tar_members(b)
+    assert read_scores(run_copy).equals(read_scores(pipeline_run["out"]))
+    for a, b in zip(pruned_tars(run_copy), pruned_tars(pipeline_run["out"]), strict=True):
+        assert tar_members(a) == tar_members(b)
     assert os.stat(kept_tar).st_mtime_ns == kept_mtime  # finished shards were not rewritten
     assert not os.path.exists(f"{run_copy}/pruned/{schema.PENDING_MARKER}")
 
@@ -224,14 +209,14 @@ def test_new_selection_reuses_embeddings_and_prototypes(pipeline_run, run_copy):
     assert st["embed"]["shards_embedded"] == 0 and st["prototypes"]["reused"] and st["assign"]["shards_assigned"] == 0
     n_ok = easy["counts"]["kept"] + easy["counts"]["pruned"]
     assert easy["counts"]["kept"] == int(np.floor(0.3 * n_ok + 0.5))
-    easy_kept = [r[schema.DISTANCE] for r in _scores(run_copy).to_pylist() if r[schema.KEEP]]
-    easy_pruned = [r[schema.DISTANCE] for r in _scores(run_copy).to_pylist() if r[schema.STATUS] == "ok" and not r[schema.KEEP]]
+    easy_kept = [r[schema.DISTANCE] for r in read_scores(run_copy).to_pylist() if r[schema.KEEP]]
+    easy_pruned = [r[schema.DISTANCE] for r in read_scores(run_copy).to_pylist() if r[schema.STATUS] == "ok" and not r[schema.KEEP]]
     assert max(easy_kept) <= min(easy_pruned)
     hard = run(validate_config(small_config(base, run_copy, **{"select.policy": "hard", "select.balanced": False, "select.keep_fraction": 0.3})))
-    hard_kept = [r[schema.DISTANCE] for r in _scores(run_copy).to_pylist() if r[schema.KEEP]]
+    hard_kept = [r[schema.DISTANCE] for r in read_scores(run_copy).to_pylist() if r[schema.KEEP]]
     assert hard["counts"]["kept"] == easy["counts"]["kept"]
     assert min(hard_kept) >= max(easy_kept)  # global 30% from each end of the distance order
-    assert len(_pruned_tars(run_copy)) == hard["counts"]["output_shards"]
+    assert len(pruned_tars(run_copy)) == hard["counts"]["output_shards"]
 
 
 def test_same_shard_names_from_another_input_are_not_reused(pipeline_run, run_copy, shards_dir, tmp_path):

@@ -24,9 +24,8 @@ import uuid
 import pytest
 import yaml
 
-from .conftest import free_ports, small_config
+from .conftest import REPO, free_ports, small_config, subprocess_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
 RAY = os.path.join(VENV_BIN, "ray")
 # the working dir is uploaded to the cluster: leave out what the job does not need (there is a
@@ -42,7 +41,7 @@ TOKEN = uuid.uuid4().hex + uuid.uuid4().hex
 
 def _env() -> dict:
     """This environment as an activated venv would have it, without any Ray address."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("RAY_AUTH_")}
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     # SIGTERM ends a `ray start --block` head at once instead of draining it first (up to 30 s)
     return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}

@@ -17,21 +17,20 @@ import sys
 import tarfile
 import textwrap
 
+import boto3
+import moto  # noqa: F401  (tests/s3_server.py runs its server)
 import pyarrow.parquet as pq
 import pytest
 import ray
+import s3fs
 
 from prune import schema
 from prune.config import validate_config
 from prune.shards import iter_tar_samples
 from prune.storage import OutputDir, list_input_shards
 
-from .conftest import small_config, start_session_ray
+from .conftest import REPO, small_config, start_session_ray
 from .s3_server import S3Server
-
-s3fs = pytest.importorskip("s3fs")
-boto3 = pytest.importorskip("boto3")
-pytest.importorskip("moto")
 
 BUCKET = "ssl-prune-test"
 
@@ -170,7 +169,7 @@ def test_killed_writer_leaves_no_object(s3):
             os._exit(9)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO)
     assert proc.returncode == 9
     assert keys(s3, "storage/killed/") == []
     # the started upload stays invisible until aborted (a bucket lifecycle rule does that on S3)

@@ -7,8 +7,6 @@ shard); `brute_force` sorts every group's priorities at once. They must agree sa
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -23,6 +21,8 @@ from prune.selection import (
     plan_cuts,
     priorities,
 )
+
+from .conftest import n_keep
 
 
 def make_shards(n_shards=5, per_shard=(300, 900), k=6, seed=0, dist=None):
@@ -67,10 +67,6 @@ def select_like_the_pipeline(shards, policy, f, step, seed=0, balanced=False, k=
 
 def concat(results, name):
     return np.concatenate([r[name] for r in results])
-
-
-def n_keep(f, n):
-    return math.floor(f * n + 0.5)
 
 
 def brute_force_top(prio, groups, f):

@@ -20,7 +20,8 @@ from prune.embedders import check_weights, make_embedder
 from prune.fashion_mnist import load_fashion_mnist
 from prune.probes import accuracy, knn_predict
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .conftest import REPO
+
 SHIPPED = os.path.join(REPO, "models", "fmnist-simclr")
 
 
