@@ -12,7 +12,9 @@ from prune import capacity
 from prune.capacity import Assumptions, Cluster, GPUS, MODELS
 from prune.kmeans import default_k
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
+ROOT = Path(REPO)
 B32, L14 = MODELS["ViT-B-32"], MODELS["ViT-L-14"]
 
 

@@ -213,11 +213,11 @@ def test_imports_and_fits_on_a_faiss_without_init_methods():
     the default (random) fit must work there; only kmeans++ fails, saying which setting and faiss."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-c", OLD_FAISS], cwd=root, capture_output=True, text=True, timeout=120,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)})
+    from .conftest import REPO
+
+    r = subprocess.run([sys.executable, "-c", OLD_FAISS], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": REPO})
     assert r.returncode == 0, r.stderr
     assert "kmeans.init" in r.stdout and f"faiss {faiss.__version__}" in r.stdout and "kmeans.init: random" in r.stdout
 
