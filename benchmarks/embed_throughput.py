@@ -6,11 +6,11 @@ Measures, in one run, on the same Fashion-MNIST demo shards and the same random-
 1. naive: one process reads the tars with `tarfile`, decodes with PIL, applies open_clip's own
    eval transform and calls `model.encode_image` in fp32, batch by batch (what a user would
    write first; the baseline the issue asks the pipeline to beat by 2x);
-2. pipeline: `pipelines.embed_stage.run_embed` on a local Ray (read tasks -> decode tasks ->
+2. pipeline: the embed stage (`pipelines/stages/embed.py`) on a local Ray (read tasks -> decode tasks ->
    embed actor -> parquet), timed from after `ray.init` to the last `embeddings/*.parquet`, so
    it includes worker start-up and the model load in the actor (reported separately, from
    Ray's timeline, with the summed time of every kind of task, to show where time goes);
-3. embedder alone: `prune.decode` + `prune.embedders.make_embedder` in this process, fp32 and
+3. embedder alone: `prune.embed.decode` + `prune.embed.backends.make_embedder` in this process, fp32 and
    bf16 (weights cast once, autocast for the rest: what the actors do), to show where speed
    comes from and where it is lost.
 
@@ -44,14 +44,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipelines.cli.config import RunConfig
+from pipelines.runtime import RayConfig
 from prune import schema
-from prune.capacity import image_gflops
-from prune.config import DecodeConfig, EmbedConfig, RayConfig, RunConfig
-from prune.decode import decode_batch
-from prune.demo_shards import write_demo_shards
-from prune.embedders import cpu_supports_bf16, make_embedder, resolve_precision
-from prune.shards import read_shard
-from prune.storage import OutputDir
+from prune.demo.shards import write_demo_shards
+from prune.embed.backends import cpu_supports_bf16, make_embedder, resolve_precision
+from prune.embed.decode import decode_batch
+from prune.embed.settings import DecodeConfig, EmbedConfig
+from prune.io.shards import read_shard
+from prune.io.storage import OutputDir
+from prune.plan.capacity import image_gflops
 
 EXTS = ["jpg", "jpeg", "png", "webp"]
 
@@ -161,7 +163,7 @@ def run_naive(tars, model_name: str, seed: int, batch_size: int) -> dict:
 
 
 def run_embedder(tars, embed_cfg: EmbedConfig, batch_size: int) -> dict:
-    """prune.decode + the pipeline's embedder, in this process, batch by batch."""
+    """prune.embed.decode + the pipeline's embedder, in this process, batch by batch."""
     t0 = time.perf_counter()
     with quiet():
         emb = make_embedder(embed_cfg, "cpu")
@@ -204,9 +206,11 @@ def timeline_breakdown() -> dict:
 def run_pipeline(shards_dir: str, out_dir: str, args, threads: int) -> dict:
     import ray
 
-    from pipelines.embed_stage import run_embed
-    from pipelines.run import resolve_shards
+    from pipelines.executor import stage_fingerprint
+    from pipelines.inputs import resolve_shards
     from pipelines.runtime import connect
+    from pipelines.stage import Context
+    from pipelines.stages.embed import EmbedStage
 
     cfg = RunConfig(
         input=shards_dir, output=out_dir,
@@ -228,7 +232,10 @@ def run_pipeline(shards_dir: str, out_dir: str, args, threads: int) -> dict:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     busy0, own0 = cpu_seconds()
     t0 = time.perf_counter()
-    run_embed(cfg, OutputDir(out_dir), resolve_shards(shards_dir))
+    stage = EmbedStage.from_config(cfg)
+    run_ctx = Context(OutputDir(out_dir), resolve_shards(shards_dir))
+    run_ctx.fingerprint = stage_fingerprint(stage, "", run_ctx)
+    stage.run(run_ctx)
     wall = time.perf_counter() - t0
     busy1, own1 = cpu_seconds()  # before shutdown: the Ray workers must still be alive to count
     others = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
@@ -285,7 +292,7 @@ def main() -> None:
                 run_embedder, tars, base.model_copy(update={"precision": "fp32"}), args.batch_size)
             results["embedder in-process, bf16 weights + autocast (as pipeline)"] = measured(
                 run_embedder, tars, base.model_copy(update={"precision": "bf16"}), args.batch_size)
-        pipe = results["pipeline: run_embed on Ray (1 actor)"] = run_pipeline(
+        pipe = results["pipeline: embed stage on Ray (1 actor)"] = run_pipeline(
             shards_dir, os.path.join(tmp, "out"), args, args.threads)
 
     n = len(naive["keys"])

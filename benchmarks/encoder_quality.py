@@ -17,13 +17,13 @@ import time
 import numpy as np
 
 from prune import schema
-from prune.config import EmbedConfig
-from prune.decode import PreprocessSpec, decode_image
-from prune.embedders import make_embedder
-from prune.evaluation import LABEL_MEMBER, parse_label
-from prune.probes import accuracy, knn_predict, linear_probe
-from prune.shards import read_shard
-from prune.storage import list_input_shards
+from prune.embed.backends import make_embedder
+from prune.embed.decode import PreprocessSpec, decode_image
+from prune.embed.settings import EmbedConfig
+from prune.evaluate import LABEL_MEMBER, parse_label
+from prune.evaluate.probes import accuracy, knn_predict, linear_probe
+from prune.io.shards import read_shard
+from prune.io.storage import list_input_shards
 
 
 def load(spec_in: str, embed_spec: PreprocessSpec, raw_size: int):

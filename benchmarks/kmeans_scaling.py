@@ -1,9 +1,9 @@
-"""Distributed Lloyd refinement (prune/lloyd.py through the pipeline's Ray tasks) beside faiss.
+"""Distributed Lloyd refinement (prune/cluster/lloyd.py through the pipeline's Ray tasks) beside faiss.
 
 For each data size, synthetic clustered unit vectors are written as the pipeline's embeddings
 files (`embeddings/NNNNN.parquet`, 10,000 float16 rows each, like a LAION shard), and:
 
-- ours: `pipelines.score_stage.refine_all`, the code `ssl-prune run` uses with
+- ours: `pipelines.stages.prototypes.refine_all`, the code `ssl-prune run` uses with
   `kmeans.refine_iters > 0`. Every iteration puts the centroids in the object store once and
   runs one Ray task (1 CPU) per shard that reads the Parquet file, decodes float16 and computes
   the block statistics with a faiss IndexFlatIP search; the driver reduces and updates. So its
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 
 import faiss
@@ -34,16 +33,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipelines.score_stage import refine_all  # noqa: E402
-from prune import lloyd, schema  # noqa: E402
-from prune.config import KMeansConfig  # noqa: E402
-from prune.kmeans import fit_spherical_kmeans, l2_normalize  # noqa: E402
-from prune.storage import OutputDir  # noqa: E402
-
 from embed_throughput import cpu_seconds as machine_and_own_cpu_seconds  # noqa: E402  (same folder)
+
+from pipelines.stages.prototypes import refine_all
+from prune import schema
+from prune.cluster import lloyd
+from prune.cluster.kmeans import fit_spherical_kmeans, l2_normalize
+from prune.cluster.settings import KMeansConfig
+from prune.io.storage import OutputDir
 
 SHARD_ROWS = 10_000
 
@@ -113,7 +110,8 @@ def run_ours(case: dict, iters: int) -> tuple[np.ndarray, dict]:
         case["cpu"].append(now - last[0])
         last[0] = now
 
-    return refine_all(kc, case["out"], case["shards"], case["c0"], on_iteration=tick)
+    centroids, meta = refine_all(kc, case["out"], case["shards"], case["c0"], {}, on_iteration=tick)
+    return centroids, meta["refine"]
 
 
 def run_faiss(case: dict, iters: int, init: np.ndarray | None) -> np.ndarray:

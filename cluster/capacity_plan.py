@@ -7,8 +7,8 @@
     python cluster/capacity_plan.py --measure-decode --measure-flops   # re-measure on this machine
     python cluster/capacity_plan.py --kmeans-device gpu --assign-device gpu   # what GPU k-means would give
 
-Every rate is an estimate (see prune/capacity.py for where each default comes from); plug in your
-own cluster, prices and measured rates. The formulas live in `prune/capacity.py`.
+Every rate is an estimate (see prune/plan/capacity.py for where each default comes from); plug in your
+own cluster, prices and measured rates. The formulas live in `prune/plan/capacity.py`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from prune import capacity  # noqa: E402
+from prune.plan import capacity
 
 DATASETS = {"LAION-400M": 400_000_000, "LAION-2B": 2_320_000_000}  # LAION-2B-en: 2.32B pairs
 
@@ -65,8 +64,8 @@ def _sample_jpegs(count: int = 200, seed: int = 0) -> list[bytes]:
 
 
 def measure_decode(repeats: int = 3) -> tuple[float, float]:
-    """(images/s on one CPU, mean JPEG KB) of prune.decode.decode_image to a 224 crop."""
-    from prune.decode import PreprocessSpec, decode_image
+    """(images/s on one CPU, mean JPEG KB) of prune.embed.decode.decode_image to a 224 crop."""
+    from prune.embed.decode import PreprocessSpec, decode_image
 
     blobs = _sample_jpegs()
     spec = PreprocessSpec()
@@ -116,7 +115,7 @@ def main(argv=None) -> int:
     cluster = capacity.with_overrides(capacity.Cluster(), **{f: v[f] for f in capacity.Cluster.__dataclass_fields__ if f in v})
     assume = capacity.Assumptions()
     if args.config:  # the run's own k-means and select settings, unless a flag says otherwise
-        from prune.config import load_config
+        from pipelines.cli.config import load_config
 
         run = load_config(args.config, ["input=unused", "output=unused"])
         km = run.kmeans

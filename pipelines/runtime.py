@@ -12,11 +12,20 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import ray
+from pydantic import Field
 
-from prune.config import RayConfig
+from prune.settings import Section
+
+
+class RayConfig(Section):
+    """The `ray` section: which cluster to join, or how to start a local one."""
+
+    address: Optional[str] = None  # None: RAY_ADDRESS, then a running cluster, then a new local one
+    num_cpus: Optional[int] = Field(None, ge=1)  # only for a new local cluster
+    object_store_memory: Optional[int] = Field(None, ge=78_643_200)
 
 
 def connect(cfg: RayConfig) -> str:

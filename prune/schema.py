@@ -50,6 +50,16 @@ PERCENTILE = "percentile"  # share of the selection group (all, or the cluster) 
 KEEP = "keep"
 BAND = "band"  # index of the distance band the kept sample is written in; -1 if not kept
 
+# --- columns of rows in flight (Ray Data, between read, decode and embed; never written) ---
+IMAGE = "image"  # the image member's bytes, as read from the tar
+PIXELS = "pixels"  # the decoded uint8 crop [size, size, 3] the model's preprocessing asks for
+
+# --- selection policies shipped with the package (prune/select/policies.py registers them) ---
+POLICY_HARD = "hard"  # far from the prototype first (the paper's choice when data is abundant)
+POLICY_EASY = "easy"  # near the prototype first (scarce data)
+POLICY_RANDOM = "random"  # a seeded hash: the baseline every policy must beat
+BALANCED_PREFIX = "balanced-"  # `evaluate`'s name for a policy applied within each cluster
+
 # --- parquet schema metadata: what made a per-shard file, so a re-run knows it is done ---
 META_EMBED_FINGERPRINT = b"ssl_prune_fingerprint"  # embeddings: settings that made them
 META_MODEL_ID = b"model_id"  # embeddings
@@ -74,6 +84,11 @@ BANDS_FILE = "bands.json"  # which pruned shards make up each smaller keep fract
 STATS_SUFFIX = "_stats.json"
 
 IMAGE_EXTENSIONS_DEFAULT = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_file(shard: str, ext: str = "parquet") -> str:
+    """A per-shard output's file name: embeddings/, scores/ and the pruned parquet use `NNNNN.parquet`."""
+    return f"{shard}.{ext}"
 
 
 def shard_id_of(path: str) -> str:

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from pipelines.cli.config import validate_config
 from prune import schema
-from prune.config import validate_config
-from prune.demo_shards import write_demo_shards, write_bad_shards
+from prune.demo.shards import write_bad_shards, write_demo_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, a str
 
@@ -109,7 +109,7 @@ def _more_bad_shards(d, good_tar) -> dict:
 @pytest.fixture(scope="session")
 def pipeline_run(ray_cluster, shards_dir, tmp_path_factory):
     """One complete run over good and bad shards; tests that change outputs work on a copy."""
-    from pipelines.run import run
+    from pipelines.cli import run
 
     out = tmp_path_factory.mktemp("run") / "out"
     cfg = validate_config(small_config(shards_dir["dir"], out))

@@ -1,5 +1,6 @@
 """The capacity plan's formulas: relationships between inputs and outputs, not fixed numbers."""
 
+import importlib.util
 import math
 import subprocess
 import sys
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from prune import capacity
-from prune.capacity import Assumptions, Cluster, GPUS, MODELS
-from prune.kmeans import default_k
+from prune.cluster.kmeans import default_k
+from prune.plan import capacity
+from prune.plan.capacity import GPUS, MODELS, Assumptions, Cluster
 
 from .conftest import REPO
 
@@ -163,11 +164,9 @@ def test_assign_on_gpus_uses_every_gpu():
 
 def test_model_flops_table_matches_flop_counter():
     """The GFLOPs in MODELS are what FlopCounterMode counts with grad on (ViT-B-32: a second or two)."""
-    sys.path.insert(0, str(ROOT / "cluster"))
-    try:
-        import capacity_plan
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("capacity_plan", ROOT / "cluster" / "capacity_plan.py")
+    capacity_plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capacity_plan)
     assert capacity_plan.measure_flops("ViT-B-32") == pytest.approx(B32.gflops_per_image, rel=1e-3)
 
 

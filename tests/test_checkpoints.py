@@ -8,10 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from prune.checkpoints import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, build_model, load_encoder, save_encoder
-from prune.config import EmbedConfig
-from prune.decode import PreprocessSpec
-from prune.embedders import WeightsNotFoundError, check_weights, make_embedder, model_id_for, preprocess_spec_for
+from prune.embed.backends import (
+    WeightsNotFoundError,
+    check_weights,
+    make_embedder,
+    model_id_for,
+    preprocess_spec_for,
+)
+from prune.embed.checkpoints import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    build_model,
+    load_encoder,
+    save_encoder,
+)
+from prune.embed.decode import PreprocessSpec
+from prune.embed.settings import EmbedConfig
 
 ARCH, KW = "resnet18", {"in_chans": 3}
 SPEC = PreprocessSpec(size=64, mean=(0.286,) * 3, std=(0.353,) * 3, interpolation="bilinear")
@@ -46,7 +59,7 @@ def test_local_backend_embeds_with_the_checkpoints_preprocessing(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     vecs = emb.embed(pixels)
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    from prune.decode import normalize
+    from prune.embed.decode import normalize
 
     with torch.inference_mode():
         ref = torch.nn.functional.normalize(model.eval()(normalize(pixels, SPEC)), dim=-1).numpy()
@@ -78,7 +91,7 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
 
 
 def test_small_resnet_is_a_timm_architecture_for_small_images(tmp_path):
-    """prune/models.py registers it with timm, so a checkpoint names it like any timm model."""
+    """prune/embed/models.py registers it with timm, so a checkpoint names it like any timm model."""
     kw = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
     torch.manual_seed(0)
     model = build_model("small_resnet", kw)

@@ -19,8 +19,8 @@ import ray
 import ray.autoscaler
 import yaml
 
-from prune import capacity
-from prune.config import load_config
+from pipelines.cli.config import load_config
+from prune.plan import capacity
 
 from .conftest import REPO
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from prune.config import ConfigError, RunConfig, fingerprint, load_config, validate_config
+from pipelines.cli.config import RunConfig, load_config, validate_config
+from prune.settings import ConfigError, fingerprint
 
 YAML = """\
 input: shards/{00000..00003}.tar
@@ -190,7 +191,7 @@ def test_fingerprint_stable_for_equal_configs(cfg_file):
 def test_fingerprint_stable_across_processes(cfg_file):
     """No per-process salt (e.g. Python's hash randomization) may enter the fingerprint."""
     code = (
-        "import sys; from prune.config import load_config, fingerprint; "
+        "import sys; from pipelines.cli.config import load_config; from prune.settings import fingerprint; "
         "c = load_config(sys.argv[1]); print(fingerprint('x', c.select, c.embed, 0.1))"
     )
     here = load_config(cfg_file)

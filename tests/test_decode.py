@@ -16,8 +16,14 @@ import pytest
 from PIL import Image
 
 from prune import schema
-from prune.decode import PreprocessSpec, decode_batch, decode_image, normalize, to_rgb
-from prune.demo_shards import corrupt_jpeg, write_demo_shards
+from prune.demo.shards import corrupt_jpeg, write_demo_shards
+from prune.embed.decode import (
+    PreprocessSpec,
+    decode_batch,
+    decode_image,
+    normalize,
+    to_rgb,
+)
 
 EXACT = 1e-5  # max abs difference of normalized tensors when both sides decode the same pixels
 

@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,11 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
-
-from prune import schema  # noqa: E402
-from prune.demo_shards import caption_for, write_bad_shards, write_demo_shards  # noqa: E402
-from prune.fashion_mnist import CLASS_NAMES, load_fashion_mnist  # noqa: E402
+from prune import schema
+from prune.demo.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from prune.demo.shards import caption_for, write_bad_shards, write_demo_shards
 
 COUNT, SHARD_SIZE = 30, 12  # three shards: 12, 12, 6
 

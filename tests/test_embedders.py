@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from prune.config import EmbedConfig
-from prune.decode import decode_image, normalize
-from prune.embedders import (
+from prune.embed.backends import (
     WeightsNotFoundError,
     check_weights,
     make_embedder,
     preprocess_spec_for,
 )
+from prune.embed.decode import decode_image, normalize
+from prune.embed.settings import EmbedConfig
 
 TIMM = dict(backend="timm", model="vit_tiny_patch16_224", allow_random_init=True, precision="fp32", torch_threads=2)
 CLIP = dict(backend="open_clip", model="ViT-S-32", allow_random_init=True, precision="fp32", torch_threads=2)

@@ -20,15 +20,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from prune import evaluation as ev
+from pipelines.cli.config import EvaluateConfig, validate_config
+from prune import evaluate as ev
 from prune import schema
-from prune.config import CnnConfig, ConfigError, EvaluateConfig, LinearProbeConfig, RunConfig, SelectConfig, validate_config
-from prune.demo_shards import encode_image, tar_bytes, write_demo_shards
-from prune.shards import TarSample
-from prune.storage import OutputDir
+from prune.demo.shards import encode_image, tar_bytes, write_demo_shards
+from prune.evaluate.settings import CnnConfig, LinearProbeConfig
+from prune.io.shards import TarSample
+from prune.io.storage import OutputDir
+from prune.select.settings import SelectConfig
+from prune.settings import ConfigError
 
 from .conftest import REPO, n_keep
-
 
 # --- labels ------------------------------------------------------------------------------------
 
@@ -118,8 +120,9 @@ def _pool_of(shards):
 
 
 def test_in_memory_selection_is_exactly_the_select_stage(ray_cluster, tmp_path):
-    from pipelines.score_stage import empty_selection
-    from pipelines.select_stage import run_select
+    from pipelines.stage import Context
+    from pipelines.stages.select import SelectStage
+    from prune.io.tables import empty_selection
 
     k, fractions, seed = 4, [0.3, 0.75], 5
     shards = _fake_pool(k=k)
@@ -132,13 +135,14 @@ def test_in_memory_selection_is_exactly_the_select_stage(ray_cluster, tmp_path):
         with out.open_atomic(schema.SCORES_DIR, f"{s['shard']}.parquet") as f:
             pq.write_table(empty_selection(table, cluster, np.where(ok, s["distance"], np.nan), ok), f)
     urls = {s["shard"]: f"/nowhere/{s['shard']}.tar" for s in shards}
+    out.write_json({"k": k}, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)  # what the select stage reads of the prototypes
     pool = _pool_of(shards)
     for policy in ("hard", "balanced-easy", "random", "balanced-random"):
         bands = ev.select_bands(policy, fractions, pool["distance"], pool["cluster"], k, pool["shards"], pool["keys"], seed)
         base, balanced = ev.split_policy(policy)
         for i, f in enumerate(fractions):
-            cfg = RunConfig(input="unused", output=out.url, select=SelectConfig(keep_fraction=f, policy=base, balanced=balanced, seed=seed))
-            run_select(cfg, out, urls, k)
+            stage = SelectStage(select=SelectConfig(keep_fraction=f, policy=base, balanced=balanced, seed=seed))
+            stage.run(Context(out, urls, fingerprint=f"{policy}@{f}"))
             scores = pa.concat_tables(pq.read_table(out.path(schema.SCORES_DIR, f"{s}.parquet")) for s in sorted(urls))
             keep = scores.column(schema.KEEP).to_numpy(zero_copy_only=False)
             by_stage = set(zip(scores.column(schema.SHARD).to_numpy(zero_copy_only=False)[keep],
@@ -266,7 +270,7 @@ def test_augmentation_only_shifts_and_flips_and_is_seeded():
 
 
 def test_shipped_config_is_the_full_grid():
-    from prune.config import load_config
+    from pipelines.cli.config import load_config
 
     shipped = Path(REPO, "configs", "evaluate_fmnist.yaml")
     cfg = load_config(str(shipped), ["evaluate.pool_size=5000"], EvaluateConfig)
@@ -312,7 +316,7 @@ def _eval_config(root, **evaluate) -> EvaluateConfig:
 
 @pytest.fixture(scope="module")
 def tiny_eval(ray_cluster, tmp_path_factory):
-    from pipelines.evaluate_stage import evaluate
+    from pipelines.cli import evaluate
 
     root = tmp_path_factory.mktemp("eval")
     train = write_demo_shards(str(root / "train"), split="train", count=300, shard_size=100)
@@ -330,7 +334,7 @@ def _csv_rows(path) -> list[dict]:
 def test_evaluate_writes_every_run_table_and_plot(tiny_eval):
     result, root = tiny_eval["result"], tiny_eval["root"]
     pool = root / "out" / ev.pool_dir(None)
-    assert result["csv"] == str(pool / ev.RESULTS_CSV) and result["runs"] == 12
+    assert result.csv == str(pool / ev.RESULTS_CSV) and result.runs == 12
     summary = json.loads((pool / ev.SUMMARY_JSON).read_text())
     n_pool = summary["pool"]["n_pool"]
     assert n_pool == 301 and summary["test"]["n_test"] == 200
@@ -355,7 +359,7 @@ def test_evaluate_writes_every_run_table_and_plot(tiny_eval):
     assert summary["runs"] == {"rows": 12, "trainings": 8, "reused_from_previous_run": 0, "trained_now": 8, "shared_rows": 4}
 
     md = (pool / ev.RESULTS_MD).read_text()
-    assert result["markdown"] == str(pool / ev.RESULTS_MD)
+    assert result.markdown == str(pool / ev.RESULTS_MD)
     for clf in ("linear", "cnn"):
         assert f"## {clf}" in md
     assert "| policy | 0.5 | 1.0 |" in md
@@ -370,12 +374,12 @@ def test_evaluate_writes_every_run_table_and_plot(tiny_eval):
 
 
 def test_evaluate_rerun_reuses_embeddings_and_finished_runs(tiny_eval):
-    from pipelines.evaluate_stage import evaluate
+    from pipelines.cli import evaluate
 
     pool = tiny_eval["root"] / "out" / ev.pool_dir(None)
     before = (pool / ev.RESULTS_CSV).read_bytes()
     again = evaluate(tiny_eval["cfg"])
-    assert again["trained_now"] == 0 and again["runs"] == 12
+    assert again.trained_now == 0 and again.runs == 12
     assert (pool / ev.RESULTS_CSV).read_bytes() == before
     summary = json.loads((pool / ev.SUMMARY_JSON).read_text())
     assert summary["embed"]["train"]["shards_reused"] == 4 and summary["embed"]["train"]["shards_embedded"] == 0
@@ -386,7 +390,7 @@ def test_evaluate_rerun_reuses_embeddings_and_finished_runs(tiny_eval):
     (pool / ev.RESULTS_CSV).write_text("".join(kept))
     survivors = {(r["classifier"], r["policy"], r["keep_fraction"]) for r in csv.DictReader(io.StringIO("".join(kept)))}
     resumed = evaluate(tiny_eval["cfg"])
-    assert 0 < resumed["trained_now"] < 8 and resumed["runs"] == 12
+    assert 0 < resumed.trained_now < 8 and resumed.runs == 12
     rows = _csv_rows(pool / ev.RESULTS_CSV)
     first = {(r["classifier"], r["policy"], r["keep_fraction"]): r for r in csv.DictReader(io.StringIO(before.decode()))}
     for r in rows:
@@ -397,12 +401,12 @@ def test_evaluate_rerun_reuses_embeddings_and_finished_runs(tiny_eval):
 
 
 def test_evaluate_small_pool_and_a_pool_too_large(tiny_eval):
-    from pipelines.evaluate_stage import evaluate
+    from pipelines.cli import evaluate
 
     root = tiny_eval["root"]
     res = evaluate(_eval_config(root, pool_size=120, classifiers=["linear"]))
     rows = _csv_rows(root / "out" / "pool-120" / ev.RESULTS_CSV)
-    assert res["runs"] == len(rows) == 6 and {r["pool"] for r in rows} == {"120"}
+    assert res.runs == len(rows) == 6 and {r["pool"] for r in rows} == {"120"}
     assert {int(r["n_train"]) for r in rows if r["policy"] == "hard"} == {60, 120}
     with pytest.raises(ConfigError, match="pool_size=5000"):
         evaluate(_eval_config(root, pool_size=5000, classifiers=["linear"]))

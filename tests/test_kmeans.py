@@ -6,8 +6,14 @@ import faiss
 import numpy as np
 import pytest
 
-from prune.kmeans import Assigner, assign, default_k, fit_spherical_kmeans, l2_normalize, prototype_distance
-
+from prune.cluster.kmeans import (
+    Assigner,
+    assign,
+    default_k,
+    fit_spherical_kmeans,
+    l2_normalize,
+    prototype_distance,
+)
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
@@ -195,7 +201,7 @@ import faiss
 for name in [n for n in dir(faiss) if n.startswith("ClusteringInitMethod")]:
     delattr(faiss, name)  # as faiss-cpu 1.8 had it: no init_method
 import numpy as np
-import prune.kmeans as km
+import prune.cluster.kmeans as km
 x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
 c, meta = km.fit_spherical_kmeans(x, 4, niter=3, init="random")
 assert c.shape == (4, 8) and meta["init"] == "random"
@@ -209,7 +215,7 @@ else:
 
 
 def test_imports_and_fits_on_a_faiss_without_init_methods():
-    """pyproject allows faiss-cpu>=1.8, which has no ClusteringInitMethod: importing prune.kmeans and
+    """pyproject allows faiss-cpu>=1.8, which has no ClusteringInitMethod: importing prune.cluster.kmeans and
     the default (random) fit must work there; only kmeans++ fails, saying which setting and faiss."""
     import subprocess
     import sys
@@ -223,7 +229,7 @@ def test_imports_and_fits_on_a_faiss_without_init_methods():
 
 
 def test_random_init_passes_nothing_to_faiss():
-    from prune.kmeans import faiss_init_args
+    from prune.cluster.kmeans import faiss_init_args
 
     assert faiss_init_args("random") == {}  # faiss's default, on any faiss
     assert faiss_init_args("kmeans++") == {"init_method": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS}

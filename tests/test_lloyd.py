@@ -1,4 +1,4 @@
-"""Distributed spherical Lloyd (prune/lloyd.py): exact block statistics, re-seeding, stopping,
+"""Distributed spherical Lloyd (prune/cluster/lloyd.py): exact block statistics, re-seeding, stopping,
 parity with faiss, and the pipeline's refinement on real Ray."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import ray
 
-from prune import lloyd
-from prune.config import ConfigError, KMeansConfig, validate_config
-from prune.kmeans import fit_spherical_kmeans, l2_normalize
+from pipelines.cli.config import validate_config
+from prune.cluster import lloyd
+from prune.cluster.kmeans import fit_spherical_kmeans, l2_normalize
+from prune.cluster.settings import KMeansConfig
+from prune.settings import ConfigError
 
 from .conftest import small_config
 
@@ -230,7 +232,7 @@ def test_fixed_point_conversion_in_place_matches_the_plain_rounding():
 
 
 def test_refine_task_memory_reservation():
-    from pipelines.score_stage import DEFAULT_BLOCK_ROWS, refine_memory
+    from pipelines.stages.prototypes import DEFAULT_BLOCK_ROWS, refine_memory
 
     k, d, rows = 40_000, 512, 10_000  # LAION-400M: k*d*8 = 164 MB
     mem = refine_memory(k, d, rows)
@@ -306,7 +308,7 @@ def test_distributed_objective_within_one_percent_of_faiss(ray_cluster):
 
 def test_fit_cpus_beyond_every_live_node_is_a_warning_not_an_error(ray_cluster, caplog):
     """An autoscaling cluster may not have launched the node the fit needs yet: say so, go on."""
-    from pipelines.score_stage import check_fit_cpus
+    from pipelines.stages.prototypes import check_fit_cpus
 
     with caplog.at_level(logging.WARNING, logger="ssl_prune"):
         assert check_fit_cpus(1) is True
@@ -320,8 +322,8 @@ def test_fit_cpus_beyond_every_live_node_is_a_warning_not_an_error(ray_cluster, 
 
 def test_assign_workers_get_the_output_dir_with_its_storage_options(ray_cluster, tmp_path):
     """AssignShards used to rebuild OutputDir(url) in the worker, dropping e.g. an S3 endpoint."""
-    from pipelines.score_stage import AssignShards
-    from prune.storage import OutputDir
+    from pipelines.stages.assign import AssignShards
+    from prune.io.storage import OutputDir
 
     out = OutputDir(str(tmp_path), auto_mkdir=True)
     worker = ray.remote(num_cpus=0)(AssignShards).remote(out, np.eye(4, dtype=np.float32), "fp")
@@ -342,11 +344,14 @@ def test_config_defaults_and_validation():
 
 
 def test_fingerprint_follows_the_settings_that_change_centroids(tmp_path):
-    from pipelines.score_stage import kmeans_fingerprint
+    from pipelines.executor import stage_fingerprint
+    from pipelines.stage import Context
+    from pipelines.stages.prototypes import PrototypesStage
+    from prune.io.storage import OutputDir
 
     def fp(**kmeans):
         cfg = validate_config(small_config(tmp_path, tmp_path, **{f"kmeans.{k}": v for k, v in kmeans.items()}))
-        return kmeans_fingerprint(cfg, {"00000": "a.tar"})
+        return stage_fingerprint(PrototypesStage.from_config(cfg), "embed-fp", Context(OutputDir(str(tmp_path)), {"00000": "a.tar"}))
 
     base = fp()
     assert fp(refine_tol=0.5) == base  # refinement off: its tolerance is moot
@@ -358,9 +363,12 @@ def test_fingerprint_follows_the_settings_that_change_centroids(tmp_path):
 def test_pipeline_refines_and_logs_iterations(ray_cluster, run_copy, tmp_path):
     """End to end on a copy of the shared run: embeddings are reused, prototypes refit with
     refinement, and every later stage runs on them. Twice, from scratch: the same centroids."""
-    from pipelines.run import resolve_shards, run
-    from pipelines.score_stage import run_prototypes
-    from prune.storage import OutputDir
+    from pipelines.cli import run
+    from pipelines.executor import stage_fingerprint
+    from pipelines.inputs import resolve_shards
+    from pipelines.stage import Context
+    from pipelines.stages.prototypes import PrototypesStage
+    from prune.io.storage import OutputDir
 
     over = {"kmeans.refine_iters": 4, "kmeans.refine_tol": 0.0, "kmeans.refine_shards_per_task": 2}
     cfg = validate_config(small_config(run_copy.parent, run_copy, **over) | {"input": _input_of(run_copy)})
@@ -377,9 +385,9 @@ def test_pipeline_refines_and_logs_iterations(ray_cluster, run_copy, tmp_path):
     assert refine["final_objective"] == objs[-1] and refine["n_all"] == meta["n_ok_total"]
     assert meta["mean_distance_all"] == refine["mean_distance_all"] == pytest.approx(objs[-1] / meta["n_ok_total"])
     assert meta["fit_objective_faiss"] == meta["objective"] and "mean_distance_all" in meta["conventions"]
-    from pipelines.score_stage import count_ok, refine_memory
+    from pipelines.stages.prototypes import ShardTask, count_ok, refine_memory
 
-    rows = max(count_ok({"out": OutputDir(str(run_copy)), "shard": p.stem})["ok"] for p in (run_copy / "embeddings").glob("*.parquet"))
+    rows = max(count_ok(ShardTask(OutputDir(str(run_copy)), p.stem))[1] for p in (run_copy / "embeddings").glob("*.parquet"))
     assert refine["task_memory_bytes"] == refine_memory(meta["k"], meta["dim"], rows)  # the largest shard's rows
     centroids = np.load(run_copy / "prototypes" / "centroids.npy")
     assert centroids.shape == (meta["k"], meta["dim"])
@@ -392,8 +400,12 @@ def test_pipeline_refines_and_logs_iterations(ray_cluster, run_copy, tmp_path):
     (second / "prototypes" / "kmeans.json").unlink()  # force a refit
     # this time the sample fit runs in a Ray task (on 1 thread, as faiss does in this module)
     cfg2 = validate_config(cfg.model_dump() | {"output": str(second)} | {"kmeans": cfg.kmeans.model_dump() | {"fit_num_cpus": 1}})
-    meta2 = run_prototypes(cfg2, OutputDir(str(second)), resolve_shards(cfg2.input))
-    assert meta2["reused"] is False and meta2["refine"]["log"] == [e | {"seconds": e2["seconds"]} for e, e2 in zip(refine["log"], meta2["refine"]["log"])]
+    stage = PrototypesStage.from_config(cfg2)
+    ctx = Context(OutputDir(str(second)), resolve_shards(cfg2.input))
+    ctx.fingerprint = stage_fingerprint(stage, manifest["embed_fingerprint"], ctx)
+    stats = stage.run(ctx)
+    meta2 = stats.kmeans
+    assert stats.reused is False and meta2["refine"]["log"] == [e | {"seconds": e2["seconds"]} for e, e2 in zip(refine["log"], meta2["refine"]["log"])]
     np.testing.assert_array_equal(np.load(second / "prototypes" / "centroids.npy"), centroids)
 
 
@@ -404,20 +416,28 @@ def _input_of(out) -> str:
 def test_multinode_refinement_equals_in_process_reduce(pipeline_run, local_cluster, tmp_path):
     """Three 1-CPU nodes, two shards per task, tasks finishing in any order: bit-identical to
     reducing the same shards one by one in this process, without Ray."""
-    from pipelines.score_stage import count_ok, load_centroids, refine_all, refine_blocks
-    from prune.storage import OutputDir
+    from pipelines.stages.prototypes import (
+        RefineTask,
+        ShardTask,
+        count_ok,
+        refine_all,
+        refine_blocks,
+    )
+    from prune.io.storage import OutputDir
+    from prune.io.tables import load_centroids
 
     local_cluster({"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 1}])
     out = OutputDir(str(pipeline_run["out"]))
     shards = sorted(p.name[: -len(".parquet")] for p in (pipeline_run["out"] / "embeddings").glob("*.parquet"))
-    shards = [s for s in shards if count_ok({"out": out, "shard": s})["ok"]]
+    shards = [s for s in shards if count_ok(ShardTask(out, s))[1]]
     c0 = load_centroids(out)
     c0 = np.roll(c0, 1, axis=1)  # somewhere off the fit, so the iterations have work to do
     kc = KMeansConfig(refine_iters=3, refine_tol=0.0, refine_shards_per_task=2)
-    ours, meta = refine_all(kc, out, shards, c0)
+    ours, fit_meta = refine_all(kc, out, shards, c0, {})
+    meta = fit_meta["refine"]
 
     def one_by_one(c):
-        return (refine_blocks({"out": out, "blocks": [(i, s)], "centroids": c}) for i, s in enumerate(shards))
+        return (refine_blocks(RefineTask(out, [(i, s)], c)) for i, s in enumerate(shards))
 
     reference, ref_meta = lloyd.refine(c0, one_by_one, 3, 0.0)
     np.testing.assert_array_equal(ours, reference)
@@ -428,8 +448,8 @@ def test_multinode_refinement_equals_in_process_reduce(pipeline_run, local_clust
 def test_evaluate_prototypes_follow_init_and_refinement():
     """evaluate fits its pool's prototypes as the prototype stage would: the configured seeding,
     then the Lloyd refinement over the whole pool (one block) when asked."""
-    from prune import evaluation as ev
-    from prune.config import KMeansConfig
+    from prune import evaluate as ev
+    from prune.cluster.settings import KMeansConfig
 
     x = clustered(n=4000, d=16, k=12, spread=2.0, seed=7)
     _, d_fit, m_fit = ev.prototypes(x, KMeansConfig(k=12, niter=2))

@@ -11,7 +11,7 @@ import time
 
 import ray
 
-from prune.config import validate_config
+from pipelines.cli.config import validate_config
 
 from .conftest import assert_same_results, embed_actor_nodes, free_ports, small_config
 
@@ -36,7 +36,7 @@ def decode_task_nodes(address: str, timeout_s: float = 20) -> set[str]:
 def test_embed_actors_only_on_gpu_nodes_and_results_match_one_node(pipeline_run, shards_dir, local_cluster, tmp_path):
     """Head (driver, 1 CPU) + 2 CPU nodes + 1 node with a fake GPU: the embed actor must land on
     the GPU node (it asks for `num_gpus=1`) while decode and the rest use the CPU nodes."""
-    from pipelines.run import run
+    from pipelines.cli import run
 
     # the dashboard serves the state API that tells where tasks ran (ray[default], a dependency)
     head = {"num_cpus": 1, "include_dashboard": True, "dashboard_port": free_ports(1)[0]}
@@ -57,7 +57,7 @@ def test_embed_actors_only_on_gpu_nodes_and_results_match_one_node(pipeline_run,
 
 def test_cpu_only_multinode_cluster_runs_and_matches(pipeline_run, shards_dir, local_cluster, tmp_path):
     """No GPU anywhere: CPU actors (num_gpus=0), same results as the single-node GPU-path run."""
-    from pipelines.run import run
+    from pipelines.cli import run
 
     local_cluster({"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 2}])
     assert "GPU" not in ray.cluster_resources()

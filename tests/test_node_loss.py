@@ -17,7 +17,15 @@ import yaml
 
 from prune import schema
 
-from .conftest import REPO, assert_same_results, embed_actor_nodes, read_pruned, read_scores, small_config, subprocess_env
+from .conftest import (
+    REPO,
+    assert_same_results,
+    embed_actor_nodes,
+    read_pruned,
+    read_scores,
+    small_config,
+    subprocess_env,
+)
 
 RUN_TIMEOUT_S = 300
 

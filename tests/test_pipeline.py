@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import ray
 import webdataset as wds
 
+from pipelines.cli.config import validate_config
 from prune import schema
-from prune.config import validate_config
-from prune.shards import read_shard, split_member_name
+from prune.io.shards import read_shard, split_member_name
 
 from .conftest import pruned_tars, read_scores, small_config, tar_members
 
@@ -150,7 +150,7 @@ def test_band_prefixes_are_smaller_selections(pipeline_run):
 
 def test_nothing_is_written_outside_the_output_directory(ray_cluster, shards_dir, tmp_path):
     """A run leaves the input directory and the working directory exactly as they were."""
-    from pipelines.run import run
+    from pipelines.cli import run
 
     def snapshot(d):
         return {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{d}/**", recursive=True)}
@@ -167,7 +167,7 @@ def test_nothing_is_written_outside_the_output_directory(ray_cluster, shards_dir
 
 
 def test_rerun_resumes_everything_and_changes_nothing(pipeline_run, run_copy):
-    from pipelines.run import run
+    from pipelines.cli import run
 
     cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy))
     manifest = run(cfg)
@@ -180,7 +180,7 @@ def test_rerun_resumes_everything_and_changes_nothing(pipeline_run, run_copy):
 
 def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy):
     """Simulate a crash: manifest gone, some stage outputs missing, write stage half done."""
-    from pipelines.run import run
+    from pipelines.cli import run
 
     os.remove(f"{run_copy}/manifest.json")
     os.remove(sorted(glob.glob(f"{run_copy}/embeddings/*.parquet"))[1])
@@ -201,7 +201,7 @@ def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy
 
 
 def test_new_selection_reuses_embeddings_and_prototypes(pipeline_run, run_copy):
-    from pipelines.run import run
+    from pipelines.cli import run
 
     base = pipeline_run["cfg"].input
     easy = run(validate_config(small_config(base, run_copy, **{"select.policy": "easy", "select.balanced": False, "select.keep_fraction": 0.3})))
@@ -221,8 +221,8 @@ def test_new_selection_reuses_embeddings_and_prototypes(pipeline_run, run_copy):
 
 def test_same_shard_names_from_another_input_are_not_reused(pipeline_run, run_copy, shards_dir, tmp_path):
     """Embeddings are tied to the input file they came from, not just its shard name."""
-    from pipelines.run import run
-    from prune.demo_shards import write_demo_shards
+    from pipelines.cli import run
+    from prune.demo.shards import write_demo_shards
 
     other = tmp_path / "other"
     write_demo_shards(str(other), count=2 * 60, shard_size=60, seed=7, start=1000)
@@ -235,7 +235,7 @@ def test_same_shard_names_from_another_input_are_not_reused(pipeline_run, run_co
 
 def test_timm_backend_runs_the_whole_pipeline(pipeline_run, run_copy):
     """Switching backend re-embeds (new fingerprint) and everything downstream follows."""
-    from pipelines.run import run
+    from pipelines.cli import run
 
     base = pipeline_run["cfg"].input
     manifest = run(validate_config(small_config(base, run_copy, **{

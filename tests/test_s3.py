@@ -24,10 +24,10 @@ import pytest
 import ray
 import s3fs
 
+from pipelines.cli.config import validate_config
 from prune import schema
-from prune.config import validate_config
-from prune.shards import iter_tar_samples
-from prune.storage import OutputDir, list_input_shards
+from prune.io.shards import iter_tar_samples
+from prune.io.storage import OutputDir, list_input_shards
 
 from .conftest import REPO, small_config, start_session_ray
 from .s3_server import S3Server
@@ -161,7 +161,7 @@ def test_killed_writer_leaves_no_object(s3):
     code = textwrap.dedent(
         f"""
         import os
-        from prune.storage import OutputDir
+        from prune.io.storage import OutputDir
         out = OutputDir("s3://{BUCKET}/storage/killed", default_block_size=5 * 2**20)
         with out.open_atomic("pruned", "00000.tar") as f:
             f.write(b"z" * (6 * 2**20))
@@ -210,7 +210,7 @@ def _members(tar_bytes: bytes) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def s3_run(s3, s3_ray, s3_input):
-    from pipelines.run import run
+    from pipelines.cli import run
 
     cfg = validate_config(small_config(s3_input["url"], f"s3://{BUCKET}/out"))
     return {"cfg": cfg, "manifest": run(cfg), "out": OutputDir(f"s3://{BUCKET}/out")}
@@ -265,7 +265,7 @@ def test_pipeline_on_s3(s3, s3_run, shards_dir):
 
 
 def test_rerun_on_s3_reuses_every_stage(s3, s3_run):
-    from pipelines.run import run
+    from pipelines.cli import run
 
     before = {k: s3["fs"].info(f"{BUCKET}/{k}")["ETag"] for k in keys(s3, "out/") if not k.endswith(schema.MANIFEST)}
     manifest = run(s3_run["cfg"])
@@ -288,14 +288,19 @@ def _etags(s3, prefix: str) -> dict[str, str]:
 
 def test_retried_write_tasks_rewrite_identical_objects(s3, s3_run):
     """A retried fragment or output task (a node lost mid-run) writes the very same bytes."""
-    from pipelines.run import resolve_shards
-    from pipelines.write_stage import fragment_task, output_task
-    from prune.writer import plan_output_shards
+    from pipelines.inputs import resolve_shards
+    from pipelines.stages.write import (
+        FragmentTask,
+        OutputTask,
+        fragment_task,
+        output_task,
+    )
+    from prune.io.writer import plan_output_shards
 
     out: OutputDir = s3_run["out"]
     shards = resolve_shards(s3_run["cfg"].input)
     staging = f"{schema.STAGING_DIR}/retry-test"
-    items = [{"out": out, "shard": s, "url": shards[s], "staging": staging} for s in sorted(shards)]
+    items = [FragmentTask(out, s, shards[s], staging) for s in sorted(shards)]
     first = [fragment_task(i) for i in items]
     before = _etags(s3, f"out/{staging}/")
     out.remove(staging, "done")  # as if every task died after its fragments, before its record
@@ -308,9 +313,9 @@ def test_retried_write_tasks_rewrite_identical_objects(s3, s3_run):
     assert {p.name: p.count for p in plans} == sizes  # the same plan as the run's
     published = _etags(s3, f"out/{schema.PRUNED_DIR}/")
     for plan in plans[:2]:  # the task died after the tar was complete: skipped
-        assert output_task({"out": out, "plan": plan, "staging": staging})["count"] == plan.count
+        assert output_task(OutputTask(out, plan, staging))["count"] == plan.count
     out.remove(schema.PRUNED_DIR, plans[0].name)  # ... or before: written again, identically
-    output_task({"out": out, "plan": plans[0], "staging": staging})
+    output_task(OutputTask(out, plans[0], staging))
     assert _etags(s3, f"out/{schema.PRUNED_DIR}/") == published
     out.remove(staging)
 
@@ -319,7 +324,8 @@ def test_finalize_counts_rows_written_twice_once(s3, s3_run):
     """Staged rows of a retried embed write (twice, or cut short) give each sample once."""
     import pyarrow as pa
 
-    from pipelines.embed_stage import COUNT, POS, finalize_shard
+    from pipelines.decoding import COUNT, POS
+    from pipelines.stages.embed import Finalized, FinalizeTask, finalize_shard
 
     src: OutputDir = s3_run["out"]
     shard = sorted(n[: -len(".parquet")] for n in src.listdir(schema.EMBEDDINGS_DIR))[0]
@@ -335,24 +341,24 @@ def test_finalize_counts_rows_written_twice_once(s3, s3_run):
         with out.open_atomic(part, name) as f:
             pq.write_table(table, f)
     out.write_bytes(b"PAR1 cut short", part, "a_000003-0.parquet")  # not valid parquet: skipped
-    item = {"out": out, "shard": shard, "url": "s3://x/y.tar", "part_dir": part, "fp": "fp", "model_id": "m"}
-    assert finalize_shard(item) == {"shard": shard, "ok": True, "rows": n}
+    item = FinalizeTask(out, shard, "s3://x/y.tar", part, "fp", "m")
+    assert finalize_shard(item) == Finalized(shard, True, n)
     with out.open(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
         again = pq.read_table(f)
     assert again.column(schema.KEY).equals(final.column(schema.KEY))
     assert again.column(schema.EMBEDDING).equals(final.column(schema.EMBEDDING))
-    assert finalize_shard(item)["rows"] == -1  # a retry after it finished: nothing rewritten
+    assert finalize_shard(item).rows == -1  # a retry after it finished: nothing rewritten
     out.remove(part)
     with out.open_atomic(part, "a_000000-0.parquet") as f:  # a sample missing: refused
         pq.write_table(staged.slice(1), f)
     out.remove(schema.EMBEDDINGS_DIR)
     res = finalize_shard(item)
-    assert not res["ok"] and f"{n - 1} of {n}" in res["why"]
+    assert not res.ok and f"{n - 1} of {n}" in res.why
     out.remove("")
 
 
 def test_a_worker_that_cannot_reach_the_output_fails_early(s3, s3_ray, s3_input):
-    from pipelines.run import check_worker_storage
+    from pipelines.inputs import check_worker_storage
 
     check_worker_storage(OutputDir(f"s3://{BUCKET}/out"), f"{s3_input['url']}/00000.tar")
     with pytest.raises(RuntimeError, match="AWS_ENDPOINT_URL"):

@@ -1,6 +1,6 @@
 """Histogram selection is exact: it picks what a global sort by priority would pick.
 
-`select_like_the_pipeline` runs the same passes as pipelines/select_stage.py (priorities per
+`select_like_the_pipeline` runs the same passes as pipelines/stages/select.py (priorities per
 shard, summed histograms, cut plan, boundary values per shard, merged, finalized, applied per
 shard); `brute_force` sorts every group's priorities at once. They must agree sample for sample.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prune import selection
-from prune.selection import (
+from prune.select import cuts as selection
+from prune.select.cuts import (
     HistogramSpec,
     band_edges,
     boundary_values,
@@ -19,8 +19,8 @@ from prune.selection import (
     histogram,
     merge_boundary_values,
     plan_cuts,
-    priorities,
 )
+from prune.select.policies import priorities
 
 from .conftest import n_keep
 

@@ -13,9 +13,9 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from prune import schema
-from prune.decode import PreprocessSpec, decode_image
-from prune.demo_shards import DEMO_MTIME, tar_bytes, write_bad_shards, write_demo_shards
-from prune.shards import (
+from prune.demo.shards import DEMO_MTIME, tar_bytes, write_bad_shards, write_demo_shards
+from prune.embed.decode import PreprocessSpec, decode_image
+from prune.io.shards import (
     is_unsafe_member,
     iter_tar_samples,
     read_shard,
@@ -23,7 +23,7 @@ from prune.shards import (
     sibling_path,
     split_member_name,
 )
-from prune.storage import list_input_shards
+from prune.io.storage import list_input_shards
 
 EXTS = tuple(schema.IMAGE_EXTENSIONS_DEFAULT)
 PER_SHARD = 10

@@ -12,13 +12,20 @@ import os
 import numpy as np
 import torch
 
-from prune.checkpoints import WEIGHTS_FILE, build_model, read_config, save_encoder, preprocess_of
-from prune.config import EmbedConfig, load_config
-from prune.decode import decode_image
-from prune.demo_shards import encode_image
-from prune.embedders import check_weights, make_embedder
-from prune.fashion_mnist import load_fashion_mnist
-from prune.probes import accuracy, knn_predict
+from pipelines.cli.config import load_config
+from prune.demo.fashion_mnist import load_fashion_mnist
+from prune.demo.shards import encode_image
+from prune.embed.backends import check_weights, make_embedder
+from prune.embed.checkpoints import (
+    WEIGHTS_FILE,
+    build_model,
+    preprocess_of,
+    read_config,
+    save_encoder,
+)
+from prune.embed.decode import decode_image
+from prune.embed.settings import EmbedConfig
+from prune.evaluate.probes import accuracy, knn_predict
 
 from .conftest import REPO
 

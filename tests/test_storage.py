@@ -8,7 +8,7 @@ import pickle
 import fsspec
 import pytest
 
-from prune.storage import OutputDir, UnsafePathError
+from prune.io.storage import OutputDir, UnsafePathError
 
 
 def tree(root) -> set[str]:
@@ -177,7 +177,7 @@ def test_list_input_shards_lists_each_directory_once(tmp_path, monkeypatch):
     """A brace pattern over many names costs one listing of their directory, not a probe each."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from prune.storage import list_input_shards
+    from prune.io.storage import list_input_shards
 
     d = tmp_path / "in"
     d.mkdir()
@@ -195,7 +195,7 @@ def test_list_input_shards_lists_each_directory_once(tmp_path, monkeypatch):
 
 
 def test_an_output_store_without_atomic_writes_is_refused():
-    from prune.storage import UnsupportedStorageError
+    from prune.io.storage import UnsupportedStorageError
 
     with pytest.raises(UnsupportedStorageError, match="http:// are not known to be atomic"):
         OutputDir("http://127.0.0.1:9/out")

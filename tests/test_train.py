@@ -10,10 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prune.checkpoints import build_model, load_optimizer, optimizer_tensors, read_config, save_tensors
-from prune.config import AugmentConfig, ConfigError, EmbedConfig, TrainEncoderConfig, load_config, validate_config
-from prune.embedders import make_embedder
-from prune.ssl import augment, lr_at, nt_xent
+from pipelines.cli.config import TrainEncoderConfig, load_config, validate_config
+from prune.embed.backends import make_embedder
+from prune.embed.checkpoints import (
+    build_model,
+    load_optimizer,
+    optimizer_tensors,
+    read_config,
+    save_tensors,
+)
+from prune.embed.settings import EmbedConfig
+from prune.settings import ConfigError
+from prune.train.settings import AugmentConfig
+from prune.train.ssl import augment, lr_at, nt_xent
 
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 PLAIN = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False, brightness=0, contrast=0, jitter_prob=0)
@@ -127,19 +136,19 @@ def _train_cfg(shards, out, **train):
 def test_train_encoder_loss_falls_resumes_and_exports_a_local_encoder(ray_cluster, shards_dir, pipeline_run, tmp_path):
     """2 gloo workers on real shards (bad ones included): the loss falls, a re-run resumes, the
     exported encoder is a `local` checkpoint the embed stage loads."""
-    from pipelines.train_stage import train_encoder
+    from pipelines.cli import train_encoder
 
     out = tmp_path / "enc"
     first = train_encoder(_train_cfg(shards_dir["dir"], out, max_steps=30))
     counts = pipeline_run["manifest"]["counts"]  # the same shards through `run`: the bad samples are left out
-    assert first["steps"] == 30 and first["samples"] == counts["kept"] + counts["pruned"]
-    losses = [h["loss"] for h in first["history"] if h["loss"] is not None]
+    assert first.steps == 30 and first.samples == counts["kept"] + counts["pruned"]
+    losses = [h["loss"] for h in first.history if h["loss"] is not None]
     assert len(losses) >= 3 and losses[-1] < losses[0] - 0.1, losses
     assert losses[0] < math.log(2 * 64 - 1) + 0.5  # starts near chance: log(2N - 1) over the global batch
 
     second = train_encoder(_train_cfg(shards_dir["dir"], out, max_steps=40))
-    assert second["steps"] == 40
-    assert [h["step"] for h in second["history"]][: len(first["history"])] == [h["step"] for h in first["history"]]
+    assert second.steps == 40
+    assert [h["step"] for h in second.history][: len(first.history)] == [h["step"] for h in first.history]
 
     config = read_config(str(out))
     assert config["architecture"] == "resnet18" and config["preprocess"]["size"] == 32 and config["train_step"] == 40

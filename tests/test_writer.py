@@ -11,10 +11,17 @@ import pytest
 import webdataset as wds
 
 from prune import schema
-from prune.demo_shards import write_bad_shards, write_demo_shards
-from prune.shards import split_member_name
-from prune.storage import OutputDir
-from prune.writer import OutputShard, Piece, fragment_name, plan_output_shards, write_fragments, write_output_shard
+from prune.demo.shards import write_bad_shards, write_demo_shards
+from prune.io.shards import split_member_name
+from prune.io.storage import OutputDir
+from prune.io.writer import (
+    OutputShard,
+    Piece,
+    fragment_name,
+    plan_output_shards,
+    write_fragments,
+    write_output_shard,
+)
 
 PER_INPUT = 40
 N_INPUT = 3

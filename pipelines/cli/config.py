@@ -1,0 +1,139 @@
+"""The configs of the CLI verbs: each composes the settings sections of its stages, from YAML + overrides.
+
+OmegaConf merges the YAML file with `key=value` overrides; pydantic validates the result so an
+unknown key or a bad value fails fast with one message that names the key. A stage registered
+beyond the shipped ones (pipelines/stage.py) brings its own section: `validate_config` adds it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ValidationError, create_model, field_validator
+
+from pipelines.runtime import RayConfig
+from pipelines.stage import STAGES, Stage
+from pipelines.stages import RUN_STAGES
+from prune import schema
+from prune.cluster.settings import KMeansConfig
+from prune.embed.settings import DecodeConfig, EmbedConfig
+from prune.evaluate.settings import EvaluateSection
+from prune.io.settings import WriteConfig
+from prune.select.settings import SelectConfig
+from prune.settings import ConfigError, Extensions, NonEmptyStr, Section
+from prune.train.settings import TrainConfig
+
+
+class JobConfig(Section):
+    """What every command's config has: where outputs go, which members are images, Ray, decoding."""
+
+    output: NonEmptyStr
+    image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
+    ray: RayConfig = RayConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+
+class RunConfig(JobConfig):
+    """`ssl-prune run`: the stages to run, in order, and each stage's section."""
+
+    input: NonEmptyStr
+    stages: list[str] = list(RUN_STAGES)  # registered stage names (pipelines/stages/)
+    embed: EmbedConfig = EmbedConfig()
+    kmeans: KMeansConfig = KMeansConfig()
+    select: SelectConfig = SelectConfig()
+    write: WriteConfig = WriteConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _registered(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one stage")
+        return [STAGES.check(name) for name in value]
+
+    def stage_list(self) -> list[Stage]:
+        """The configured stages, each built from the sections its fields name."""
+        return [STAGES.get(name).from_config(self) for name in self.stages]
+
+
+class TrainEncoderConfig(JobConfig):
+    """`ssl-prune train-encoder`: shards in, an encoder checkpoint directory out.
+
+    `output` is the checkpoint directory (encoder.safetensors + encoder.json) and Ray Train's state.
+    """
+
+    input: NonEmptyStr
+    train: TrainConfig = TrainConfig()
+
+
+class EvaluateConfig(JobConfig):
+    """`ssl-prune evaluate`: accuracy of classifiers trained on pruned subsets of a labeled set."""
+
+    train_input: NonEmptyStr  # labeled shards: the pool that is pruned
+    test_input: NonEmptyStr  # labeled shards: never pruned, only scored against
+    embed: EmbedConfig = EmbedConfig()
+    kmeans: KMeansConfig = KMeansConfig()
+    evaluate: EvaluateSection = EvaluateSection()
+
+
+_EXTENDED: dict[tuple, type[RunConfig]] = {}
+
+
+def run_config_model() -> type[RunConfig]:
+    """RunConfig plus a section for every registered stage whose section it lacks."""
+    extra = {}
+    for name in STAGES.names():
+        for key, (model, default) in STAGES.get(name).sections().items():
+            if key not in RunConfig.model_fields and key not in extra:
+                extra[key] = (model, default)
+    if not extra:
+        return RunConfig
+    key = tuple(sorted((k, m) for k, (m, _) in extra.items()))
+    if key not in _EXTENDED:
+        _EXTENDED[key] = create_model("RunConfig", __base__=RunConfig, **extra)
+    return _EXTENDED[key]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"missing config key '{key}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"bad value for '{key}': {msg} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_config(path: Optional[str], overrides: list[str] = (), model: type[BaseModel] = RunConfig):
+    """Merge a YAML file (or nothing) with dotted `key=value` overrides and validate."""
+    for item in overrides:
+        if "=" not in item or not item.partition("=")[0].strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        base = OmegaConf.load(path) if path else OmegaConf.create({})
+        if not isinstance(base, DictConfig):  # a list or a scalar cannot take dotted overrides
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot read config: {exc}") from exc
+    return validate_config(raw, model)
+
+
+def validate_config(raw: dict, model: type[BaseModel] = RunConfig):
+    if model is RunConfig:
+        model = run_config_model()
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None

@@ -1,0 +1,73 @@
+"""Shards -> Ray Dataset of decoded uint8 crops: read tasks, then CPU decode tasks.
+
+Shared by the embed stage and encoder training, so both see exactly the same crops. Decoding
+never runs in the model actors: the model stage never waits for JPEG decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from prune import schema
+from prune.embed.decode import PreprocessSpec, decode_batch
+from prune.embed.settings import DecodeConfig
+from prune.io.shards import read_shard
+
+POS = "_pos"  # position of the sample in its tar (internal)
+COUNT = "_count"  # samples in the shard (internal): a shard is complete when all arrived
+SHARD_ERROR_KEY = ""  # the key of the one row that stands for a shard that could not be read
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    shard: str  # shard id
+    url: str  # the input tar
+
+
+def read_rows(item: dict, image_extensions: list[str]) -> list[dict]:
+    """One tar ({shard, url} row) -> one row per sample (image bytes, or empty with the failure status)."""
+    result = read_shard(item["url"], image_extensions)
+    shard = item["shard"]
+    if result.shard_error:
+        return [{schema.SHARD: shard, schema.KEY: SHARD_ERROR_KEY, POS: -1, COUNT: 0,
+                 schema.STATUS: f"{result.shard_error}: {result.detail}"[:500], schema.IMAGE: b""}]
+    n = len(result.samples)
+    rows = []
+    for i, s in enumerate(result.samples):
+        found = s.member(image_extensions) if s.status == schema.STATUS_OK else None
+        rows.append({schema.SHARD: shard, schema.KEY: s.key, POS: i, COUNT: n,
+                     schema.STATUS: s.status, schema.IMAGE: found[1] if found else b""})
+    return rows
+
+
+def decode_rows(batch: dict, spec: PreprocessSpec, draft: bool, max_pixels: int) -> dict:
+    """CPU decode + geometric preprocessing of one batch (a stateless task, not an actor)."""
+    pixels, status = decode_batch(list(batch[schema.IMAGE]), list(batch[schema.STATUS]), spec, draft, max_pixels)
+    out = {k: v for k, v in batch.items() if k != schema.IMAGE}
+    out[schema.STATUS] = np.array(status, dtype=object)
+    out[schema.PIXELS] = pixels
+    return out
+
+
+def decode_memory_bytes(batch_size: int, spec: PreprocessSpec) -> int:
+    """Memory to reserve for one decode task: input bytes, uint8 crops, PIL's working copies."""
+    return int(batch_size * spec.size * spec.size * 3 * 8 + 128 * 2**20)
+
+
+def decoded_dataset(
+    shards: list[ShardInput], decode: DecodeConfig, image_extensions: list[str], spec: PreprocessSpec
+) -> ray.data.Dataset:
+    """Shards -> a Ray Dataset of rows with uint8 crops: read tasks, then CPU decode tasks."""
+    items = [{"shard": s.shard, "url": s.url} for s in shards]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.flat_map(read_rows, fn_args=(image_extensions,))
+    return ds.map_batches(
+        decode_rows, fn_args=(spec, decode.draft, decode.max_image_pixels),
+        batch_size=decode.batch_size, num_cpus=decode.num_cpus,
+        # the memory a batch of crops and its PIL intermediates needs; as a side effect these
+        # args differ from the actors', so Ray Data never fuses decode into the model actors
+        memory=decode_memory_bytes(decode.batch_size, spec),
+    )

@@ -1,0 +1,115 @@
+"""The one executor: fingerprints, skip-if-complete, timing, logging and stats for a list of stages.
+
+Every job (`run`, `evaluate`, `train-encoder`) is a list of stages handed to `execute`. For each
+stage in order, the executor computes its fingerprint from its own settings and its upstream's
+(`stage_fingerprint`), asks the stage whether its outputs are complete with that fingerprint, runs
+it if not, and records its stats and wall time. Each stage keeps its own resume scheme (parquet
+metadata, a JSON record, a marker file) behind `complete()`; the executor owns the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prune import schema
+from prune.io.storage import OutputDir
+from prune.settings import fingerprint
+
+from .stage import Context, Stage
+
+log = logging.getLogger("ssl_prune")
+
+_PACKAGES = ("ray", "torch", "open_clip_torch", "faiss-cpu", "pyarrow", "webdataset", "numpy", "pillow")
+
+
+def stage_fingerprint(stage: Stage, upstream: str, ctx: Context) -> str:
+    """Hash of the stage's tag, its upstream's fingerprint (none for the first) and its settings."""
+    parts = stage.identity(ctx)
+    if parts is None:
+        return upstream
+    return fingerprint(stage.fingerprint_tag or stage.name, *([upstream] if upstream else []), *parts)
+
+
+@dataclass
+class Executed:
+    """What `execute` did: per stage (by label), its stats, fingerprint, wall time and whether reused."""
+
+    stats: dict[str, Any] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, bool] = field(default_factory=dict)
+
+    def stats_dict(self) -> dict:
+        return {name: as_dict(s) for name, s in self.stats.items()}
+
+
+def as_dict(stats) -> dict:
+    """A stats dataclass (or a plain dict) -> JSON-able dict, with `reused` where the stage has it."""
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+
+
+def preflight(stages: list[Stage]) -> None:
+    """Every stage's own checks, before any work (jobs call this before they list their input)."""
+    for stage in stages:
+        stage.setup()
+
+
+def execute(stages: list[Stage], ctx: Context) -> Executed:
+    """Run every stage whose outputs are not complete, in order; see the module docstring."""
+    preflight(stages)
+    done = Executed()
+    upstream: dict[str, str] = {}  # split -> fingerprint of the last stage on it
+    for stage in stages:
+        split = getattr(stage, "split", "")
+        sctx = dataclasses.replace(ctx.split(split), earlier_fingerprints=dict(done.fingerprints),
+                                   earlier_stats=dict(done.stats))
+        sctx.fingerprint = stage_fingerprint(stage, upstream.get(split, ""), sctx)
+        t0 = time.time()
+        stats = stage.complete(sctx)
+        reused = stats is not None
+        if not reused:
+            stats = stage.run(sctx)
+        label = stage.label
+        done.stats[label], done.fingerprints[label], done.reused[label] = stats, sctx.fingerprint, reused
+        done.timings_s[label] = round(time.time() - t0, 3)
+        log.info("stage %s: %s in %.1f s", label, "complete, reused" if reused else "done", done.timings_s[label])
+        upstream[split] = sctx.fingerprint
+    return done
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def outputs_list(out: OutputDir) -> list[str]:
+    files = []
+    for d in (schema.EMBEDDINGS_DIR, schema.PROTOTYPES_DIR, schema.SCORES_DIR, schema.PRUNED_DIR):
+        files += [f"{d}/{n}" for n in out.listdir(d) if not n.startswith(".")]
+    return files
+
+
+def write_manifest(out: OutputDir, done: Executed, total_s: float, **fields) -> dict:
+    """manifest.json, written last and atomically: its presence means the job completed."""
+    manifest = {
+        "tool": "ssl-prune",
+        **fields,
+        "versions": package_versions(),
+        "stages": done.stats_dict(),
+        "fingerprints": done.fingerprints,
+        "timings_s": done.timings_s | {"total": round(total_s, 3)},
+        "outputs": outputs_list(out),
+    }
+    out.write_json(manifest, schema.MANIFEST)
+    return manifest

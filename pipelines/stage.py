@@ -1,0 +1,116 @@
+"""The stage protocol: one small class per stage, knowing nothing about where it runs.
+
+A stage is a dataclass whose fields are its settings (config sections named as the fields, e.g.
+`embed: EmbedConfig`), registered by name with `@STAGES.register`. It declares
+
+- `identity(ctx)`: the settings its outputs depend on. The executor hashes them with the upstream
+  stage's fingerprint (pipelines/executor.py), so no stage needs another to learn its fingerprint;
+- `resources(ctx)`: what one of its Ray tasks or actors asks for;
+- `setup()`: checks on the driver before any work, input listing included (weights on this machine);
+- `complete(ctx)`: the stats of its outputs when they all exist with `ctx.fingerprint`, else None;
+- `run(ctx)`: does the work (skipping per-shard outputs already complete) and returns typed stats.
+
+Stages talk to each other only through the output directory's data contract (prune/schema.py):
+what one writes, the next reads. That is what lets any stage be re-run alone.
+Model: datatrove's PipelineStep (one block, any executor) and NeMo Curator's processing stages
+(settings as fields, declared resources, setup once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from prune.io.storage import OutputDir
+from prune.settings import Registry, Section
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task or actor of a stage asks Ray for."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: Optional[int] = None  # bytes; None: no reservation
+
+    def ray_args(self) -> dict:
+        args = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            args["num_gpus"] = self.num_gpus
+        if self.memory:
+            args["memory"] = self.memory
+        return args
+
+
+@dataclass
+class Context:
+    """What a stage runs on: the output root, the input shards, and its own fingerprint."""
+
+    out: OutputDir
+    shards: dict[str, str]  # shard id -> input URL, for this run (or this split)
+    fingerprint: str = ""  # this stage's, set by the executor before complete() and run()
+    splits: dict[str, "Context"] = field(default_factory=dict)  # named sub-runs (evaluate: train, test)
+    ray: str = ""  # how the job joined Ray (runtime.connect), for the records
+    # set by the executor: the fingerprints and stats of the stages before this one, by label; for
+    # a stage that depends on several (evaluate on both splits' embeddings) and for reports
+    earlier_fingerprints: dict[str, str] = field(default_factory=dict)
+    earlier_stats: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> "Context":
+        """The context of a named split ("" is this one)."""
+        return self if not name else self.splits[name]
+
+
+class Stage(ABC):
+    """One step of a job. Subclasses are dataclasses; see the module docstring."""
+
+    name: ClassVar[str]
+    fingerprint_tag: ClassVar[Optional[str]] = None  # the tag hashed into the fingerprint (default: name)
+
+    def identity(self, ctx: Context) -> Optional[tuple]:
+        """The settings (and inputs) the outputs depend on; None: the outputs are fully determined
+        by the upstream's (the fingerprint passes through)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def resources(self, ctx: Context) -> Resources:
+        return Resources()
+
+    def setup(self) -> None:
+        """Checks on the driver before any work of the job (before its input is even listed)."""
+
+    @abstractmethod
+    def complete(self, ctx: Context) -> Optional[Any]:
+        """The stats of the outputs when they all exist with `ctx.fingerprint`; None otherwise."""
+
+    @abstractmethod
+    def run(self, ctx: Context) -> Any:
+        """Make the outputs (reusing what is complete); return typed stats (a dataclass)."""
+
+    @property
+    def label(self) -> str:
+        """The stage's name in logs, timings and the manifest (a split stage adds its split)."""
+        split = getattr(self, "split", "")
+        return f"{self.name}:{split}" if split else self.name
+
+    @classmethod
+    def sections(cls) -> dict[str, tuple[type, Any]]:
+        """Config sections this stage reads: field name -> (settings model, default)."""
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for f in dataclasses.fields(cls):
+            t = hints.get(f.name)
+            if isinstance(t, type) and issubclass(t, Section):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                out[f.name] = (t, default)
+        return out
+
+    @classmethod
+    def from_config(cls, cfg) -> "Stage":
+        """This stage with its fields taken from the config's keys of the same names."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(cfg, f.name)})
+
+
+STAGES: Registry[type[Stage]] = Registry("stage")

@@ -1,0 +1,13 @@
+"""The stages shipped with the package, one file each; importing this package registers them.
+
+Adding a stage is one new file here (a `Stage` dataclass with `@STAGES.register`) plus its import
+below; a run config then names it in `stages:` and configures it under the section its fields name.
+"""
+
+from . import assign, embed, prototypes, select, write  # noqa: F401  (registration)
+
+# train_encoder.py and evaluate.py hold the stages of the `train-encoder` and `evaluate` jobs,
+# which build them directly: they are not `run` stages and are not registered
+
+# `ssl-prune run`'s stages, in order, when the config does not list its own
+RUN_STAGES = ("embed", "prototypes", "assign", "select", "write")

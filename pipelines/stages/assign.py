@@ -1,0 +1,115 @@
+"""Assign stage: every sample's nearest prototype and its distance, into `scores/NNNNN.parquet`.
+
+A Ray Data actor pool whose workers each hold the centroids in a faiss inner-product index; per
+shard, a worker writes the scores file (cluster, distance; selection columns not yet decided)
+under a temporary name. Score = 1 - cosine to the nearest centroid. Its outputs are fully
+determined by the prototypes', so its fingerprint is theirs; complete when every scores file
+carries it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from prune import schema
+from prune.cluster.kmeans import Assigner, prototype_distance
+from prune.cluster.settings import KMeansConfig
+from prune.io.storage import OutputDir
+from prune.io.tables import (
+    empty_selection,
+    file_metadata,
+    load_centroids,
+    ok_matrix,
+    read_embeddings,
+)
+
+from ..stage import STAGES, Context, Resources, Stage
+
+
+@dataclass
+class AssignStats:
+    shards_assigned: int
+    shards_reused: int
+    reused: bool = False
+
+
+def assigned_with(out: OutputDir, shard: str, fp: str) -> bool:
+    return file_metadata(out, schema.SCORES_DIR, shard).get(schema.META_ASSIGN_FINGERPRINT, b"").decode() == fp
+
+
+class AssignShards:
+    """Ray Data worker: holds the centroids; per shard, writes the assignment scores file."""
+
+    def __init__(self, out: OutputDir, centroids: np.ndarray, fp: str):
+        self.out = out  # the OutputDir itself: it pickles with its storage options (a URL would not)
+        self.assigner = Assigner(centroids)
+        self.fp = fp
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.assign_one(str(s)) for s in batch[schema.SHARD]]
+        return {"shard": np.array([s for s, _ in results]), "reused": np.array([r for _, r in results])}
+
+    def assign_one(self, shard: str) -> tuple[str, bool]:
+        if assigned_with(self.out, shard, self.fp):
+            return shard, True
+        table = read_embeddings(self.out, shard)
+        ok, x = ok_matrix(table)
+        n = len(table)
+        cluster = np.full(n, -1, np.int32)
+        distance = np.full(n, np.nan, np.float32)
+        ids, sims = self.assigner(x)
+        cluster[ok], distance[ok] = ids, prototype_distance(sims)
+        invalid = np.zeros(n, bool)
+        invalid[ok] = (ids < 0) | ~np.isfinite(sims) | ~np.isfinite(x).all(axis=1)
+        if invalid.any():  # a model that produced NaN/inf: record it, never score it
+            ok = ok & ~invalid
+            cluster[invalid], distance[invalid] = -1, np.nan
+            status = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
+            status[invalid] = schema.STATUS_BAD_EMBEDDING
+            table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
+        src_meta = table.schema.metadata or {}
+        meta = {schema.META_ASSIGN_FINGERPRINT: self.fp.encode()}
+        if schema.META_SHARD_ERROR in src_meta:
+            meta[schema.META_SHARD_ERROR] = src_meta[schema.META_SHARD_ERROR]
+        scores = empty_selection(table, cluster, distance, ok).replace_schema_metadata(meta)
+        with self.out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
+            pq.write_table(scores, f)
+        return shard, False
+
+
+@STAGES.register
+@dataclass
+class AssignStage(Stage):
+    name = "assign"
+
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # only assign_concurrency: placement
+
+    def identity(self, ctx: Context) -> None:
+        return None  # the scores' cluster and distance are a function of the centroids alone
+
+    def resources(self, ctx: Context) -> Resources:
+        return Resources(num_cpus=1)
+
+    def complete(self, ctx: Context) -> Optional[AssignStats]:
+        if all(assigned_with(ctx.out, s, ctx.fingerprint) for s in sorted(ctx.shards)):
+            return AssignStats(0, len(ctx.shards), reused=True)
+        return None
+
+    def run(self, ctx: Context) -> AssignStats:
+        centroids = load_centroids(ctx.out)
+        ds = ray.data.from_items([{schema.SHARD: s} for s in sorted(ctx.shards)], override_num_blocks=max(1, len(ctx.shards)))
+        ds = ds.map_batches(
+            AssignShards, fn_constructor_args=(ctx.out, centroids, ctx.fingerprint), batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=self.kmeans.assign_concurrency), **self.resources(ctx).ray_args(),
+        )
+        stats = AssignStats(0, 0)
+        for row in ds.iter_rows():
+            stats.shards_reused += int(row["reused"])
+            stats.shards_assigned += int(not row["reused"])
+        return stats

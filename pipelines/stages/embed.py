@@ -1,0 +1,243 @@
+"""Embed stage: shards -> read (tasks) -> decode (CPU tasks) -> embed (actor pool) -> embeddings/.
+
+Ray Data streams rows of image bytes from the tars, decodes them in CPU tasks (so the model
+never waits for JPEG decoding), and feeds uint8 crops to a pool of actors that load the model
+once each. Outputs land in a staging dataset partitioned by shard; a per-shard task then checks
+that every sample of the shard arrived (rows a retried task wrote twice count once) and writes
+`embeddings/NNNNN.parquet` atomically. Shards are processed in rounds, so a crash loses one
+round at most. Complete: every shard's file carries this fingerprint and its input's URL.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from prune import schema
+from prune.embed.backends import (
+    BACKENDS,
+    Embedder,
+    check_weights,
+    model_id_for,
+    preprocess_spec_for,
+)
+from prune.embed.decode import PreprocessSpec
+from prune.embed.settings import DecodeConfig, EmbedConfig
+from prune.io.storage import OutputDir
+
+from ..decoding import COUNT, POS, ShardInput, decoded_dataset
+from ..runtime import cluster_gpus, run_tasks
+from ..stage import STAGES, Context, Resources, Stage
+
+
+@dataclass
+class EmbedStats:
+    shards_total: int
+    shards_embedded: int
+    shards_reused: int
+    actor_resources: Optional[dict] = None  # Ray resources of one actor, and how many actors
+    torch_threads: Optional[int] = None
+    reused: bool = False
+
+
+class EmbedActor:
+    """Loads the model once per actor; maps a batch of crops to unit-norm float16 vectors."""
+
+    def __init__(self, backend: type[Embedder], embed: EmbedConfig, spec: PreprocessSpec, device: str):
+        # the class, resolved on the driver: a backend registered by the user's own code is not
+        # registered in this worker process
+        self.embedder = backend(embed, device)
+        if self.embedder.preprocess != spec:
+            raise RuntimeError(
+                f"the model's preprocessing {self.embedder.preprocess} differs from the one the "
+                f"decode stage used {spec}"
+            )
+
+    def __call__(self, batch: dict) -> pa.Table:
+        ok = batch[schema.STATUS] == schema.STATUS_OK
+        n, dim = len(ok), self.embedder.dim
+        vecs = np.zeros((n, dim), dtype=np.float16)
+        if ok.any():
+            vecs[ok] = self.embedder.embed(batch[schema.PIXELS][ok]).astype(np.float16)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim, mask=pa.array(~ok))
+        return pa.table({
+            schema.SHARD: pa.array(batch[schema.SHARD], pa.string()),
+            schema.KEY: pa.array(batch[schema.KEY], pa.string()),
+            POS: pa.array(batch[POS], pa.int64()),
+            COUNT: pa.array(batch[COUNT], pa.int64()),
+            schema.STATUS: pa.array(batch[schema.STATUS], pa.string()),
+            schema.EMBEDDING: emb,
+        })
+
+
+def embeddings_complete(out: OutputDir, shard: str, fp: str, url: str) -> bool:
+    """Made with these settings from this very input file (a same-named shard elsewhere is not it)."""
+    name = schema.shard_file(shard)
+    if not out.exists(schema.EMBEDDINGS_DIR, name):
+        return False
+    with out.open(schema.EMBEDDINGS_DIR, name) as f:
+        meta = pq.read_schema(f).metadata or {}
+    return meta.get(schema.META_EMBED_FINGERPRINT, b"").decode() == fp and meta.get(schema.META_SOURCE_URL, b"").decode() == url
+
+
+def read_staged(out: OutputDir, part_dir: str) -> pa.Table | None:
+    """Every staged file of one shard, concatenated; None if there is none.
+
+    Ray Data names a write task's file by (write id, task index), so a retried task rewrites
+    the same object; a file that is not valid parquet (a write cut short on a store where a
+    close completes the upload) is skipped, and the count check in `finalize_shard` decides
+    whether its rows arrived in another file.
+    """
+    tables = []
+    for rel in out.find(part_dir):
+        if not rel.endswith(".parquet"):
+            continue
+        try:
+            with out.open(part_dir, rel) as f:
+                tables.append(pq.read_table(f))
+        except pa.ArrowInvalid:
+            continue
+    return pa.concat_tables(tables) if tables else None
+
+
+@dataclass(frozen=True)
+class FinalizeTask:
+    out: OutputDir
+    shard: str
+    url: str
+    part_dir: str  # the shard's partition of the staged dataset
+    fp: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class Finalized:
+    shard: str
+    ok: bool
+    rows: int = 0  # rows written; -1: the file was complete already (a retried task)
+    why: str = ""
+
+
+def finalize_shard(task: FinalizeTask) -> Finalized:
+    """Staged parts of one shard -> embeddings/NNNNN.parquet, if every sample arrived."""
+    out, shard = task.out, task.shard
+    if embeddings_complete(out, shard, task.fp, task.url):  # a retry of a finished task
+        return Finalized(shard, True, -1)
+    table = read_staged(out, task.part_dir)
+    if table is None:
+        return Finalized(shard, False, why="no embedded rows arrived")
+    table = table.sort_by(POS)
+    pos = table.column(POS).to_numpy()
+    pos_unique, first = np.unique(pos, return_index=True)  # a retried task may have re-written rows
+    table = table.take(pa.array(first))
+    meta = {schema.META_EMBED_FINGERPRINT: task.fp.encode(), schema.META_MODEL_ID: task.model_id.encode(),
+            schema.META_SOURCE_URL: task.url.encode()}
+    if len(pos_unique) == 1 and pos_unique[0] == -1:  # the shard itself could not be read
+        meta[schema.META_SHARD_ERROR] = table.column(schema.STATUS)[0].as_py().encode()
+        table = table.slice(0, 0)
+    else:
+        expected = int(table.column(COUNT)[0].as_py())
+        if len(pos_unique) != expected or pos_unique[0] != 0:
+            return Finalized(shard, False, why=f"{len(pos_unique)} of {expected} samples arrived")
+    dim = table.schema.field(schema.EMBEDDING).type.list_size
+    final = pa.table(
+        {
+            schema.KEY: table.column(schema.KEY),
+            schema.SHARD: pa.array([shard] * len(table), pa.string()),
+            schema.STATUS: table.column(schema.STATUS),
+            schema.EMBEDDING: table.column(schema.EMBEDDING),
+        },
+        schema=schema.embeddings_schema(dim),
+    ).replace_schema_metadata(meta)
+    with out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
+        pq.write_table(final, f)
+    return Finalized(shard, True, len(final))
+
+
+@STAGES.register
+@dataclass
+class EmbedStage(Stage):
+    """Every shard's embeddings, in `embeddings/` (of the split's own directory in `evaluate`)."""
+
+    name = "embed"
+
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    image_extensions: tuple[str, ...] = schema.IMAGE_EXTENSIONS_DEFAULT
+    split: str = ""  # a named split of the job's input (evaluate: train, test); "" the run's input
+
+    @functools.cached_property
+    def model_id(self) -> str:
+        return model_id_for(self.embed)
+
+    def identity(self, ctx: Context) -> tuple:
+        e, d = self.embed, self.decode
+        return (self.model_id, e.backend, e.model, e.pretrained, e.allow_random_init, e.seed, e.precision,
+                d.draft, d.max_image_pixels, list(self.image_extensions))
+
+    def setup(self) -> None:
+        check_weights(self.embed)  # before any work: the weights are on this machine
+
+    def resources(self, ctx: Context) -> Resources:
+        """A GPU per actor when the cluster has GPUs (unless embed.device is cpu)."""
+        use_gpu = self.embed.device != "cpu" and cluster_gpus() > 0
+        if self.embed.device == "cuda" and not use_gpu:
+            raise RuntimeError("embed.device is 'cuda' but the Ray cluster has no GPU resources")
+        return Resources(num_cpus=self.embed.num_cpus_per_actor, num_gpus=1 if use_gpu else 0)
+
+    def todo(self, ctx: Context) -> list[str]:
+        return [s for s in sorted(ctx.shards) if not embeddings_complete(ctx.out, s, ctx.fingerprint, ctx.shards[s])]
+
+    def complete(self, ctx: Context) -> Optional[EmbedStats]:
+        if self.todo(ctx):
+            return None
+        return EmbedStats(len(ctx.shards), 0, len(ctx.shards), reused=True)
+
+    def run(self, ctx: Context) -> EmbedStats:
+        out, shards = ctx.out, ctx.shards
+        todo = self.todo(ctx)
+        stats = EmbedStats(len(shards), 0, len(shards) - len(todo))
+        if not todo:
+            return stats
+        spec = preprocess_spec_for(self.embed)
+        res = self.resources(ctx)
+        device = "auto" if res.num_gpus else "cpu"
+        # the pool never asks for more GPU actors than GPUs exist
+        actors = min(self.embed.concurrency, int(cluster_gpus())) if res.num_gpus else self.embed.concurrency
+        stats.actor_resources = {"num_gpus": res.num_gpus, "num_cpus": res.num_cpus, "actors": actors}
+        embed = self.embed
+        if device == "cpu" and embed.torch_threads is None:
+            # Ray caps a CPU actor at num_cpus threads; the model is the hot loop, so give each
+            # actor its share of the cluster's cores instead (decode tasks are light beside it)
+            total = int(ray.cluster_resources().get("CPU", 1))
+            per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
+            embed = embed.model_copy(update={"torch_threads": max(1, min(per_node, total // actors))})
+        stats.torch_threads = embed.torch_threads
+        per_round = embed.shards_per_round
+        for start in range(0, len(todo), per_round):
+            batch_shards = todo[start : start + per_round]
+            run_dir = f"{schema.STAGING_DIR}/embed-{uuid.uuid4().hex[:12]}"
+            ds = decoded_dataset([ShardInput(s, shards[s]) for s in batch_shards], self.decode,
+                                 list(self.image_extensions), spec)
+            ds = ds.map_batches(
+                EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device), batch_size=embed.batch_size,
+                compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
+            )
+            # the OutputDir's own filesystem: the same endpoint and credentials as every other write
+            # (pyarrow's native S3 client would not read e.g. AWS_ENDPOINT_URL the way botocore does)
+            ds.write_parquet(out.path(run_dir), filesystem=out.arrow_filesystem(), partition_cols=[schema.SHARD])
+            tasks = [FinalizeTask(out, s, shards[s], f"{run_dir}/{schema.SHARD}={s}", ctx.fingerprint, self.model_id)
+                     for s in batch_shards]
+            for res_ in run_tasks(finalize_shard, tasks, desc="embeddings: finalize shards"):
+                if not res_.ok:
+                    raise RuntimeError(f"shard {res_.shard}: {res_.why}")
+                stats.shards_embedded += 1
+            out.remove(run_dir)
+        return stats

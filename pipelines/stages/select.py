@@ -1,0 +1,188 @@
+"""Select stage: exact keep thresholds from per-shard histograms, then `keep`/`band` per sample.
+
+Three light passes over `scores/`, each a set of per-shard tasks: histograms (summed on the
+driver), the priorities inside the cut bins, and the rewrite of each scores file with priority,
+percentile, keep and band. The cut-finding itself is the library's (`cuts.exact_cuts`, which
+`evaluate` calls too); the driver holds histograms and cut-bin values only, never a column of
+every sample.
+
+The rewrite replaces each scores file in one atomic write (a rename locally, one upload on S3:
+readers see the old file or the new one) and stamps the select fingerprint; a retried task finds
+the stamp and rewrites nothing. Complete when every scores file carries this fingerprint.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from prune import schema
+from prune.io.settings import WriteConfig
+from prune.io.storage import OutputDir
+from prune.io.tables import file_metadata, read_scores
+from prune.select import cuts
+from prune.select.policies import Policy, block_priorities, policy_class
+from prune.select.settings import SelectConfig
+
+from ..runtime import resolve, run_tasks
+from ..stage import STAGES, Context, Stage
+
+
+@dataclass
+class ShardSelection:
+    """One scores file's counts after selection."""
+
+    shard: str
+    samples: int
+    kept: int
+    pruned: int
+    failed: dict  # status -> samples
+    bands: dict  # band -> kept samples
+    shard_error: Optional[str]
+
+
+@dataclass
+class SelectStats:
+    edges: list  # the keep fraction that ends each band
+    samples: int = 0
+    kept: int = 0
+    pruned: int = 0
+    failed: dict = field(default_factory=dict)  # status -> samples that failed with it
+    kept_per_band: dict = field(default_factory=dict)
+    shard_failures: dict = field(default_factory=dict)  # shard -> why it yielded no sample
+    reused: bool = False
+
+    def add(self, s: ShardSelection) -> None:
+        self.samples, self.kept, self.pruned = self.samples + s.samples, self.kept + s.kept, self.pruned + s.pruned
+        self.failed = dict(Counter(self.failed) + Counter(s.failed))
+        self.kept_per_band = {int(b): n for b, n in sorted((Counter(self.kept_per_band) + Counter(s.bands)).items())}
+        if s.shard_error:
+            self.shard_failures[s.shard] = s.shard_error
+
+
+@dataclass(frozen=True)
+class SelectTask:
+    out: OutputDir
+    shard: str
+    select: SelectConfig
+    policy: type[Policy]  # resolved on the driver, where every policy is registered
+    fp: str = ""
+    payload: object = None  # pass 1: the HistogramSpec; pass 2: the CutPlan; pass 3: (Cuts, histogram)
+
+
+def _load(task: SelectTask) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """A scores table, its ok mask, and the ok rows' priorities and groups."""
+    table = read_scores(task.out, task.shard)
+    ok = table.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK
+    keys = table.column(schema.KEY).to_numpy(zero_copy_only=False)[ok]
+    dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+    cluster = table.column(schema.CLUSTER).to_numpy()[ok]
+    s = task.select
+    prio, groups = block_priorities(task.policy, s.seed, s.balanced, task.shard, keys, dist, cluster)
+    return table, ok, prio, groups
+
+
+def pass_histogram(task: SelectTask):
+    _, _, prio, groups = _load(task)
+    return cuts.sparse_histogram(prio, groups, task.payload)
+
+
+def pass_boundary(task: SelectTask):
+    _, _, prio, groups = _load(task)
+    return cuts.boundary_values(prio, groups, resolve(task.payload))
+
+
+def _counts(shard: str, table: pa.Table, ok, keep, band, meta: dict) -> ShardSelection:
+    statuses = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
+    return ShardSelection(
+        shard, len(table), int(keep.sum()), int((ok & ~keep).sum()),
+        dict(Counter(s for s in statuses if s != schema.STATUS_OK)),
+        dict(Counter(int(b) for b in band[keep])),
+        meta.get(schema.META_SHARD_ERROR, b"").decode() or None,
+    )
+
+
+def pass_apply(task: SelectTask) -> ShardSelection:
+    """Rewrite one scores file with its selection; return its counts for the manifest."""
+    table, ok, prio, groups = _load(task)
+    found, hist = resolve(task.payload)
+    keep_ok, band_ok, pct_ok = found.apply(prio, groups, hist)
+    n = len(table)
+    prio_all = np.zeros(n, np.uint64)
+    keep = np.zeros(n, bool)
+    band = np.full(n, -1, np.int32)
+    pct = np.full(n, np.nan)
+    prio_all[ok], keep[ok], band[ok], pct[ok] = prio, keep_ok, band_ok, pct_ok
+    meta = dict(table.schema.metadata or {})
+    if meta.get(schema.META_SELECT_FINGERPRINT, b"").decode() != task.fp:
+        meta[schema.META_SELECT_FINGERPRINT] = task.fp.encode()
+        new = table.set_column(table.schema.get_field_index(schema.PRIORITY), schema.PRIORITY, pa.array(prio_all, pa.uint64()))
+        new = new.set_column(new.schema.get_field_index(schema.PERCENTILE), schema.PERCENTILE, pa.array(pct, pa.float64(), mask=~ok))
+        new = new.set_column(new.schema.get_field_index(schema.KEEP), schema.KEEP, pa.array(keep))
+        new = new.set_column(new.schema.get_field_index(schema.BAND), schema.BAND, pa.array(band, pa.int32()))
+        with task.out.open_atomic(schema.SCORES_DIR, schema.shard_file(task.shard)) as f:
+            pq.write_table(new.replace_schema_metadata(meta), f)
+    return _counts(task.shard, table, ok, keep, band, meta)
+
+
+def count_selected(task: SelectTask) -> ShardSelection:
+    """The counts of a scores file already selected with this fingerprint (nothing rewritten)."""
+    table = read_scores(task.out, task.shard, columns=[schema.STATUS, schema.KEEP, schema.BAND])
+    ok = table.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK
+    keep = table.column(schema.KEEP).to_numpy(zero_copy_only=False)
+    band = table.column(schema.BAND).to_numpy(zero_copy_only=False)
+    return _counts(task.shard, table, ok, keep, band, table.schema.metadata or {})
+
+
+def prototype_count(out: OutputDir) -> int:
+    """k, from the prototypes' own record (the contract between the stages)."""
+    return int(out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)["k"])
+
+
+@STAGES.register
+@dataclass
+class SelectStage(Stage):
+    name = "select"
+
+    select: SelectConfig = field(default_factory=SelectConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)  # its band_step: the bands are cut here
+
+    def identity(self, ctx: Context) -> tuple:
+        return (self.select, self.write.band_step)
+
+    def edges(self) -> list[float]:
+        return cuts.band_edges(self.select.keep_fraction, self.write.band_step)
+
+    def tasks(self, ctx: Context, payload=None) -> list[SelectTask]:
+        policy = policy_class(self.select.policy)
+        return [SelectTask(ctx.out, s, self.select, policy, ctx.fingerprint, payload) for s in sorted(ctx.shards)]
+
+    def complete(self, ctx: Context) -> Optional[SelectStats]:
+        fp = ctx.fingerprint.encode()
+        if any(file_metadata(ctx.out, schema.SCORES_DIR, s).get(schema.META_SELECT_FINGERPRINT) != fp for s in ctx.shards):
+            return None
+        stats = SelectStats(self.edges(), reused=True)
+        for res in run_tasks(count_selected, self.tasks(ctx), desc="select: count"):
+            stats.add(res)
+        return stats
+
+    def run(self, ctx: Context) -> SelectStats:
+        k = prototype_count(ctx.out)
+        spec = cuts.HistogramSpec.for_groups(k if self.select.balanced else 1)
+        edges = self.edges()
+        found, hist = cuts.exact_cuts(
+            spec, edges,
+            run_tasks(pass_histogram, self.tasks(ctx, spec), desc="select: histograms"),
+            lambda plan: run_tasks(pass_boundary, self.tasks(ctx, ray.put(plan)), desc="select: cut bins"),
+        )
+        stats = SelectStats(edges)
+        shared = ray.put((found, hist))  # shipped once, not per task
+        for res in run_tasks(pass_apply, self.tasks(ctx, shared), desc="select: apply"):
+            stats.add(res)
+        return stats

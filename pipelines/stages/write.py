@@ -1,0 +1,154 @@
+"""Write stage: pruned shards in distance bands, with img2dataset metadata beside them.
+
+Per input shard a task streams the tar once and sends kept samples to their band's fragment;
+the driver plans output shards from the fragment counts alone; per output shard a task
+concatenates its fragment slices. `sizes.json` and `bands.json` come last, then the stage
+marker (`pruned/_stage.json`), so a set with a marker of this fingerprint is complete.
+
+Ray retries a task whose node was lost. Every file here is written whole under its final name
+(OutputDir.open_atomic: rename locally, one completed upload on S3), and the outputs are pure
+functions of the selection: a retried fragment task finds its `done/` record and returns it, or
+rewrites its fragments byte for byte; a retried output task finds its tar (written last) or
+rewrites the shard identically. No sample is lost or written twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow.compute as pc
+
+from prune import schema
+from prune.io.settings import WriteConfig
+from prune.io.storage import OutputDir
+from prune.io.tables import read_scores
+from prune.io.writer import (
+    OutputShard,
+    plan_output_shards,
+    write_fragments,
+    write_output_shard,
+)
+from prune.select.cuts import band_edges
+from prune.select.settings import SelectConfig
+
+from ..runtime import run_tasks
+from ..stage import STAGES, Context, Stage
+
+
+@dataclass
+class WriteStats:
+    bands: list  # bands.json's list: per band its shards, counts and the brace pattern of the prefix
+    output_shards: int
+    samples_written: int
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class FragmentTask:
+    out: OutputDir
+    shard: str
+    url: str
+    staging: str
+
+
+@dataclass(frozen=True)
+class OutputTask:
+    out: OutputDir
+    plan: OutputShard
+    staging: str
+
+
+def fragment_task(task: FragmentTask) -> dict:
+    """One input shard -> its band fragments; skipped if a previous attempt finished it.
+    -> {shard, counts: band -> samples, ok: the shard's ok samples}."""
+    out, shard, staging = task.out, task.shard, task.staging
+    done_name = f"done/{shard}.json"
+    table = read_scores(task.out, shard, columns=[schema.KEY, schema.STATUS, schema.KEEP, *schema.SCORE_COLUMNS_IN_PRUNED])
+    n_ok = int(pc.sum(pc.equal(table.column(schema.STATUS), schema.STATUS_OK)).as_py() or 0)
+    if out.exists(staging, done_name):
+        return out.read_json(staging, done_name) | {"ok": n_ok}
+    table = table.filter(table.column(schema.KEEP))
+    kept = {row[schema.KEY]: row for row in table.select([schema.KEY, *schema.SCORE_COLUMNS_IN_PRUNED]).to_pylist()}
+    result = write_fragments(task.url, shard, kept, out, staging)
+    record = {"shard": shard, "counts": {str(b): n for b, n in result.counts.items()}, "ok": n_ok}
+    if sum(result.counts.values()) != len(kept):
+        raise RuntimeError(f"shard {shard}: {len(kept)} samples to keep, {sum(result.counts.values())} found in the tar")
+    out.write_json(record, staging, done_name)
+    return record
+
+
+def output_task(task: OutputTask) -> dict:
+    if not task.out.exists(schema.PRUNED_DIR, task.plan.name):
+        write_output_shard(task.out, task.staging, schema.PRUNED_DIR, task.plan)
+    return {"name": task.plan.name, "count": task.plan.count, "band": task.plan.band}
+
+
+def bands_list(written: list[dict], edges: list[float], n_input_ok: int) -> list[dict]:
+    """Per band: its shards, its samples, the cumulative count and the brace pattern of the prefix."""
+    bands, cumulative = [], 0
+    for b, edge in enumerate(edges):
+        names = [r["name"] for r in written if r["band"] == b]
+        n = sum(r["count"] for r in written if r["band"] == b)
+        cumulative += n
+        bands.append({
+            "band": b,
+            "keep_fraction": edge,
+            "shards": names,
+            "samples": n,
+            "cumulative_samples": cumulative,
+            "cumulative_fraction_of_ok": cumulative / n_input_ok if n_input_ok else 0.0,
+            "prefix": f"{{{written[0]['name'][:-4]}..{names[-1][:-4]}}}.tar" if names else None,
+        })
+    return bands
+
+
+@STAGES.register
+@dataclass
+class WriteStage(Stage):
+    name = "write"
+
+    write: WriteConfig = field(default_factory=WriteConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)  # named in bands.json; its edges end the bands
+
+    def identity(self, ctx: Context) -> tuple:
+        return (self.write,)  # the selection enters through the upstream fingerprint
+
+    def complete(self, ctx: Context) -> Optional[WriteStats]:
+        marker = f"{schema.PRUNED_DIR}/{schema.STAGE_MARKER}"
+        if not (ctx.out.exists(marker) and ctx.out.read_json(marker).get("fingerprint") == ctx.fingerprint):
+            return None
+        bands = ctx.out.read_json(schema.PRUNED_DIR, schema.BANDS_FILE)["bands"]
+        return WriteStats(bands, sum(len(b["shards"]) for b in bands), sum(b["samples"] for b in bands), reused=True)
+
+    def run(self, ctx: Context) -> WriteStats:
+        out, fp = ctx.out, ctx.fingerprint
+        staging = f"{schema.STAGING_DIR}/write-{fp}"
+        pending = f"{schema.PRUNED_DIR}/{schema.PENDING_MARKER}"
+        if not (out.exists(pending) and out.read_json(pending).get("fingerprint") == fp):
+            # shards of another selection must not mix with these: start the set afresh
+            for name in out.listdir(schema.PRUNED_DIR):
+                out.remove(schema.PRUNED_DIR, name)
+            out.write_json({"fingerprint": fp}, pending)
+        # else: an interrupted write of this very selection; its finished shards are kept
+        counts: dict[tuple[int, str], int] = {}
+        n_input_ok = 0
+        tasks = [FragmentTask(out, s, ctx.shards[s], staging) for s in sorted(ctx.shards)]
+        for rec in run_tasks(fragment_task, tasks, desc="write: fragments"):
+            n_input_ok += rec["ok"]
+            for band, n in rec["counts"].items():
+                counts[(int(band), rec["shard"])] = n
+        plans = plan_output_shards(counts, self.write.samples_per_shard)
+        written = sorted(
+            run_tasks(output_task, [OutputTask(out, p, staging) for p in plans], desc="write: shards"),
+            key=lambda r: r["name"],
+        )
+        out.write_json({r["name"]: r["count"] for r in written}, schema.PRUNED_DIR, schema.SIZES_FILE)
+        bands = bands_list(written, band_edges(self.select.keep_fraction, self.write.band_step), n_input_ok)
+        doc = {"policy": self.select.policy, "balanced": self.select.balanced,
+               "keep_fraction": self.select.keep_fraction, "bands": bands}
+        out.write_json(doc, schema.PRUNED_DIR, schema.BANDS_FILE)
+        out.remove(staging)
+        out.write_json({"fingerprint": fp}, f"{schema.PRUNED_DIR}/{schema.STAGE_MARKER}")
+        out.remove(pending)
+        return WriteStats(bands, len(written), sum(r["count"] for r in written))

@@ -1,0 +1,129 @@
+"""The embedder interface, the backend registry, and device/precision choices every backend shares.
+
+An embedder turns a batch of uint8 crops (made by prune/embed/decode.py to its `preprocess` spec)
+into L2-normalized float32 vectors. A backend is one class that registers itself under the name
+`embed.backend` selects (`@BACKENDS.register`) and carries its own weight check, preprocessing and
+model id as class methods, so the driver can check weights and the decode tasks can crop images
+before any model is loaded. Weights come from local files only; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import numpy as np
+
+from prune.embed.decode import PreprocessSpec
+from prune.embed.errors import WeightsNotFoundError
+from prune.settings import Registry
+
+if TYPE_CHECKING:  # annotations only: the settings import the registry, not the reverse
+    from prune.embed.settings import EmbedConfig
+
+
+class Embedder(ABC):
+    """Batch of uint8 NHWC crops -> float32 [N, dim], each row of unit length."""
+
+    name: ClassVar[str]  # the `embed.backend` that selects this class
+
+    model_id: str
+    preprocess: PreprocessSpec
+    dim: int
+    random_init: bool = False
+
+    @abstractmethod
+    def __init__(self, cfg: EmbedConfig, device: Optional[str] = None): ...
+
+    @abstractmethod
+    def embed(self, pixels_uint8: np.ndarray) -> np.ndarray: ...
+
+    # --- what the driver and the decode tasks need before any model is loaded ---------------
+
+    @classmethod
+    @abstractmethod
+    def spec_for(cls, cfg: EmbedConfig) -> PreprocessSpec:
+        """The eval crop this model expects (the decode tasks make it; the actor checks it)."""
+
+    @classmethod
+    @abstractmethod
+    def find_weights(cls, cfg: EmbedConfig) -> str:
+        """The local weights `cfg.pretrained` names; WeightsNotFoundError says what is missing."""
+
+    @classmethod
+    def id_for(cls, cfg: EmbedConfig) -> str:
+        """backend:model:weights, where weights is the tag, the checkpoint's file name or random-init."""
+        if cfg.pretrained:
+            path = os.path.expanduser(cfg.pretrained)
+            tag = os.path.basename(path) if os.path.isfile(path) else cfg.pretrained
+        else:
+            tag = f"random-init-seed{cfg.seed}"
+        return f"{cfg.backend}:{cfg.model}:{tag}"
+
+    def _setup_device(self, cfg: EmbedConfig, device: Optional[str]) -> None:
+        """Device, precision and CPU threads, the same way for every backend."""
+        import torch
+
+        self.device = resolve_device(device or cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.torch_threads and self.device == "cpu":
+            torch.set_num_threads(cfg.torch_threads)
+
+
+BACKENDS: Registry[type[Embedder]] = Registry("embed.backend")
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 pays off."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("embed.device is 'cuda' but torch sees no CUDA device on this worker")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        # native bf16 only (Ampere and newer): emulated bf16 on V100/T4 is slower than fp32
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def model_id_for(cfg: EmbedConfig) -> str:
+    return BACKENDS.get(cfg.backend).id_for(cfg)
+
+
+def preprocess_spec_for(cfg: EmbedConfig) -> PreprocessSpec:
+    return BACKENDS.get(cfg.backend).spec_for(cfg)
+
+
+def check_weights(cfg: EmbedConfig) -> None:
+    """Fail fast, on the driver, when the configured weights are not on this machine."""
+    if cfg.pretrained:
+        BACKENDS.get(cfg.backend).find_weights(cfg)
+    elif not cfg.allow_random_init:
+        raise WeightsNotFoundError(
+            "embed.pretrained is not set: give a tag from the local cache or a weights file "
+            "(embed.allow_random_init=true only for smoke tests)"
+        )
+
+
+def make_embedder(cfg: EmbedConfig, device: Optional[str] = None) -> Embedder:
+    """The one place that maps `embed.backend` to a class."""
+    return BACKENDS.get(cfg.backend)(cfg, device)

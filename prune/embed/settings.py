@@ -1,0 +1,45 @@
+"""Settings of decoding and embedding: the `decode` and `embed` sections of a config."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from prune.settings import Section
+
+
+class DecodeConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    draft: bool = True  # JPEG draft decoding down to (at least) the model's input size
+    max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's own default bomb threshold
+    num_cpus: float = Field(1.0, gt=0)
+
+
+class EmbedConfig(Section):
+    backend: str = "open_clip"  # a registered backend (prune/embed/backends): open_clip, timm, local, ...
+    model: str = "ViT-B-32"
+    pretrained: Optional[str] = None  # a tag from the local cache, or a checkpoint file path
+    allow_random_init: bool = False  # only for tests and smoke runs; recorded in the manifest
+    cache_dir: Optional[str] = None  # where pretrained tags are looked up (default: open_clip/HF cache)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    batch_size: int = Field(64, ge=1)
+    concurrency: int = Field(1, ge=1)  # embed actors; one GPU each on a GPU cluster
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    torch_threads: Optional[int] = Field(None, ge=1)  # CPU actors: intra-op threads
+    shards_per_round: int = Field(64, ge=1)  # a crash loses at most one round of embedding
+    seed: int = 0  # random-init weights
+
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from prune.embed.backends import BACKENDS
+
+        return BACKENDS.check(value)
+
+    @model_validator(mode="after")
+    def _no_random_init_with_weights(self) -> "EmbedConfig":
+        if self.allow_random_init and self.pretrained:
+            raise ValueError("embed.allow_random_init and embed.pretrained exclude each other")
+        return self

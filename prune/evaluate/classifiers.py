@@ -1,0 +1,161 @@
+"""The fixed classifiers `evaluate` trains on each kept subset: a linear probe and a small CNN."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from prune.cluster.kmeans import l2_normalize
+from prune.evaluate.layout import ACCURACY, N_TEST, N_TRAIN, STEPS, TRAIN_SECONDS
+from prune.evaluate.settings import CnnConfig, LinearProbeConfig
+
+
+def _cosine_lambda(total_steps: int):
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+def train_steps(n_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """`epochs` passes (full batches only), and never fewer than `min_steps` updates."""
+    per_epoch = max(1, n_train // max(1, min(batch_size, n_train)))
+    return max(epochs * per_epoch, min_steps, 1)
+
+
+def _fit(model, batch_inputs, labels: np.ndarray, steps: int, batch_size: int, lr: float, weight_decay: float,
+         seed: int) -> None:
+    """Adam with cosine decay over `steps` minibatches, reshuffled every pass; all randomness seeded.
+
+    `batch_inputs(idx, gen)` gives the model's input for those rows; `gen` (None when scoring)
+    is the generator any augmentation must draw from, so a seed gives one result.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    y_all = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    n = len(y_all)
+    bs = min(batch_size, n)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine_lambda(steps))
+    order, pos = torch.randperm(n, generator=gen), 0
+    model.train()
+    for _ in range(steps):
+        if pos + bs > n:
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + bs]
+        pos += bs
+        x = batch_inputs(idx.numpy(), gen)
+        loss = F.cross_entropy(model(x), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def _accuracy(model, batch_inputs, labels: np.ndarray, batch_size: int = 1024) -> float:
+    import torch
+
+    if len(labels) == 0:
+        return float("nan")
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(labels), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(labels)))
+            pred = model(batch_inputs(idx, None)).argmax(dim=1).numpy()
+            correct += int((pred == labels[idx]).sum())
+    return correct / len(labels)
+
+
+def standardize(train_pool: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Unit-norm features, centred and scaled by the pool's statistics (the same for every subset)."""
+    pool = l2_normalize(train_pool)
+    mean, std = pool.mean(axis=0), pool.std(axis=0) + 1e-6
+    return [((x - mean) / std).astype(np.float32) for x in (pool, *(l2_normalize(o) for o in others))]
+
+
+def _nothing_kept(test_y) -> dict:
+    """A selection that keeps no sample (e.g. a tiny fraction of tiny clusters): no classifier, no score."""
+    return {ACCURACY: float("nan"), STEPS: 0, TRAIN_SECONDS: 0.0, N_TRAIN: 0, N_TEST: len(test_y)}
+
+
+def train_linear_probe(train_x, train_y, test_x, test_y, n_classes: int, cfg: LinearProbeConfig, seed: int) -> dict:
+    """The linear probe (prune/evaluate/probes.py) on the kept subset only; features standardized by the pool.
+
+    Solved to convergence from zero weights: deterministic, so `seed` changes nothing here.
+    """
+    from prune.evaluate.probes import linear_probe
+
+    if len(train_y) == 0:
+        return _nothing_kept(test_y)
+    t0 = time.perf_counter()
+    pred = linear_probe(train_x, train_y, test_x, cfg.weight_decay, cfg.max_iter, n_classes, standardize=False)
+    return {ACCURACY: float(np.mean(pred == np.asarray(test_y))), STEPS: cfg.max_iter,
+            TRAIN_SECONDS: round(time.perf_counter() - t0, 3), N_TRAIN: len(train_y), N_TEST: len(test_y)}
+
+
+def small_cnn(n_classes: int, width: int, in_channels: int = 3):
+    """conv(w/2) pool conv(w) pool conv(2w) global-avg-pool linear, each conv + BN + ReLU.
+
+    The full-resolution layer is the narrow one: ~2.1M multiply-adds per 28x28 image at width
+    32, about 10-16 s per 60k-image epoch on one core (channels-last).
+    """
+    import torch.nn as nn
+
+    def block(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+    stem = max(1, width // 2)
+    return nn.Sequential(
+        *block(in_channels, stem), nn.MaxPool2d(2),
+        *block(stem, width), nn.MaxPool2d(2),
+        *block(width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, n_classes),
+    )
+
+
+def pixels_to_tensor(pixels_uint8: np.ndarray):
+    """uint8 NHWC -> float NCHW in [-1, 1], channels-last in memory (the fast conv layout on CPU)."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(pixels_uint8)).permute(0, 3, 1, 2)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+def shift_and_flip(pixels_uint8: np.ndarray, gen, max_shift: int = 2) -> np.ndarray:
+    """Light augmentation on the uint8 batch: a random horizontal flip and a shift of up to
+    `max_shift` pixels per image (edges repeated). A slice per image: cheap beside the CNN."""
+    import torch
+
+    b, h, w = pixels_uint8.shape[:3]
+    flip = (torch.rand(b, generator=gen) < 0.5).numpy()
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=gen).numpy()
+    padded = np.pad(pixels_uint8, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    out = np.empty_like(pixels_uint8)
+    for i in range(b):
+        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop[:, ::-1] if flip[i] else crop
+    return out
+
+
+def train_cnn(train_pixels, train_y, test_pixels, test_y, n_classes: int, cfg: CnnConfig, seed: int) -> dict:
+    """The small CNN on pixels, `cfg.epochs` passes over the kept subset, at least `cfg.min_steps` steps."""
+    import torch
+
+    if len(train_y) == 0:
+        return _nothing_kept(test_y)
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = small_cnn(n_classes, cfg.width, train_pixels.shape[-1]).to(memory_format=torch.channels_last)
+    steps = train_steps(len(train_y), cfg.batch_size, cfg.epochs, cfg.min_steps)
+
+    def inputs(pixels):
+        def batch(idx, gen):
+            raw = pixels[idx]
+            return pixels_to_tensor(shift_and_flip(raw, gen) if gen is not None and cfg.augment else raw)
+        return batch
+
+    _fit(model, inputs(train_pixels), train_y, steps, cfg.batch_size, cfg.lr, 0.0, seed)
+    fit_s = time.perf_counter() - t0
+    return {ACCURACY: _accuracy(model, inputs(test_pixels), np.asarray(test_y), batch_size=512), STEPS: steps,
+            TRAIN_SECONDS: round(fit_s, 3), N_TRAIN: len(train_y), N_TEST: len(test_y)}

@@ -1,0 +1,51 @@
+"""`evaluate`'s output layout, results.csv columns and the reasons a sample is left out."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prune import schema
+
+# --- output layout: <output>/{train,test}/embeddings/ and <output>/pool-<all|N>/ ----------------
+TRAIN_DIR = "train"  # the embed stage's output for the pool's shards
+TEST_DIR = "test"  # ... and for the test shards
+RESULTS_CSV = "results.csv"  # one row per (classifier, policy, keep fraction, seed)
+RESULTS_MD = "results.md"  # per classifier: policy x keep fraction, mean ± std over seeds
+PLOT_PNG = "accuracy.png"  # accuracy vs keep fraction, one line per policy
+SUMMARY_JSON = "summary.json"  # settings, counts, prototypes, timings
+
+# --- results.csv columns, in file order ------------------------------------------------------
+POOL, N_POOL, CLASSIFIER, POLICY, KEEP_FRACTION, SEED = "pool", "n_pool", "classifier", "policy", "keep_fraction", "seed"
+N_TRAIN, N_TEST, ACCURACY, STEPS, TRAIN_SECONDS = "n_train", "n_test", "accuracy", "steps", "train_seconds"
+SHARED_FROM = "shared_from"  # "<policy>@<keep fraction>" whose training (same subset, same seed) this row reuses
+FINGERPRINT = "fingerprint"  # settings that made the row: a re-run reuses rows whose fingerprint matches
+RESULT_COLUMNS = (POOL, N_POOL, CLASSIFIER, POLICY, KEEP_FRACTION, SEED, N_TRAIN, N_TEST, ACCURACY, STEPS,
+                  TRAIN_SECONDS, SHARED_FROM, FINGERPRINT)
+_INT_COLUMNS = (N_POOL, SEED, N_TRAIN, N_TEST, STEPS)
+_FLOAT_COLUMNS = (KEEP_FRACTION, ACCURACY, TRAIN_SECONDS)
+
+# --- why a sample is left out (besides its embedding status, e.g. undecodable_image) ---------
+EXCLUDED_NO_JSON = "no_json_member"
+EXCLUDED_BAD_JSON = "unparseable_json"
+EXCLUDED_NO_LABEL = "missing_label"
+EXCLUDED_BAD_LABEL = "non_integer_label"  # not an integer >= 0 (a float 3.0 or the string "3" pass)
+EXCLUDED_NOT_IN_TAR = "not_in_tar"  # embedded, but the tar no longer holds it (changed since)
+
+LINEAR, CNN = "linear", "cnn"
+SEED_FREE = (LINEAR,)  # solved to convergence from zero weights: one training serves every seed
+BALANCED_PREFIX = schema.BALANCED_PREFIX
+LABEL_MEMBER = "json"
+
+
+def fraction_label(f: float) -> str:
+    """0.1 -> "0.1", 1 -> "1.0": how a keep fraction is written in tables, tags and the plot."""
+    text = f"{float(f):g}"
+    return text if "." in text or "e" in text else text + ".0"
+
+
+def pool_label(pool_size: Optional[int]) -> str:
+    return "all" if pool_size is None else str(pool_size)
+
+
+def pool_dir(pool_size: Optional[int]) -> str:
+    return f"pool-{pool_label(pool_size)}"

@@ -1,0 +1,151 @@
+"""`evaluate`'s results: results.csv, the mean ± std tables in Markdown, and the accuracy plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+import numpy as np
+
+from prune.evaluate.layout import (
+    _FLOAT_COLUMNS,
+    _INT_COLUMNS,
+    ACCURACY,
+    CLASSIFIER,
+    KEEP_FRACTION,
+    N_TRAIN,
+    POLICY,
+    RESULT_COLUMNS,
+    SEED,
+    SHARED_FROM,
+    fraction_label,
+)
+
+
+def results_csv(rows: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: row.get(c, "") for c in RESULT_COLUMNS})
+    return buf.getvalue().encode()
+
+
+def read_results_csv(data: bytes) -> list[dict]:
+    """Rows of a results.csv, typed; a row that does not parse is dropped (it is simply re-run)."""
+    rows = []
+    for raw in csv.DictReader(io.StringIO(data.decode())):
+        try:
+            row = dict(raw)
+            for c in _INT_COLUMNS:
+                row[c] = int(row[c])
+            for c in _FLOAT_COLUMNS:
+                row[c] = float(row[c])
+            rows.append(row)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return rows
+
+
+def sort_rows(rows: list[dict], classifiers, policies) -> list[dict]:
+    order = {c: i for i, c in enumerate(classifiers)} | {p: i for i, p in enumerate(policies)}
+    return sorted(rows, key=lambda r: (order.get(r[CLASSIFIER], 99), order.get(r[POLICY], 99),
+                                       r[KEEP_FRACTION], r[SEED]))
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """(classifier, policy, keep fraction) -> mean and sample std (ddof=1) of accuracy over seeds."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r[CLASSIFIER], r[POLICY], float(r[KEEP_FRACTION])), []).append(r)
+    out = {}
+    for key, rs in cells.items():
+        acc = np.array([r[ACCURACY] for r in rs], dtype=np.float64)
+        out[key] = {
+            "mean": float(acc.mean()),
+            "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "seeds": len(acc),
+            N_TRAIN: sorted({int(r[N_TRAIN]) for r in rs}),
+        }
+    return out
+
+
+def best_policies(agg: dict, classifier: str, policies, fractions) -> dict:
+    """keep fraction -> the policy with the highest mean accuracy, or "tie" (e.g. at 1.0, where
+    every policy keeps the whole pool): the paper's rule is read off this."""
+    best = {}
+    for f in fractions:
+        scored = sorted(((agg[(classifier, p, f)]["mean"], p) for p in policies
+                         if (classifier, p, f) in agg and not math.isnan(agg[(classifier, p, f)]["mean"])), reverse=True)
+        if scored:
+            best[f] = "tie" if len(scored) > 1 and scored[0][0] == scored[1][0] else scored[0][1]
+    return best
+
+
+def markdown_table(rows: list[dict], classifiers, policies, fractions, header: dict) -> str:
+    """Per classifier: rows = policy, columns = keep fraction, cells = accuracy % mean ± std over seeds."""
+    agg = aggregate(rows)
+    shared = sum(1 for r in rows if r[SHARED_FROM])
+    lines = [
+        f"# Accuracy vs keep fraction: pool {header['pool']} ({header['n_pool']} samples)",
+        "",
+        f"Encoder `{header['model_id']}`{' (random init)' if header.get('random_init') else ''}, "
+        f"k = {header['k']} prototypes; test set {header['n_test']} samples; seeds {', '.join(map(str, header['seeds']))}. "
+        "Cells: test accuracy (%), mean ± std over seeds (sample std; the mean alone for one seed). "
+        "The classifier sees the kept subset only.",
+        "",
+        f"{len(rows)} runs; {shared} of them share the training of an identical run (same subset and seed: "
+        "keep fraction 1.0 keeps the whole pool under every policy), named in `shared_from` of results.csv.",
+    ]
+    for clf in classifiers:
+        lines += ["", f"## {clf}", "", "| policy | " + " | ".join(fraction_label(f) for f in fractions) + " |",
+                  "| --- |" + " ---: |" * len(fractions)]
+        for p in policies:
+            cells = []
+            for f in fractions:
+                a = agg.get((clf, p, f))
+                if a is None or math.isnan(a["mean"]):
+                    cells.append("–")
+                else:  # one seed has no spread to show
+                    spread = f" ± {100 * a['std']:.1f}" if a["seeds"] > 1 else ""
+                    cells.append(f"{100 * a['mean']:.1f}{spread}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        n_cells = []
+        for f in fractions:
+            counts = sorted({n for p in policies for n in agg.get((clf, p, f), {}).get(N_TRAIN, [])})
+            n_cells.append(" / ".join(map(str, counts)) or "–")
+        lines.append("| n_train | " + " | ".join(n_cells) + " |")
+        best = best_policies(agg, clf, policies, fractions)
+        if best:
+            lines += ["", "Best policy per keep fraction: " + ", ".join(f"{fraction_label(f)} {p}" for f, p in best.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_plot(rows: list[dict], classifiers, policies, fractions, title: str) -> bytes:
+    """PNG: one subplot per classifier, accuracy vs keep fraction, one line per policy with error bars."""
+    from matplotlib.figure import (
+        Figure,  # no pyplot: no global backend state, Agg canvas
+    )
+
+    agg = aggregate(rows)
+    fig = Figure(figsize=(5.5 * len(classifiers), 4.3), layout="constrained")
+    axes = fig.subplots(1, len(classifiers), squeeze=False)[0]
+    for ax, clf in zip(axes, classifiers):
+        for p in policies:
+            pts = [(f, agg[(clf, p, f)]) for f in fractions if (clf, p, f) in agg]
+            if not pts:
+                continue
+            ax.errorbar([f for f, _ in pts], [100 * a["mean"] for _, a in pts], yerr=[100 * a["std"] for _, a in pts],
+                        marker="o", markersize=4, capsize=3, label=p)
+        ax.set_title(clf)
+        ax.set_xlabel("keep fraction")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_xticks(list(fractions))
+        ax.set_xticklabels([fraction_label(f) for f in fractions])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()

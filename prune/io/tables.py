@@ -1,0 +1,75 @@
+"""Reading and building the per-shard Parquet tables of the output directory (prune/schema.py).
+
+Every stage that reads embeddings or writes scores goes through these, so the columns and their
+null conventions are handled in one place.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prune import schema
+from prune.io.storage import OutputDir
+
+
+def read_embeddings(out: OutputDir, shard: str, columns=None) -> pa.Table:
+    with out.open(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_scores(out: OutputDir, shard: str, **kwargs) -> pa.Table:
+    with out.open(schema.SCORES_DIR, schema.shard_file(shard)) as f:
+        return pq.read_table(f, **kwargs)
+
+
+def file_metadata(out: OutputDir, directory: str, shard: str) -> dict:
+    """A per-shard Parquet file's schema metadata (its footer only); empty if the file is absent."""
+    if not out.exists(directory, schema.shard_file(shard)):
+        return {}
+    with out.open(directory, schema.shard_file(shard)) as f:
+        return pq.read_schema(f).metadata or {}
+
+
+def ok_matrix(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of ok rows, float32 [n_ok, d]) from an embeddings table."""
+    ok = np.asarray(table.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK)
+    col = table.column(schema.EMBEDDING).combine_chunks()
+    dim = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    full = flat.reshape(-1, dim) if len(flat) else np.zeros((0, dim), np.float32)
+    # flatten() skips null lists; failed rows are null, so `full` holds exactly the ok rows
+    return ok, full
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    np.save(b, arr)
+    return b.getvalue()
+
+
+def load_centroids(out: OutputDir) -> np.ndarray:
+    with out.open(schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE) as f:
+        return np.load(f)
+
+
+def empty_selection(table: pa.Table, cluster, distance, ok) -> pa.Table:
+    """A scores table with assignment filled in and the selection columns not yet decided."""
+    n = len(table)
+    return pa.table(
+        {
+            schema.KEY: table.column(schema.KEY),
+            schema.SHARD: table.column(schema.SHARD),
+            schema.STATUS: table.column(schema.STATUS),
+            schema.CLUSTER: pa.array(cluster, pa.int32()),
+            schema.DISTANCE: pa.array(distance, pa.float32(), mask=~ok),
+            schema.PRIORITY: pa.array(np.zeros(n, np.uint64), pa.uint64()),
+            schema.PERCENTILE: pa.nulls(n, pa.float64()),
+            schema.KEEP: pa.array(np.zeros(n, bool)),
+            schema.BAND: pa.array(np.full(n, -1, np.int32)),
+        },
+        schema=schema.SCORES_SCHEMA,
+    )
