@@ -1,0 +1,1 @@
+"""ssl-prune's Ray wiring: the stage protocol, the executor, the stages and the CLI (pipelines/cli)."""

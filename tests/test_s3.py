@@ -313,7 +313,7 @@ def test_retried_write_tasks_rewrite_identical_objects(s3, s3_run):
     assert {p.name: p.count for p in plans} == sizes  # the same plan as the run's
     published = _etags(s3, f"out/{schema.PRUNED_DIR}/")
     for plan in plans[:2]:  # the task died after the tar was complete: skipped
-        assert output_task(OutputTask(out, plan, staging))["count"] == plan.count
+        assert output_task(OutputTask(out, plan, staging)).count == plan.count
     out.remove(schema.PRUNED_DIR, plans[0].name)  # ... or before: written again, identically
     output_task(OutputTask(out, plans[0], staging))
     assert _etags(s3, f"out/{schema.PRUNED_DIR}/") == published

@@ -78,18 +78,25 @@ def fragment_task(task: FragmentTask) -> dict:
     return record
 
 
-def output_task(task: OutputTask) -> dict:
+@dataclass(frozen=True)
+class Written:
+    name: str  # the pruned shard's file name
+    count: int  # samples in it
+    band: int
+
+
+def output_task(task: OutputTask) -> Written:
     if not task.out.exists(schema.PRUNED_DIR, task.plan.name):
         write_output_shard(task.out, task.staging, schema.PRUNED_DIR, task.plan)
-    return {"name": task.plan.name, "count": task.plan.count, "band": task.plan.band}
+    return Written(task.plan.name, task.plan.count, task.plan.band)
 
 
-def bands_list(written: list[dict], edges: list[float], n_input_ok: int) -> list[dict]:
+def bands_list(written: list[Written], edges: list[float], n_input_ok: int) -> list[dict]:
     """Per band: its shards, its samples, the cumulative count and the brace pattern of the prefix."""
     bands, cumulative = [], 0
     for b, edge in enumerate(edges):
-        names = [r["name"] for r in written if r["band"] == b]
-        n = sum(r["count"] for r in written if r["band"] == b)
+        names = [w.name for w in written if w.band == b]
+        n = sum(w.count for w in written if w.band == b)
         cumulative += n
         bands.append({
             "band": b,
@@ -98,7 +105,7 @@ def bands_list(written: list[dict], edges: list[float], n_input_ok: int) -> list
             "samples": n,
             "cumulative_samples": cumulative,
             "cumulative_fraction_of_ok": cumulative / n_input_ok if n_input_ok else 0.0,
-            "prefix": f"{{{written[0]['name'][:-4]}..{names[-1][:-4]}}}.tar" if names else None,
+            "prefix": f"{{{written[0].name[:-4]}..{names[-1][:-4]}}}.tar" if names else None,
         })
     return bands
 
@@ -141,9 +148,9 @@ class WriteStage(Stage):
         plans = plan_output_shards(counts, self.write.samples_per_shard)
         written = sorted(
             run_tasks(output_task, [OutputTask(out, p, staging) for p in plans], desc="write: shards"),
-            key=lambda r: r["name"],
+            key=lambda w: w.name,
         )
-        out.write_json({r["name"]: r["count"] for r in written}, schema.PRUNED_DIR, schema.SIZES_FILE)
+        out.write_json({w.name: w.count for w in written}, schema.PRUNED_DIR, schema.SIZES_FILE)
         bands = bands_list(written, band_edges(self.select.keep_fraction, self.write.band_step), n_input_ok)
         doc = {"policy": self.select.policy, "balanced": self.select.balanced,
                "keep_fraction": self.select.keep_fraction, "bands": bands}
@@ -151,4 +158,4 @@ class WriteStage(Stage):
         out.remove(staging)
         out.write_json({"fingerprint": fp}, f"{schema.PRUNED_DIR}/{schema.STAGE_MARKER}")
         out.remove(pending)
-        return WriteStats(bands, len(written), sum(r["count"] for r in written))
+        return WriteStats(bands, len(written), sum(w.count for w in written))

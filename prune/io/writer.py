@@ -157,7 +157,7 @@ def write_output_shard(out: OutputDir, staging: str, target_dir: str, plan: Outp
         with out.open(staging, fragment_name(p.band, p.shard, "parquet")) as f:
             tables.append(pq.read_table(f).slice(p.start, p.stop - p.start))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
-    with out.open_atomic(target_dir, f"{stem}.parquet") as fobj:
+    with out.open_atomic(target_dir, schema.shard_file(stem)) as fobj:
         pq.write_table(table, fobj)
     n = plan.count
     out.write_json(
