@@ -22,18 +22,23 @@ from .stage import Context, Stage
 
 def counts_of(done: Executed, n_shards: int) -> dict:
     """The run's accounting, from the select stage's counts (and the write stage's, when it ran):
-    input samples = kept + pruned + failed, and the pruned shards hold exactly the kept samples."""
-    sel = done.stats["select"]
+    input samples = kept + pruned + removed (by a curation stage, e.g. near-duplicates) + failed,
+    and the pruned shards hold exactly the kept samples."""
+    sel = done.stats.get("select")
+    if sel is None:  # a run of the first stages only (e.g. embed and prototypes): nothing selected yet
+        return {"input_shards": n_shards}
     counts = {
         "input_samples": sel.samples,
         "kept": sel.kept,
         "pruned": sel.pruned,
+        "removed": sum(sel.removed.values()),
+        "removed_by_reason": dict(sorted(sel.removed.items())),
         "failed": sum(sel.failed.values()),
         "failed_by_reason": dict(sorted(sel.failed.items())),
         "input_shards": n_shards,
         "shard_failures": sel.shard_failures,
     }
-    if counts["input_samples"] != counts["kept"] + counts["pruned"] + counts["failed"]:
+    if counts["input_samples"] != counts["kept"] + counts["pruned"] + counts["removed"] + counts["failed"]:
         raise AssertionError(f"accounting identity broken: {counts}")
     write = done.stats.get("write")
     if write is not None:

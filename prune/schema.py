@@ -36,6 +36,11 @@ FAILURE_STATUSES = (
     STATUS_BAD_EMBEDDING,
 )
 
+# Samples a curation stage removed (not failures: they were read and embedded fine). Selection
+# skips them; the manifest counts them apart: input = kept + pruned + removed + failed.
+STATUS_NEAR_DUPLICATE = "near_duplicate"  # SemDeDup: too close to a member kept in its cluster
+REMOVAL_STATUSES = (STATUS_NEAR_DUPLICATE,)
+
 # Shard-level failures (the shard yields no samples at all); recorded in the manifest.
 SHARD_NOT_A_TAR = "not_a_tar"
 SHARD_UNREADABLE = "unreadable"  # I/O kept failing after retries
@@ -67,12 +72,17 @@ META_SOURCE_URL = b"source_url"  # embeddings: the input tar they came from
 META_SHARD_ERROR = b"shard_error"  # embeddings and scores: why the shard yielded no sample
 META_ASSIGN_FINGERPRINT = b"assign_fingerprint"  # scores: prototypes they were assigned to
 META_SELECT_FINGERPRINT = b"select_fingerprint"  # scores: selection their keep/band come from
+# scores: the fingerprint of the curation stage whose removal statuses they carry; a selection
+# whose upstream does not include that stage any more treats those samples as ok again
+META_CURATED_BY = b"curated_by"
+META_DEDUP_FINGERPRINT = b"dedup_fingerprint"  # dedup/: the settings that removed these samples
 
 # --- output layout --------------------------------------------------------------------
 EMBEDDINGS_DIR = "embeddings"
 PROTOTYPES_DIR = "prototypes"
 SCORES_DIR = "scores"
 PRUNED_DIR = "pruned"
+DEDUP_DIR = "dedup"  # per input shard: the samples SemDeDup removed and whom each duplicates
 STAGING_DIR = "_staging"  # per-run scratch, removed when a stage completes
 MANIFEST = "manifest.json"
 STAGE_MARKER = "_stage.json"  # per stage directory: the fingerprint its files were made with
@@ -119,6 +129,20 @@ SCORES_SCHEMA = pa.schema(
         (PERCENTILE, pa.float64()),
         (KEEP, pa.bool_()),
         (BAND, pa.int32()),
+    ]
+)
+
+# dedup/NNNNN.parquet: one row per removed sample (KEY, CLUSTER as above)
+DUPLICATE_OF = "duplicate_of"  # the key of the member it is a near-copy of ...
+DUPLICATE_OF_SHARD = "duplicate_of_shard"  # ... and that member's input shard
+SIMILARITY = "similarity"  # their cosine similarity
+DEDUP_SCHEMA = pa.schema(
+    [
+        (KEY, pa.string()),
+        (CLUSTER, pa.int32()),
+        (DUPLICATE_OF_SHARD, pa.string()),
+        (DUPLICATE_OF, pa.string()),
+        (SIMILARITY, pa.float32()),
     ]
 )
 

@@ -50,14 +50,31 @@ def _evaluate(args) -> int:
 
 def _demo_data(args) -> int:
     from prune.demo.shards import write_demo_shards
+    from prune.demo.web_like import COMPOSITION_FILE, SPLIT, write_web_like_shards
 
+    web_options = {"imbalance": args.imbalance, "copy_share": args.copy_share, "junk_share": args.junk_share}
+    given = {name: value for name, value in web_options.items() if value is not None}
+    if not args.web_like:
+        if given:
+            raise ConfigError(f"--{next(iter(given)).replace('_', '-')} applies only with --web-like")
+        try:
+            paths = write_demo_shards(
+                args.out, split=args.split, count=args.count, shard_size=args.shard_size, seed=args.seed,
+                start=args.start,
+            )
+        except (FileNotFoundError, ValueError) as exc:  # no Fashion-MNIST installed, or bad counts
+            raise ConfigError(str(exc)) from exc
+        print(f"wrote {len(paths)} shards ({args.count} Fashion-MNIST {args.split} images) to {args.out}")
+        return 0
+    if args.split != SPLIT or args.start:
+        raise ConfigError(f"--web-like builds from the {SPLIT} split from its start: drop --split and --start")
     try:
-        paths = write_demo_shards(
-            args.out, split=args.split, count=args.count, shard_size=args.shard_size, seed=args.seed, start=args.start
-        )
-    except (FileNotFoundError, ValueError) as exc:  # no Fashion-MNIST installed, or bad counts
+        pool = write_web_like_shards(args.out, count=args.count, shard_size=args.shard_size, seed=args.seed, **given)
+    except (FileNotFoundError, ValueError) as exc:  # no Fashion-MNIST installed, or bad counts or shares
         raise ConfigError(str(exc)) from exc
-    print(f"wrote {len(paths)} shards ({args.count} Fashion-MNIST {args.split} images) to {args.out}")
+    kinds = ", ".join(f"{n} {kind}" for kind, n in pool.composition["kinds"].items())
+    print(f"wrote {len(pool.tars)} web-like shards ({args.count} Fashion-MNIST {SPLIT} samples: {kinds}) "
+          f"to {args.out}; summary in {args.out.rstrip('/')}/{COMPOSITION_FILE}")
     return 0
 
 
@@ -85,6 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--shard-size", type=int, default=500)
     d.add_argument("--start", type=int, default=0)
     d.add_argument("--seed", type=int, default=0)
+    from prune.demo import web_like  # the defaults in the help
+
+    d.add_argument("--web-like", action="store_true",
+                   help="a pool shaped like a web crawl (train split): long-tailed classes, altered near-copies "
+                        "of a few popular images, junk; each sample's json says its kind")
+    d.add_argument("--imbalance", type=float,
+                   help=f"with --web-like: largest class / smallest class (default {web_like.DEFAULT_IMBALANCE:g})")
+    d.add_argument("--copy-share", type=float,
+                   help=f"with --web-like: share of altered near-copies, in [0, 1) "
+                        f"(default {web_like.DEFAULT_COPY_SHARE:g})")
+    d.add_argument("--junk-share", type=float,
+                   help=f"with --web-like: share of off-distribution junk images, in [0, 1) "
+                        f"(default {web_like.DEFAULT_JUNK_SHARE:g})")
     d.set_defaults(fn=_demo_data)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

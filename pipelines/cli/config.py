@@ -19,6 +19,7 @@ from pipelines.stage import STAGES, Stage
 from pipelines.stages import RUN_STAGES
 from prune import schema
 from prune.cluster.settings import KMeansConfig
+from prune.dedup.settings import DedupConfig
 from prune.embed.settings import DecodeConfig, EmbedConfig
 from prune.evaluate.settings import EvaluateSection
 from prune.io.settings import WriteConfig
@@ -43,6 +44,7 @@ class RunConfig(JobConfig):
     stages: list[str] = list(RUN_STAGES)  # registered stage names (pipelines/stages/)
     embed: EmbedConfig = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
+    dedup: DedupConfig = DedupConfig()  # used when `stages` lists dedup
     select: SelectConfig = SelectConfig()
     write: WriteConfig = WriteConfig()
 

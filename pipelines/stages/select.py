@@ -43,6 +43,7 @@ class ShardSelection:
     kept: int
     pruned: int
     failed: dict  # status -> samples
+    removed: dict  # removal status (a curation stage's, e.g. near_duplicate) -> samples
     bands: dict  # band -> kept samples
     shard_error: Optional[str]
 
@@ -54,6 +55,7 @@ class SelectStats:
     kept: int = 0
     pruned: int = 0
     failed: dict = field(default_factory=dict)  # status -> samples that failed with it
+    removed: dict = field(default_factory=dict)  # removal status -> samples a curation stage removed
     kept_per_band: dict = field(default_factory=dict)
     shard_failures: dict = field(default_factory=dict)  # shard -> why it yielded no sample
     reused: bool = False
@@ -61,6 +63,7 @@ class SelectStats:
     def add(self, s: ShardSelection) -> None:
         self.samples, self.kept, self.pruned = self.samples + s.samples, self.kept + s.kept, self.pruned + s.pruned
         self.failed = dict(Counter(self.failed) + Counter(s.failed))
+        self.removed = dict(Counter(self.removed) + Counter(s.removed))
         self.kept_per_band = {int(b): n for b, n in sorted((Counter(self.kept_per_band) + Counter(s.bands)).items())}
         if s.shard_error:
             self.shard_failures[s.shard] = s.shard_error
@@ -74,12 +77,30 @@ class SelectTask:
     policy: type[Policy]  # resolved on the driver, where every policy is registered
     fp: str = ""
     payload: object = None  # pass 1: the HistogramSpec; pass 2: the CutPlan; pass 3: (Cuts, histogram)
+    upstream: frozenset = frozenset()  # fingerprints of the stages before select
+
+
+def current_statuses(table: pa.Table, upstream: frozenset) -> tuple[np.ndarray, bool]:
+    """The scores' statuses, with the removals of a curation stage that is no longer upstream of
+    this selection undone (it was dropped from the stage list); -> (statuses, whether undone)."""
+    status = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
+    by = (table.schema.metadata or {}).get(schema.META_CURATED_BY)
+    if by is None or by.decode() in upstream:
+        return status, False
+    status = status.astype(object)
+    status[np.isin(status, schema.REMOVAL_STATUSES)] = schema.STATUS_OK
+    return status, True
 
 
 def _load(task: SelectTask) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
-    """A scores table, its ok mask, and the ok rows' priorities and groups."""
+    """A scores table (stale removals undone), its ok mask, and the ok rows' priorities and groups."""
     table = read_scores(task.out, task.shard)
-    ok = table.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK
+    status, undone = current_statuses(table, task.upstream)
+    if undone:
+        meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != schema.META_CURATED_BY}
+        table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
+        table = table.replace_schema_metadata(meta)
+    ok = status == schema.STATUS_OK
     keys = table.column(schema.KEY).to_numpy(zero_copy_only=False)[ok]
     dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
     cluster = table.column(schema.CLUSTER).to_numpy()[ok]
@@ -100,9 +121,11 @@ def pass_boundary(task: SelectTask):
 
 def _counts(shard: str, table: pa.Table, ok, keep, band, meta: dict) -> ShardSelection:
     statuses = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
+    not_ok = Counter(s for s in statuses if s != schema.STATUS_OK)
+    removed = {s: n for s, n in not_ok.items() if s in schema.REMOVAL_STATUSES}
     return ShardSelection(
         shard, len(table), int(keep.sum()), int((ok & ~keep).sum()),
-        dict(Counter(s for s in statuses if s != schema.STATUS_OK)),
+        {s: n for s, n in not_ok.items() if s not in removed}, removed,
         dict(Counter(int(b) for b in band[keep])),
         meta.get(schema.META_SHARD_ERROR, b"").decode() or None,
     )
@@ -161,7 +184,8 @@ class SelectStage(Stage):
 
     def tasks(self, ctx: Context, payload=None) -> list[SelectTask]:
         policy = policy_class(self.select.policy)
-        return [SelectTask(ctx.out, s, self.select, policy, ctx.fingerprint, payload) for s in sorted(ctx.shards)]
+        upstream = frozenset(ctx.earlier_fingerprints.values())
+        return [SelectTask(ctx.out, s, self.select, policy, ctx.fingerprint, payload, upstream) for s in sorted(ctx.shards)]
 
     def complete(self, ctx: Context) -> Optional[SelectStats]:
         fp = ctx.fingerprint.encode()

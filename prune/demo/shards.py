@@ -84,9 +84,14 @@ def caption_for(label_name: str) -> str:
     return f"a photo of {article} {label_name}"
 
 
-def encode_image(pixels: np.ndarray, image_format: str = "jpg") -> bytes:
-    """Encode a grayscale uint8 array as-is (mode "L"): converting to RGB is the reader's job."""
+def encode_image(pixels: np.ndarray, image_format: str = "jpg", quality: int | None = None) -> bytes:
+    """Encode a grayscale uint8 array as-is (mode "L"): converting to RGB is the reader's job.
+
+    `quality` overrides the format's default (lossy formats only), for re-encoded web copies.
+    """
     fmt, options = _ENCODINGS[image_format]
+    if quality is not None:
+        options = {**options, "quality": quality}
     buf = io.BytesIO()
     Image.fromarray(pixels, mode="L").save(buf, format=fmt, **options)
     return buf.getvalue()
@@ -152,10 +157,14 @@ def _write_shard(out_dir, shard, split, images, labels, indices, image_format) -
         members += [(f"{key}.{image_format}", image), (f"{key}.txt", caption.encode())]
         members.append((f"{key}.json", _json(meta)))
         rows.append(meta)
+    return write_shard_files(out_dir, shard, members, rows, PARQUET_SCHEMA, start_time)
 
+
+def write_shard_files(out_dir, shard, members, rows, schema: pa.Schema, start_time: float) -> str:
+    """Write shard NNNNN's tar (members in order), parquet (rows) and img2dataset stats; return the tar path."""
     stem = os.path.join(out_dir, shard_name(shard))
     _write_atomically(stem + ".tar", tar_bytes(members))
-    _write_atomically(stem + ".parquet", _parquet_bytes(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)))
+    _write_atomically(stem + ".parquet", _parquet_bytes(pa.Table.from_pylist(rows, schema=schema)))
     end_time = time.time()
     stats = {
         "count": len(rows),

@@ -34,6 +34,15 @@ def file_metadata(out: OutputDir, directory: str, shard: str) -> dict:
         return pq.read_schema(f).metadata or {}
 
 
+def file_footer(out: OutputDir, directory: str, shard: str) -> tuple[dict, int]:
+    """A per-shard Parquet file's (schema metadata, row count), from its footer; ({}, 0) if absent."""
+    if not out.exists(directory, schema.shard_file(shard)):
+        return {}, 0
+    with out.open(directory, schema.shard_file(shard)) as f:
+        md = pq.read_metadata(f)
+    return md.schema.to_arrow_schema().metadata or {}, md.num_rows
+
+
 def ok_matrix(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(mask of ok rows, float32 [n_ok, d]) from an embeddings table."""
     ok = np.asarray(table.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK)

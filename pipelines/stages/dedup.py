@@ -1,0 +1,238 @@
+"""Dedup stage: SemDeDup inside every cluster, after assign and before select.
+
+Three passes of Ray tasks, none of which sends per-sample data through the driver:
+1. partition: each task reads a group of shards' scores and embeddings and writes their ok samples
+   (cluster, shard, key, distance, embedding) into cluster buckets (`cluster % n_buckets`), one file
+   per (bucket, shard group): the cluster-partitioned layout SemDeDup and NeMo Curator write;
+2. dedup: one task per bucket reads its files and runs `semdedup.dedup_cluster` on each cluster,
+   in blocks of bounded memory, and writes the removed samples per shard group;
+3. apply: one task per shard group writes `dedup/NNNNN.parquet` (who was removed, and whom it
+   duplicates) and rewrites the scores' status of removed samples to `near_duplicate`, stamping
+   them with this stage's fingerprint (`META_CURATED_BY`).
+Complete when every shard's dedup file and scores carry this fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from prune import schema
+from prune.dedup.semdedup import dedup_cluster
+from prune.dedup.settings import DedupConfig
+from prune.io.storage import OutputDir
+from prune.io.tables import file_footer, file_metadata, ok_matrix, read_embeddings, read_scores
+
+from ..runtime import run_tasks
+from ..stage import STAGES, Context, Stage
+
+# settings that only place work: the result is the same whatever they are
+_PLACEMENT_ONLY = {"bucket_rows", "shards_per_task", "block_rows"}
+_PART_COLUMNS = (schema.CLUSTER, schema.SHARD, schema.KEY, schema.DISTANCE, schema.EMBEDDING)
+
+
+@dataclass
+class DedupStats:
+    clusters: int = 0
+    members: int = 0  # ok samples compared
+    removed: int = 0  # marked near_duplicate
+    buckets: int = 0
+    removed_per_shard: dict = field(default_factory=dict)
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class PartitionTask:
+    out: OutputDir
+    group: int
+    shards: tuple  # the group's shard ids
+    staging: str
+    n_buckets: int
+
+
+@dataclass(frozen=True)
+class BucketTask:
+    out: OutputDir
+    bucket: int
+    staging: str
+    group_of: dict  # shard -> its group
+    settings: DedupConfig
+
+
+@dataclass(frozen=True)
+class ApplyTask:
+    out: OutputDir
+    group: int
+    shards: tuple
+    staging: str
+    fp: str
+
+
+def _curatable(status: np.ndarray) -> np.ndarray:
+    """Samples dedup looks at: ok, or removed by an earlier dedup run (it decides afresh)."""
+    return (status == schema.STATUS_OK) | np.isin(status, schema.REMOVAL_STATUSES)
+
+
+def partition(task: PartitionTask) -> int:
+    """A group of shards' ok samples -> one file per cluster bucket; returns the rows written."""
+    parts: list[pa.Table] = []
+    for shard in task.shards:
+        scores = read_scores(task.out, shard, columns=[schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE])
+        emb = read_embeddings(task.out, shard, columns=[schema.STATUS, schema.EMBEDDING])
+        emb_ok, x = ok_matrix(emb)  # embeddings rows line up with the scores rows (assign keeps the order)
+        status = scores.column(schema.STATUS).to_numpy(zero_copy_only=False)
+        use = _curatable(status)
+        rows = np.nonzero(use)[0]
+        # the embedding of each used row: its position among the embeddings' ok rows
+        vec_of_row = np.cumsum(emb_ok) - 1
+        vecs = x[vec_of_row[rows]].astype(np.float16)
+        dim = x.shape[1]
+        parts.append(pa.table({
+            schema.CLUSTER: scores.column(schema.CLUSTER).take(pa.array(rows)),
+            schema.SHARD: pa.array([shard] * len(rows), pa.string()),
+            schema.KEY: scores.column(schema.KEY).take(pa.array(rows)),
+            schema.DISTANCE: scores.column(schema.DISTANCE).take(pa.array(rows)),
+            schema.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim),
+        }))
+    table = pa.concat_tables(parts) if parts else None
+    if table is None or len(table) == 0:
+        return 0
+    bucket = table.column(schema.CLUSTER).to_numpy() % task.n_buckets
+    for b in np.unique(bucket):
+        with task.out.open_atomic(task.staging, "parts", f"b{b:06d}", f"g{task.group:06d}.parquet") as f:
+            pq.write_table(table.filter(pa.array(bucket == b)), f)
+    return len(table)
+
+
+def dedup_bucket(task: BucketTask) -> dict:
+    """Every cluster of one bucket -> the removed samples, written per shard group."""
+    out, s = task.out, task.settings
+    files = [f for f in out.find(task.staging, "parts", f"b{task.bucket:06d}") if f.endswith(".parquet")]
+    if not files:
+        return {"clusters": 0, "members": 0, "removed": 0}
+    tables = []
+    for name in files:
+        with out.open(task.staging, "parts", f"b{task.bucket:06d}", name) as f:
+            tables.append(pq.read_table(f))
+    t = pa.concat_tables(tables)
+    cluster = t.column(schema.CLUSTER).to_numpy()
+    shards = t.column(schema.SHARD).to_numpy(zero_copy_only=False)
+    keys = t.column(schema.KEY).to_numpy(zero_copy_only=False)
+    dist = t.column(schema.DISTANCE).to_numpy(zero_copy_only=False)
+    col = t.column(schema.EMBEDDING).combine_chunks()
+    x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(t), col.type.list_size)
+    removed_rows, dup_rows, sims = [], [], []
+    ids = np.unique(cluster)
+    for c in ids:
+        members = np.nonzero(cluster == c)[0]
+        res = dedup_cluster(x[members], dist[members], shards[members], keys[members], s.eps, s.keep, s.seed, s.block_rows)
+        removed_rows.append(members[res.removed])
+        dup_rows.append(members[res.duplicate_of[res.removed]])
+        sims.append(res.similarity[res.removed])
+    removed = np.concatenate(removed_rows) if removed_rows else np.zeros(0, np.int64)
+    dups = np.concatenate(dup_rows) if dup_rows else np.zeros(0, np.int64)
+    sim = np.concatenate(sims) if sims else np.zeros(0, np.float32)
+    result = pa.table({
+        schema.SHARD: pa.array(shards[removed], pa.string()),
+        schema.KEY: pa.array(keys[removed], pa.string()),
+        schema.CLUSTER: pa.array(cluster[removed], pa.int32()),
+        schema.DUPLICATE_OF_SHARD: pa.array(shards[dups], pa.string()),
+        schema.DUPLICATE_OF: pa.array(keys[dups], pa.string()),
+        schema.SIMILARITY: pa.array(sim, pa.float32()),
+    })
+    group = np.array([task.group_of[sh] for sh in shards[removed]], np.int64)
+    for g in np.unique(group):
+        with out.open_atomic(task.staging, "removed", f"g{g:06d}", f"b{task.bucket:06d}.parquet") as f:
+            pq.write_table(result.filter(pa.array(group == g)), f)
+    return {"clusters": len(ids), "members": len(t), "removed": len(removed)}
+
+
+def apply_group(task: ApplyTask) -> dict:
+    """One shard group: dedup/NNNNN.parquet and the scores' statuses; -> removed per shard."""
+    out = task.out
+    names = [f for f in out.find(task.staging, "removed", f"g{task.group:06d}") if f.endswith(".parquet")]
+    tables = []
+    for name in names:
+        with out.open(task.staging, "removed", f"g{task.group:06d}", name) as f:
+            tables.append(pq.read_table(f))
+    removed = pa.concat_tables(tables) if tables else None
+    counts = {}
+    for shard in task.shards:
+        mine = removed.filter(pc.equal(removed.column(schema.SHARD), shard)) if removed is not None else None
+        rows = mine.drop_columns([schema.SHARD]).sort_by(schema.KEY) if mine is not None and len(mine) else \
+            schema.DEDUP_SCHEMA.empty_table()
+        rows = rows.select(schema.DEDUP_SCHEMA.names).cast(schema.DEDUP_SCHEMA)
+        with out.open_atomic(schema.DEDUP_DIR, schema.shard_file(shard)) as f:
+            pq.write_table(rows.replace_schema_metadata({schema.META_DEDUP_FINGERPRINT: task.fp.encode()}), f)
+        scores = read_scores(out, shard)
+        status = scores.column(schema.STATUS).to_numpy(zero_copy_only=False).astype(object)
+        status[np.isin(status, schema.REMOVAL_STATUSES)] = schema.STATUS_OK  # this run decides afresh
+        gone = np.isin(scores.column(schema.KEY).to_numpy(zero_copy_only=False), rows.column(schema.KEY).to_numpy(zero_copy_only=False))
+        status[gone] = schema.STATUS_NEAR_DUPLICATE
+        meta = dict(scores.schema.metadata or {}) | {schema.META_CURATED_BY: task.fp.encode()}
+        new = scores.set_column(scores.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
+        with out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
+            pq.write_table(new.replace_schema_metadata(meta), f)
+        counts[shard] = int(gone.sum())
+    return counts
+
+
+@STAGES.register
+@dataclass
+class DedupStage(Stage):
+    """Near-duplicates inside each cluster marked `near_duplicate` in scores/, listed in dedup/."""
+
+    name = "dedup"
+
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+
+    def identity(self, ctx: Context) -> tuple:
+        return (self.dedup.model_dump(exclude=_PLACEMENT_ONLY),)
+
+    def groups(self, ctx: Context) -> list[tuple]:
+        shards = sorted(ctx.shards)
+        g = self.dedup.shards_per_task
+        return [tuple(shards[i : i + g]) for i in range(0, len(shards), g)]
+
+    def complete(self, ctx: Context) -> Optional[DedupStats]:
+        fp = ctx.fingerprint.encode()
+        per_shard = {}
+        for s in sorted(ctx.shards):
+            if file_metadata(ctx.out, schema.SCORES_DIR, s).get(schema.META_CURATED_BY) != fp:
+                return None
+            meta, rows = file_footer(ctx.out, schema.DEDUP_DIR, s)
+            if meta.get(schema.META_DEDUP_FINGERPRINT) != fp:
+                return None
+            per_shard[s] = rows
+        return DedupStats(removed=sum(per_shard.values()), removed_per_shard=per_shard, reused=True)
+
+    def run(self, ctx: Context) -> DedupStats:
+        out = ctx.out
+        staging = f"{schema.STAGING_DIR}/dedup-{ctx.fingerprint}"
+        out.remove(staging)  # a half-done earlier attempt: its parts would be counted twice
+        n_ok = int(out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)["n_ok_total"])
+        n_buckets = max(1, math.ceil(n_ok / self.dedup.bucket_rows))
+        groups = self.groups(ctx)
+        group_of = {s: gi for gi, grp in enumerate(groups) for s in grp}
+        list(run_tasks(partition, [PartitionTask(out, gi, grp, staging, n_buckets) for gi, grp in enumerate(groups)],
+                       desc="dedup: partition by cluster"))
+        stats = DedupStats(buckets=n_buckets)
+        buckets = [BucketTask(out, b, staging, group_of, self.dedup) for b in range(n_buckets)]
+        for res in run_tasks(dedup_bucket, buckets, desc="dedup: clusters"):
+            stats.clusters += res["clusters"]
+            stats.members += res["members"]
+            stats.removed += res["removed"]
+        per_shard: Counter = Counter()
+        for res in run_tasks(apply_group, [ApplyTask(out, gi, grp, staging, ctx.fingerprint) for gi, grp in enumerate(groups)],
+                             desc="dedup: apply"):
+            per_shard.update(res)
+        stats.removed_per_shard = dict(sorted(per_shard.items()))
+        out.remove(staging)
+        return stats

@@ -1,0 +1,1 @@
+"""Semantic deduplication (SemDeDup): near-duplicates inside each cluster, removed before selection."""

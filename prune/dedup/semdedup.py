@@ -1,0 +1,83 @@
+"""SemDeDup inside one cluster, in blocks of bounded memory.
+
+Members are put in keep order (farthest from the prototype first, by default, as the paper does);
+a member is a near-duplicate when its cosine similarity to any member before it exceeds
+1 - eps. That is the paper's rule (the column maxima of the upper triangle of the similarity
+matrix), so of every group of near-copies exactly the first in keep order survives. The matrix is
+never formed: each block of `block_rows` members is compared with every member before it, so
+memory is O(n x block_rows) for a cluster of n, whatever n is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from prune.dedup.settings import KEEP_FARTHEST, KEEP_NEAREST, KEEP_RANDOM
+
+
+@dataclass
+class ClusterDedup:
+    """Per member, in the order given: removed or not, and whom it duplicates (-1: kept)."""
+
+    removed: np.ndarray  # bool [n]
+    duplicate_of: np.ndarray  # int64 [n]: index (in the given order) of the most similar earlier member
+    similarity: np.ndarray  # float32 [n]: that similarity (NaN for kept members)
+
+
+def _tiebreak(seed: int, shards, keys) -> np.ndarray:
+    """A seeded 64-bit hash of (shard, key): the deterministic order among equal distances."""
+    out = np.empty(len(keys), np.uint64)
+    for i, (s, k) in enumerate(zip(shards, keys)):
+        out[i] = int.from_bytes(hashlib.blake2b(f"{seed}\x00{s}\x00{k}".encode(), digest_size=8).digest(), "little")
+    return out
+
+
+def keep_order(distance: np.ndarray, shards, keys, keep: str, seed: int) -> np.ndarray:
+    """The members' order of precedence: the first of a group of near-copies is the one kept."""
+    tie = _tiebreak(seed, shards, keys)
+    d = np.asarray(distance, np.float64)
+    if keep == KEEP_FARTHEST:
+        return np.lexsort((tie, -d))
+    if keep == KEEP_NEAREST:
+        return np.lexsort((tie, d))
+    if keep == KEEP_RANDOM:
+        return np.argsort(tie, kind="stable")
+    raise ValueError(f"dedup.keep {keep!r}: expected {KEEP_FARTHEST}, {KEEP_NEAREST} or {KEEP_RANDOM}")
+
+
+def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 2048) -> ClusterDedup:
+    """Members `x` (unit rows, float32 or float16, in keep order) -> who is a near-duplicate."""
+    n = len(x)
+    removed = np.zeros(n, bool)
+    dup = np.full(n, -1, np.int64)
+    sim = np.full(n, np.nan, np.float32)
+    threshold = 1.0 - eps
+    for start in range(1, n, block_rows):
+        stop = min(n, start + block_rows)
+        block = np.asarray(x[start:stop], np.float32)
+        earlier = np.asarray(x[:stop], np.float32)
+        s = earlier @ block.T  # [stop, b]: similarity of every earlier member to each of the block
+        # only members strictly before each column count (the upper triangle)
+        rows = np.arange(stop)[:, None]
+        cols = np.arange(start, stop)[None, :]
+        s[rows >= cols] = -np.inf
+        best = s.argmax(axis=0)
+        best_sim = s[best, np.arange(stop - start)]
+        hit = best_sim > threshold
+        removed[start:stop] = hit
+        dup[start:stop] = np.where(hit, best, -1)
+        sim[start:stop] = np.where(hit, best_sim, np.nan)
+    return ClusterDedup(removed, dup, sim)
+
+
+def dedup_cluster(x, distance, shards, keys, eps: float, keep: str, seed: int, block_rows: int = 2048) -> ClusterDedup:
+    """One cluster's members in any order -> the result in that same order (indices too)."""
+    order = keep_order(distance, shards, keys, keep, seed)
+    res = dedup_ordered(np.asarray(x)[order], eps, block_rows)
+    back = np.empty_like(order)
+    back[order] = np.arange(len(order))
+    dup = np.where(res.duplicate_of >= 0, order[np.maximum(res.duplicate_of, 0)], -1)
+    return ClusterDedup(res.removed[back], dup[back], res.similarity[back])

@@ -1,0 +1,24 @@
+"""Settings of semantic deduplication: the `dedup` section of a config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from prune.settings import Section
+
+KEEP_FARTHEST, KEEP_NEAREST, KEEP_RANDOM = "farthest", "nearest", "random"
+
+
+class DedupConfig(Section):
+    """SemDeDup (Abbas et al. 2023): of every group closer than `eps` inside a cluster, keep one."""
+
+    eps: float = Field(0.05, gt=0.0, lt=1.0)  # duplicates: cosine similarity > 1 - eps
+    # which member of a group survives: the one farthest from the prototype (the paper's default),
+    # the nearest, or a seeded random one
+    keep: Literal["farthest", "nearest", "random"] = KEEP_FARTHEST
+    seed: int = 0
+    bucket_rows: int = Field(1_000_000, ge=1)  # ok samples per dedup task (whole clusters per bucket)
+    shards_per_task: int = Field(16, ge=1)  # shards one partition task reads
+    block_rows: int = Field(2048, ge=1)  # similarity rows computed at once: memory ~ cluster size x this

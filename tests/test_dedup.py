@@ -1,0 +1,195 @@
+"""SemDeDup: the blocked in-cluster rule against a brute-force pairwise reference, the stage end to
+end on shards with planted copies (one node and three), the accounting, and undoing it."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipelines.cli import run
+from pipelines.cli.config import validate_config
+from prune import schema
+from prune.dedup.semdedup import dedup_cluster, dedup_ordered, keep_order
+from prune.demo.shards import write_demo_shards
+
+from .conftest import REPO, small_config
+
+# --- the rule, in memory ---------------------------------------------------------------------
+
+
+def brute_force(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's formulation: column maxima of the strict upper triangle of the full matrix."""
+    x = x.astype(np.float64)
+    sim = np.triu(x @ x.T, k=1)
+    sim[np.tril_indices(len(x))] = -np.inf
+    best = sim.max(axis=0) if len(x) else np.zeros(0)
+    removed = best > 1 - eps
+    return removed, np.where(removed, sim.argmax(axis=0), -1)
+
+
+def clustered(n=300, d=16, copies=60, seed=0, spread=0.02):
+    """Unit vectors with `copies` planted near-copies (small perturbations) of earlier rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    src = rng.choice(n - copies, copies)
+    x[n - copies:] = x[src] + rng.normal(scale=spread, size=(copies, d)) * np.linalg.norm(x[src], axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    perm = rng.permutation(n)
+    return x[perm].astype(np.float32)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("eps", [0.001, 0.01, 0.2])
+def test_blocked_rule_equals_the_full_matrix(block_rows, eps):
+    x = clustered(seed=int(eps * 1000) + block_rows)
+    got = dedup_ordered(x, eps, block_rows)
+    want_removed, want_dup = brute_force(x, eps)
+    np.testing.assert_array_equal(got.removed, want_removed)
+    np.testing.assert_array_equal(got.duplicate_of, want_dup)
+    assert (got.duplicate_of[got.removed] < np.nonzero(got.removed)[0]).all()  # always an earlier member
+    sims = (x[got.removed] * x[got.duplicate_of[got.removed]]).sum(axis=1)
+    np.testing.assert_allclose(got.similarity[got.removed], sims, atol=1e-5)
+    assert got.removed.sum() > 0 or eps == 0.001
+
+
+def test_exact_copies_leave_one_survivor_per_group_the_farthest():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(5, 8))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    x = np.repeat(base, 4, axis=0).astype(np.float32)  # 5 groups of 4 identical members
+    distance = rng.uniform(0.1, 0.9, len(x))
+    keys = [f"k{i:03d}" for i in range(len(x))]
+    shards = ["00000"] * len(x)
+    for keep, pick in (("farthest", np.argmax), ("nearest", np.argmin)):
+        res = dedup_cluster(x, distance, shards, keys, 0.01, keep, seed=0)
+        for g in range(5):
+            members = np.arange(4 * g, 4 * g + 4)
+            survivor = members[pick(distance[members])]
+            assert list(members[~res.removed[members]]) == [survivor], keep
+            assert (res.duplicate_of[members[res.removed[members]]] >= 0).all()
+    a = dedup_cluster(x, distance, shards, keys, 0.01, "random", seed=1).removed
+    assert a.sum() == 15 and (a == dedup_cluster(x, distance, shards, keys, 0.01, "random", seed=1).removed).all()
+    assert any((dedup_cluster(x, distance, shards, keys, 0.01, "random", seed=s).removed != a).any() for s in range(2, 8))
+
+
+def test_keep_order_breaks_ties_by_identity_not_by_input_order():
+    d = np.array([0.5, 0.5, 0.5, 0.2])
+    keys, shards = ["a", "b", "c", "d"], ["s"] * 4
+    o1 = keep_order(d, shards, keys, "farthest", 0)
+    o2 = keep_order(d[::-1], shards[::-1], keys[::-1], "farthest", 0)
+    assert [keys[i] for i in o1] == [keys[::-1][i] for i in o2] and keys[o1[-1]] == "d"
+
+
+# --- the stage, end to end ---------------------------------------------------------------------
+
+LOCAL_ENCODER = os.path.join(REPO, "models", "fmnist-simclr")
+N_COPIES = 15
+
+
+@pytest.fixture(scope="module")
+def copies_dir(tmp_path_factory):
+    """Two demo shards and a third holding exact copies (new keys) of 15 images of the first."""
+    d = tmp_path_factory.mktemp("dedup") / "shards"
+    paths = write_demo_shards(str(d), count=120, shard_size=60, seed=5)
+    with tarfile.open(paths[0]) as src:
+        jpgs = [(m.name[:-4], src.extractfile(m).read()) for m in src.getmembers() if m.name.endswith(".jpg")]
+    originals = jpgs[:N_COPIES]
+    with tarfile.open(d / "00002.tar", "w") as tar:
+        for i, (_, data) in enumerate(originals):
+            info = tarfile.TarInfo(f"00002{i:04d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return {"dir": d, "pairs": {f"00002{i:04d}": key for i, (key, _) in enumerate(originals)}}
+
+
+def _config(shards, out, stages=("embed", "prototypes", "assign", "dedup", "select", "write"), **over):
+    return validate_config(small_config(shards, out, **({
+        "stages": list(stages), "embed.backend": "local", "embed.pretrained": LOCAL_ENCODER,
+        "embed.allow_random_init": False, "kmeans.k": 3, "dedup.eps": 0.002, "dedup.bucket_rows": 70,
+        "dedup.shards_per_task": 2, "dedup.block_rows": 16, "select.keep_fraction": 0.5,
+    } | over)))
+
+
+def _removed(out) -> dict[str, str]:
+    rows = pa.concat_tables(pq.read_table(p) for p in sorted((out / "dedup").glob("*.parquet"))).to_pylist()
+    return {r[schema.KEY]: r[schema.DUPLICATE_OF] for r in rows}
+
+
+def _reference(out, eps: float) -> set[str]:
+    """The rule applied per cluster to the embeddings files directly: the full matrix, the keep order."""
+    emb = pa.concat_tables(pq.read_table(p) for p in sorted((out / "embeddings").glob("*.parquet")))
+    scores = pa.concat_tables(pq.read_table(p, columns=[schema.KEY, schema.SHARD, schema.CLUSTER, schema.DISTANCE])
+                              for p in sorted((out / "scores").glob("*.parquet")))
+    ok = emb.column(schema.STATUS).to_numpy(zero_copy_only=False) == "ok"
+    x = np.stack([np.asarray(v, np.float32) for v in emb.column(schema.EMBEDDING).to_pylist() if v is not None])
+    keys = scores.column(schema.KEY).to_numpy(zero_copy_only=False)[ok]
+    shards = scores.column(schema.SHARD).to_numpy(zero_copy_only=False)[ok]
+    cluster = scores.column(schema.CLUSTER).to_numpy()[ok]
+    dist = scores.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok]
+    gone = set()
+    for c in np.unique(cluster):
+        m = np.nonzero(cluster == c)[0]
+        order = keep_order(dist[m], shards[m], keys[m], "farthest", 0)
+        removed, _ = brute_force(x[m][order], eps)
+        gone |= set(keys[m][order][removed])
+    return gone
+
+
+def test_dedup_stage_removes_the_planted_copies_and_accounts_for_them(ray_cluster, copies_dir, tmp_path):
+    out = tmp_path / "out"
+    manifest = run(_config(copies_dir["dir"], out))
+    removed = _removed(out)
+    # every planted pair: exactly one of the two is gone, and it names the other
+    for copy, original in copies_dir["pairs"].items():
+        assert (copy in removed) != (original in removed), (copy, original)
+        gone = copy if copy in removed else original
+        assert removed[gone] == (original if gone == copy else copy)
+    assert set(removed) == _reference(out, 0.002)  # exactly the brute-force rule, nothing else
+    c = manifest["counts"]
+    assert c["removed"] == len(removed) >= N_COPIES and c["removed_by_reason"] == {schema.STATUS_NEAR_DUPLICATE: len(removed)}
+    assert c["input_samples"] == 135 == c["kept"] + c["pruned"] + c["removed"] + c["failed"]
+    assert c["kept"] == np.floor(0.5 * (135 - c["removed"]) + 0.5)
+    scores = pa.concat_tables(pq.read_table(p) for p in sorted((out / "scores").glob("*.parquet"))).to_pylist()
+    status = {r[schema.KEY]: r[schema.STATUS] for r in scores}
+    assert {k for k, s in status.items() if s == schema.STATUS_NEAR_DUPLICATE} == set(removed)
+    assert not any(r[schema.KEEP] for r in scores if r[schema.STATUS] != "ok")
+    st = manifest["stages"]["dedup"]
+    assert st["removed"] == len(removed) and st["buckets"] == 2 and sum(st["removed_per_shard"].values()) == len(removed)
+    bands = json.load(open(out / "pruned" / "bands.json"))["bands"]
+    assert bands[-1]["cumulative_samples"] == c["kept"]
+
+    # the same command again: dedup is complete and reused, nothing changes
+    again = run(_config(copies_dir["dir"], out))
+    assert again["stages"]["dedup"]["reused"] and again["stages"]["dedup"]["removed"] == len(removed)
+    assert again["counts"] == c
+
+    # dedup dropped from the stage list: its removals are undone, the selection made afresh
+    plain = run(_config(copies_dir["dir"], out, stages=("embed", "prototypes", "assign", "select", "write")))
+    p = plain["counts"]
+    assert p["removed"] == 0 and p["kept"] + p["pruned"] == 135 - p["failed"]
+    statuses = {r[schema.STATUS] for f in (out / "scores").glob("*.parquet") for r in pq.read_table(f).to_pylist()}
+    assert schema.STATUS_NEAR_DUPLICATE not in statuses
+    assert all(schema.META_CURATED_BY not in (pq.read_schema(f).metadata or {}) for f in (out / "scores").glob("*.parquet"))
+
+
+def test_dedup_on_three_nodes_equals_one_node(copies_dir, local_cluster, tmp_path):
+    """The same dedup on a 3-node cluster (tasks placed anywhere, any completion order, other shard
+    groups): identical to a local one-node Ray's."""
+    one, three = tmp_path / "one", tmp_path / "three"
+    run(_config(copies_dir["dir"], one, stages=("embed", "prototypes", "assign", "dedup"), **{"dedup.shards_per_task": 3}))
+    shutil.copytree(one / "embeddings", three / "embeddings")
+    _, nodes = local_cluster({"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 1}])
+    assert len(ray.nodes()) == 3
+    run(_config(copies_dir["dir"], three, stages=("embed", "prototypes", "assign", "dedup")))
+    for name in ("dedup", "scores"):
+        for a in sorted((one / name).glob("*.parquet")):
+            assert pq.read_table(a).equals(pq.read_table(three / name / a.name)), (name, a.name)
