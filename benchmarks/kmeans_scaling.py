@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from embed_throughput import cpu_seconds as machine_and_own_cpu_seconds  # noqa: E402  (same folder)
+from embed_throughput import cpu_seconds as machine_and_own_cpu_seconds  # beside this script (on sys.path when run)
 
 from pipelines.stages.prototypes import refine_all
 from prune import schema
@@ -70,7 +70,7 @@ def write_shards(out: OutputDir, x: np.ndarray) -> list[str]:
             },
             schema=schema.embeddings_schema(d),
         )
-        with out.open_atomic(schema.EMBEDDINGS_DIR, f"{shard}.parquet") as f:
+        with out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
             pq.write_table(table, f)
         shards.append(shard)
     return shards

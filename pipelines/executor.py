@@ -46,11 +46,12 @@ class Executed:
     reused: dict[str, bool] = field(default_factory=dict)
 
     def stats_dict(self) -> dict:
-        return {name: as_dict(s) for name, s in self.stats.items()}
+        """Per stage its stats, and `reused`: whether its outputs were complete (the executor's word)."""
+        return {name: as_dict(s) | {"reused": self.reused[name]} for name, s in self.stats.items()}
 
 
 def as_dict(stats) -> dict:
-    """A stats dataclass (or a plain dict) -> JSON-able dict, with `reused` where the stage has it."""
+    """A stats dataclass (or a plain dict) -> JSON-able dict."""
     return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
 
 
@@ -60,9 +61,11 @@ def preflight(stages: list[Stage]) -> None:
         stage.setup()
 
 
-def execute(stages: list[Stage], ctx: Context) -> Executed:
-    """Run every stage whose outputs are not complete, in order; see the module docstring."""
-    preflight(stages)
+def execute(stages: list[Stage], ctx: Context, checked: bool = False) -> Executed:
+    """Run every stage whose outputs are not complete, in order; see the module docstring.
+    `checked`: the caller ran `preflight(stages)` already (before listing its input)."""
+    if not checked:
+        preflight(stages)
     done = Executed()
     upstream: dict[str, str] = {}  # split -> fingerprint of the last stage on it
     for stage in stages:
@@ -94,9 +97,15 @@ def package_versions() -> dict:
 
 
 def outputs_list(out: OutputDir) -> list[str]:
+    """Every output file, one directory deep (whatever stages made them); scratch and the manifest left out."""
     files = []
-    for d in (schema.EMBEDDINGS_DIR, schema.PROTOTYPES_DIR, schema.SCORES_DIR, schema.PRUNED_DIR):
-        files += [f"{d}/{n}" for n in out.listdir(d) if not n.startswith(".")]
+    for d in out.listdir():
+        if d.startswith((".", "_")) or d == schema.MANIFEST:
+            continue
+        if out.fs.isdir(out.path(d)):
+            files += [f"{d}/{n}" for n in out.listdir(d) if not n.startswith(".")]
+        else:
+            files.append(d)
     return files
 
 

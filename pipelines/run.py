@@ -62,7 +62,7 @@ def run_stages(
     first = next(iter(shards.values()))
     if not (is_local(out.fs) and is_local(split_url(first)[0])):
         check_worker_storage(out, first)
-    done = execute(stages, Context(out, shards))
+    done = execute(stages, Context(out, shards, ray=how), checked=True)
     counts = counts_of(done, len(shards))
     out.remove(schema.STAGING_DIR)
     embed = next((s for s in stages if s.name == "embed"), None)

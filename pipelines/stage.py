@@ -10,8 +10,10 @@ A stage is a dataclass whose fields are its settings (config sections named as t
 - `complete(ctx)`: the stats of its outputs when they all exist with `ctx.fingerprint`, else None;
 - `run(ctx)`: does the work (skipping per-shard outputs already complete) and returns typed stats.
 
-Stages talk to each other only through the output directory's data contract (prune/schema.py):
-what one writes, the next reads. That is what lets any stage be re-run alone.
+Stages pass data only through the output directory's data contract (prune/schema.py): what one
+writes, the next reads. That is what lets any stage be re-run alone. The context also carries the
+fingerprints and stats of the stages before (for a stage that depends on several, as evaluate on
+both splits' embeddings, and for its records), never data.
 Model: datatrove's PipelineStep (one block, any executor) and NeMo Curator's processing stages
 (settings as fields, declared resources, setup once).
 """
@@ -69,6 +71,9 @@ class Stage(ABC):
 
     name: ClassVar[str]
     fingerprint_tag: ClassVar[Optional[str]] = None  # the tag hashed into the fingerprint (default: name)
+    # stages whose outputs this one reads: a job's list must name them before it (their
+    # fingerprints then flow into this one's, so stale inputs are never taken for current ones)
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def identity(self, ctx: Context) -> Optional[tuple]:
         """The settings (and inputs) the outputs depend on; None: the outputs are fully determined
@@ -103,7 +108,12 @@ class Stage(ABC):
         for f in dataclasses.fields(cls):
             t = hints.get(f.name)
             if isinstance(t, type) and issubclass(t, Section):
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                elif f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                else:
+                    default = ...  # a section the config must give
                 out[f.name] = (t, default)
         return out
 
@@ -114,3 +124,11 @@ class Stage(ABC):
 
 
 STAGES: Registry[type[Stage]] = Registry("stage")
+
+
+def check_order(names: list[str]) -> None:
+    """A job's stage list: every stage's `requires` come earlier; ValueError says which do not."""
+    for i, name in enumerate(names):
+        missing = [r for r in STAGES.get(name).requires if r not in names[:i]]
+        if missing:
+            raise ValueError(f"stage {name!r} needs {', '.join(repr(m) for m in missing)} before it in the list")

@@ -63,7 +63,10 @@ PIXELS = "pixels"  # the decoded uint8 crop [size, size, 3] the model's preproce
 POLICY_HARD = "hard"  # far from the prototype first (the paper's choice when data is abundant)
 POLICY_EASY = "easy"  # near the prototype first (scarce data)
 POLICY_RANDOM = "random"  # a seeded hash: the baseline every policy must beat
+POLICY_STRATIFIED = "stratified"  # CCS: even coverage of the distance range, the hardest share dropped
 BALANCED_PREFIX = "balanced-"  # `evaluate`'s name for a policy applied within each cluster
+# `evaluate`'s names for a policy within each cluster under a budget (prune/select/budgets.py)
+BUDGET_PREFIXES = {BALANCED_PREFIX: "proportional", "capped-": "capped_equal", "dbp-": "dbp"}
 
 # --- parquet schema metadata: what made a per-shard file, so a re-run knows it is done ---
 META_EMBED_FINGERPRINT = b"ssl_prune_fingerprint"  # embeddings: settings that made them
@@ -99,6 +102,11 @@ IMAGE_EXTENSIONS_DEFAULT = ("jpg", "jpeg", "png", "webp")
 def shard_file(shard: str, ext: str = "parquet") -> str:
     """A per-shard output's file name: embeddings/, scores/ and the pruned parquet use `NNNNN.parquet`."""
     return f"{shard}.{ext}"
+
+
+def pruned_shard_name(index: int) -> str:
+    """The n-th pruned shard's file name: img2dataset's 5-digit numbering, e.g. "00003.tar"."""
+    return f"{index:05d}.tar"
 
 
 def shard_id_of(path: str) -> str:

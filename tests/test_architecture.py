@@ -34,7 +34,8 @@ def modules(package: str) -> dict[str, pathlib.Path]:
 def _walk(node):
     """ast.walk, minus `if TYPE_CHECKING:` blocks (imports for annotations only never run)."""
     for child in ast.iter_child_nodes(node):
-        if isinstance(child, ast.If) and isinstance(child.test, ast.Name) and child.test.id == "TYPE_CHECKING":
+        test = getattr(child, "test", None)
+        if isinstance(child, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"):
             continue
         yield child
         yield from _walk(child)
@@ -85,6 +86,7 @@ def test_no_stage_imports_another_stage():
     stages = {n: p for n, p in modules("pipelines").items() if n.startswith("pipelines.stages.")}
     for name, path in stages.items():
         others = {m for m in imported(name, path) if any(m == s or m.startswith(s + ".") for s in stages if s != name)}
+        others |= {m for m in imported(name, path) if m == "pipelines.stages"}  # the package: every stage
         assert not others, f"{name} imports {others}"
 
 
@@ -126,10 +128,30 @@ def test_no_module_over_the_size_limit():
     assert not big, big
 
 
+def _is_sys_path(node) -> bool:
+    """`sys.path`, or `sys.path[...]`."""
+    node = node.value if isinstance(node, ast.Subscript) else node
+    return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+            and node.value.id == "sys")
+
+
 def _edits_sys_path(node) -> bool:
-    f = getattr(node, "func", None)
-    return (isinstance(node, ast.Call) and isinstance(f, ast.Attribute) and isinstance(f.value, ast.Attribute)
-            and f.value.attr == "path" and isinstance(f.value.value, ast.Name) and f.value.value.id == "sys")
+    """sys.path.insert/append/extend(...), sys.path[...] = / += ..., `from sys import path`, site.addsitedir."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        f = node.func
+        if _is_sys_path(f.value) or (f.attr == "addsitedir" and getattr(f.value, "id", None) == "site"):
+            return True
+    if isinstance(node, (ast.Assign, ast.AugAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(_is_sys_path(t) for t in targets)
+    return isinstance(node, ast.ImportFrom) and node.module == "sys" and any(a.name == "path" for a in node.names)
+
+
+def test_the_sys_path_check_sees_every_form():
+    for code in ("import sys\nsys.path.insert(0, 'x')", "import sys\nsys.path[:0] = ['x']", "import sys\nsys.path += ['x']",
+                 "from sys import path", "import site\nsite.addsitedir('x')"):
+        assert any(_edits_sys_path(n) for n in ast.walk(ast.parse(code))), code
+    assert not any(_edits_sys_path(n) for n in ast.walk(ast.parse("import sys\nprint(sys.path)")))
 
 
 def test_nothing_edits_sys_path():

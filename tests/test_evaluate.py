@@ -122,7 +122,7 @@ def _pool_of(shards):
 def test_in_memory_selection_is_exactly_the_select_stage(ray_cluster, tmp_path):
     from pipelines.stage import Context
     from pipelines.stages.select import SelectStage
-    from prune.io.tables import empty_selection
+    from prune.io.tables import empty_selection, npy_bytes
 
     k, fractions, seed = 4, [0.3, 0.75], 5
     shards = _fake_pool(k=k)
@@ -135,13 +135,18 @@ def test_in_memory_selection_is_exactly_the_select_stage(ray_cluster, tmp_path):
         with out.open_atomic(schema.SCORES_DIR, f"{s['shard']}.parquet") as f:
             pq.write_table(empty_selection(table, cluster, np.where(ok, s["distance"], np.nan), ok), f)
     urls = {s["shard"]: f"/nowhere/{s['shard']}.tar" for s in shards}
-    out.write_json({"k": k}, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)  # what the select stage reads of the prototypes
+    # what the select stage reads of the prototypes: k, and the centroids (for the dbp budget)
+    out.write_json({"k": k}, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
+    centroids = np.random.default_rng(1).normal(size=(k, 8)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    out.write_bytes(npy_bytes(centroids), schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
     pool = _pool_of(shards)
-    for policy in ("hard", "balanced-easy", "random", "balanced-random"):
-        bands = ev.select_bands(policy, fractions, pool["distance"], pool["cluster"], k, pool["shards"], pool["keys"], seed)
-        base, balanced = ev.split_policy(policy)
+    for policy in ("hard", "balanced-easy", "random", "balanced-random", "capped-hard", "dbp-random", "stratified",
+                   "capped-stratified"):
+        bands = ev.select_bands(policy, fractions, pool["distance"], pool["cluster"], k, pool["shards"], pool["keys"], seed,
+                                centroids)
         for i, f in enumerate(fractions):
-            stage = SelectStage(select=SelectConfig(keep_fraction=f, policy=base, balanced=balanced, seed=seed))
+            stage = SelectStage(select=ev.select_config(policy, f, seed))
             stage.run(Context(out, urls, fingerprint=f"{policy}@{f}"))
             scores = pa.concat_tables(pq.read_table(out.path(schema.SCORES_DIR, f"{s}.parquet")) for s in sorted(urls))
             keep = scores.column(schema.KEEP).to_numpy(zero_copy_only=False)
@@ -151,7 +156,8 @@ def test_in_memory_selection_is_exactly_the_select_stage(ray_cluster, tmp_path):
             assert set(zip(pool["shards"][idx], pool["keys"][idx])) == by_stage, (policy, f)
 
 
-@pytest.mark.parametrize("policy", ["hard", "easy", "random", "balanced-hard", "balanced-easy", "balanced-random"])
+@pytest.mark.parametrize("policy", ["hard", "easy", "random", "balanced-hard", "balanced-easy", "balanced-random",
+                                    "stratified", "balanced-stratified"])
 def test_selection_keeps_the_counts_rule_nested_and_all_at_one(policy):
     pool = _pool_of(_fake_pool(n_shards=4, per_shard=150, k=5, seed=2))
     fractions = [0.1, 0.25, 0.5, 0.9, 1.0]
@@ -174,6 +180,39 @@ def test_selection_keeps_the_counts_rule_nested_and_all_at_one(policy):
         rest = np.setdiff1d(np.arange(len(bands)), idx)
         far = pool["distance"][idx].mean() > pool["distance"][rest].mean()
         assert far == policy.endswith("hard")
+
+
+@pytest.mark.parametrize("policy", ["capped-hard", "capped-easy", "dbp-hard", "dbp-random"])
+def test_budgeted_selection_keeps_each_clusters_budget_in_its_order(policy):
+    """Per cluster: exactly the budget's count (capped-equal against a brute-force cap), the total
+    floor(f * N + 0.5), nested across fractions, and inside a cluster the policy's order."""
+    shards = _fake_pool(n_shards=4, per_shard=150, k=5, seed=3)
+    pool = _pool_of(shards)
+    keep = np.isin(pool["cluster"], [0, 1]) | (np.arange(len(pool["cluster"])) % 7 == 0)  # long-tailed sizes
+    pool = {name: v[keep] for name, v in pool.items()}
+    sizes = np.bincount(pool["cluster"], minlength=5)
+    centroids = np.eye(5, 8, dtype=np.float32)
+    fractions = [0.1, 0.3, 0.6, 1.0]
+    bands = ev.select_bands(policy, fractions, pool["distance"], pool["cluster"], 5, pool["shards"], pool["keys"], 0,
+                            centroids)
+    previous = set()
+    for i, f in enumerate(fractions):
+        idx = ev.kept_indices(bands, i)
+        budget = int(np.floor(f * sizes.sum() + 0.5))
+        assert len(idx) == budget
+        per = np.bincount(pool["cluster"][idx], minlength=5)
+        if policy.startswith("capped"):
+            cap = max(x for x in range(sizes.max() + 1) if np.minimum(sizes, x).sum() <= budget)
+            assert (per >= np.minimum(sizes, cap)).all() and (per <= np.minimum(sizes, cap + 1)).all()
+        assert (per <= sizes).all() and previous <= set(idx)
+        previous = set(idx)
+        if policy.endswith("hard"):
+            for c in range(5):
+                kept_c = pool["distance"][idx][pool["cluster"][idx] == c]
+                rest_c = pool["distance"][np.setdiff1d(np.arange(len(bands)), idx)]
+                rest_c = rest_c[pool["cluster"][np.setdiff1d(np.arange(len(bands)), idx)] == c]
+                if len(kept_c) and len(rest_c):
+                    assert kept_c.min() >= rest_c.max()
 
 
 def test_identical_subsets_are_trained_once():

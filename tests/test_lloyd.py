@@ -452,8 +452,8 @@ def test_evaluate_prototypes_follow_init_and_refinement():
     from prune.cluster.settings import KMeansConfig
 
     x = clustered(n=4000, d=16, k=12, spread=2.0, seed=7)
-    _, d_fit, m_fit = ev.prototypes(x, KMeansConfig(k=12, niter=2))
-    _, d_ref, m_ref = ev.prototypes(x, KMeansConfig(k=12, niter=2, refine_iters=6))
+    _, d_fit, m_fit, _ = ev.prototypes(x, KMeansConfig(k=12, niter=2))
+    _, d_ref, m_ref, _ = ev.prototypes(x, KMeansConfig(k=12, niter=2, refine_iters=6))
     assert "refine" not in m_fit and m_ref["refine"]["iterations"] >= 1
     assert d_ref.sum() < d_fit.sum()  # two faiss iterations leave room that refinement takes
     assert ev.prototypes(x, KMeansConfig(k=12, niter=2, init="kmeans++"))[2]["init"] == "kmeans++"

@@ -13,29 +13,45 @@ import sys
 
 from prune.settings import ConfigError
 
-from .config import (  # noqa: F401
-    EvaluateConfig,
-    RunConfig,
-    TrainEncoderConfig,
-    load_config,
-    validate_config,
-)
-from .jobs import evaluate, run, train_encoder  # noqa: F401  (the Python API)
+# The Python API, imported on first use (PEP 562): `--help`, `demo-data` and config errors do not
+# wait for Ray, torch and faiss to import.
+_API = {
+    "run": "jobs", "evaluate": "jobs", "train_encoder": "jobs",
+    "load_config": "config", "validate_config": "config",
+    "RunConfig": "config", "EvaluateConfig": "config", "TrainEncoderConfig": "config",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _run(args) -> int:
+    from .config import load_config
+    from .jobs import run
+
     cfg = load_config(args.config, args.overrides)
     manifest = run(cfg)
     c = manifest["counts"]
-    print(
-        f"ssl-prune: {c['input_samples']} samples in {c['input_shards']} shards -> kept {c['kept']}, "
-        f"pruned {c['pruned']}, failed {c['failed']} {json.dumps(c['failed_by_reason'])}; "
-        f"{c['output_shards']} pruned shards in {cfg.output.rstrip('/')}/pruned"
-    )
+    line = f"ssl-prune: {c['input_shards']} shards"
+    if "input_samples" in c:
+        removed = f", removed {c['removed']} {json.dumps(c['removed_by_reason'])}" if c.get("removed") else ""
+        line = (f"ssl-prune: {c['input_samples']} samples in {c['input_shards']} shards -> kept {c['kept']}, "
+                f"pruned {c['pruned']}{removed}, failed {c['failed']} {json.dumps(c['failed_by_reason'])}")
+    if "output_shards" in c:
+        line += f"; {c['output_shards']} pruned shards in {cfg.output.rstrip('/')}/pruned"
+    print(line)
     return 0
 
 
 def _train_encoder(args) -> int:
+    from .config import TrainEncoderConfig, load_config
+    from .jobs import train_encoder
+
     result = train_encoder(load_config(args.config, args.overrides, TrainEncoderConfig))
     print(f"ssl-prune: encoder {result.architecture} ({result.embed_dim}-d) trained {result.steps} steps "
           f"(final loss {result.loss:.4f}); checkpoint in {result.checkpoint}")
@@ -43,6 +59,9 @@ def _train_encoder(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from .config import EvaluateConfig, load_config
+    from .jobs import evaluate
+
     result = evaluate(load_config(args.config, args.overrides, EvaluateConfig))
     print(f"ssl-prune: {result.runs} classifier runs; table {result.markdown}, plot {result.plot}")
     return 0
@@ -81,7 +100,7 @@ def _demo_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssl-prune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("run", help="prune shards: embed, prototypes, score, select, write")
+    p = sub.add_parser("run", help="prune shards: embed, prototypes, assign, [dedup,] select, write")
     p.add_argument("config", help="YAML config (configs/demo.yaml, configs/laion.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. select.keep_fraction=0.5")
     p.set_defaults(fn=_run)

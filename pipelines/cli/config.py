@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ValidationError, create_model, field_validator
 
 from pipelines.runtime import RayConfig
-from pipelines.stage import STAGES, Stage
+from pipelines.stage import STAGES, Stage, check_order
 from pipelines.stages import RUN_STAGES
 from prune import schema
 from prune.cluster.settings import KMeansConfig
@@ -53,7 +53,9 @@ class RunConfig(JobConfig):
     def _registered(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("must name at least one stage")
-        return [STAGES.check(name) for name in value]
+        names = [STAGES.check(name) for name in value]
+        check_order(names)
+        return names
 
     def stage_list(self) -> list[Stage]:
         """The configured stages, each built from the sections its fields name."""
@@ -68,6 +70,13 @@ class TrainEncoderConfig(JobConfig):
 
     input: NonEmptyStr
     train: TrainConfig = TrainConfig()
+
+    @field_validator("output")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError("must be a local (or shared) directory: Ray Train and the exported encoder are files")
+        return value
 
 
 class EvaluateConfig(JobConfig):

@@ -49,7 +49,9 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateStats:
     out.makedirs()
     how = runtime.connect(cfg.ray)
     splits = {name: Context(out.sub(name), s, ray=how) for name, s in shards.items()}
-    done = execute(stages, Context(out, {}, splits=splits, ray=how))
-    for split in splits.values():
-        split.out.remove(schema.STAGING_DIR)
+    try:
+        done = execute(stages, Context(out, {}, splits=splits, ray=how), checked=True)
+    finally:  # the embed stages' scratch, whether the grid finished or not
+        for split in splits.values():
+            split.out.remove(schema.STAGING_DIR)
     return done.stats[EvaluateStage.name]

@@ -9,6 +9,7 @@ carries it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +30,7 @@ from prune.io.tables import (
     read_embeddings,
 )
 
+from ..pending import pending, stamped
 from ..stage import STAGES, Context, Resources, Stage
 
 
@@ -87,6 +89,7 @@ class AssignShards:
 @dataclass
 class AssignStage(Stage):
     name = "assign"
+    requires = ('prototypes',)
 
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # only assign_concurrency: placement
 
@@ -97,7 +100,8 @@ class AssignStage(Stage):
         return Resources(num_cpus=1)
 
     def complete(self, ctx: Context) -> Optional[AssignStats]:
-        if all(assigned_with(ctx.out, s, ctx.fingerprint) for s in sorted(ctx.shards)):
+        is_done = functools.partial(stamped, schema.SCORES_DIR, schema.META_ASSIGN_FINGERPRINT, ctx.fingerprint)
+        if not pending(ctx.out, ctx.shards, is_done):
             return AssignStats(0, len(ctx.shards), reused=True)
         return None
 

@@ -14,6 +14,7 @@ Complete when every shard's dedup file and scores carry this fingerprint.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,8 +29,9 @@ from prune import schema
 from prune.dedup.semdedup import dedup_cluster
 from prune.dedup.settings import DedupConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import file_footer, file_metadata, ok_matrix, read_embeddings, read_scores
+from prune.io.tables import file_footer, ok_matrix, read_embeddings, read_scores
 
+from ..pending import pending, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -190,6 +192,7 @@ class DedupStage(Stage):
     """Near-duplicates inside each cluster marked `near_duplicate` in scores/, listed in dedup/."""
 
     name = "dedup"
+    requires = ('assign',)
 
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
@@ -202,15 +205,11 @@ class DedupStage(Stage):
         return [tuple(shards[i : i + g]) for i in range(0, len(shards), g)]
 
     def complete(self, ctx: Context) -> Optional[DedupStats]:
-        fp = ctx.fingerprint.encode()
-        per_shard = {}
-        for s in sorted(ctx.shards):
-            if file_metadata(ctx.out, schema.SCORES_DIR, s).get(schema.META_CURATED_BY) != fp:
+        fp = ctx.fingerprint
+        for directory, key in ((schema.SCORES_DIR, schema.META_CURATED_BY), (schema.DEDUP_DIR, schema.META_DEDUP_FINGERPRINT)):
+            if pending(ctx.out, ctx.shards, functools.partial(stamped, directory, key, fp)):
                 return None
-            meta, rows = file_footer(ctx.out, schema.DEDUP_DIR, s)
-            if meta.get(schema.META_DEDUP_FINGERPRINT) != fp:
-                return None
-            per_shard[s] = rows
+        per_shard = {s: file_footer(ctx.out, schema.DEDUP_DIR, s)[1] for s in sorted(ctx.shards)}
         return DedupStats(removed=sum(per_shard.values()), removed_per_shard=per_shard, reused=True)
 
     def run(self, ctx: Context) -> DedupStats:

@@ -33,6 +33,7 @@ from prune.embed.settings import DecodeConfig, EmbedConfig
 from prune.io.storage import OutputDir
 
 from ..decoding import COUNT, POS, ShardInput, decoded_dataset
+from ..pending import pending
 from ..runtime import cluster_gpus, run_tasks
 from ..stage import STAGES, Context, Resources, Stage
 
@@ -105,6 +106,10 @@ def read_staged(out: OutputDir, part_dir: str) -> pa.Table | None:
         except pa.ArrowInvalid:
             continue
     return pa.concat_tables(tables) if tables else None
+
+
+def _embedded(fp: str, urls: dict, out: OutputDir, shard: str) -> bool:
+    return embeddings_complete(out, shard, fp, urls[shard])
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,12 @@ class EmbedStage(Stage):
         return Resources(num_cpus=self.embed.num_cpus_per_actor, num_gpus=1 if use_gpu else 0)
 
     def todo(self, ctx: Context) -> list[str]:
-        return [s for s in sorted(ctx.shards) if not embeddings_complete(ctx.out, s, ctx.fingerprint, ctx.shards[s])]
+        """Shards without complete embeddings (checked once per run: complete() and run() share it)."""
+        key = (ctx.out.url, ctx.fingerprint, tuple(sorted(ctx.shards.items())))
+        if getattr(self, "_todo", (None,))[0] != key:
+            is_done = functools.partial(_embedded, ctx.fingerprint, dict(ctx.shards))
+            self._todo = (key, pending(ctx.out, ctx.shards, is_done))
+        return self._todo[1]
 
     def complete(self, ctx: Context) -> Optional[EmbedStats]:
         if self.todo(ctx):
@@ -203,6 +213,7 @@ class EmbedStage(Stage):
     def run(self, ctx: Context) -> EmbedStats:
         out, shards = ctx.out, ctx.shards
         todo = self.todo(ctx)
+        self._todo = (None,)  # what this run embeds is done after it: a later call checks afresh
         stats = EmbedStats(len(shards), 0, len(shards) - len(todo))
         if not todo:
             return stats

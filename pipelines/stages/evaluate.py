@@ -233,10 +233,11 @@ class EvaluateStage(Stage):
             raise ConfigError(str(exc)) from None
 
         t = time.time()
-        cluster, distance, kmeans_meta = ev.prototypes(pool.embeddings, self.kmeans)
+        cluster, distance, kmeans_meta, centroids = ev.prototypes(pool.embeddings, self.kmeans, pool.shards)
         timings["prototypes"] = round(time.time() - t, 3)
         t = time.time()
-        bands = {(p, s): ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys, s)
+        bands = {(p, s): ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
+                                         s, centroids)
                  for p in e.policies for s in e.seeds}
         groups = ev.plan_runs(e.classifiers, e.policies, e.keep_fractions, e.seeds, bands)
         timings["select"] = round(time.time() - t, 3)

@@ -21,7 +21,6 @@ import ray
 
 from prune import schema
 from prune.cluster import lloyd, prototypes
-from prune.cluster.kmeans import default_k
 from prune.cluster.settings import KMeansConfig, kmeans_settings
 from prune.io.storage import OutputDir
 from prune.io.tables import npy_bytes, ok_matrix, read_embeddings
@@ -66,11 +65,7 @@ def count_ok(task: ShardTask) -> tuple[str, int]:
 def sample_shard(task: SampleTask) -> tuple[str, np.ndarray]:
     """(shard, a seeded random subset of its ok embeddings, of the size asked for)."""
     _, x = ok_matrix(read_embeddings(task.out, task.shard))
-    x = x[np.isfinite(x).all(axis=1)]  # a NaN row would poison the whole fit
-    take = min(task.take, len(x))
-    rng = np.random.default_rng([task.seed, int.from_bytes(task.shard.encode()[-8:], "little")])
-    idx = np.sort(rng.choice(len(x), size=take, replace=False)) if take < len(x) else np.arange(len(x))
-    return task.shard, x[idx]
+    return task.shard, prototypes.sample_block(x, task.take, task.seed, task.shard)
 
 
 def fit_sample(kc: KMeansConfig, tasks: list[SampleTask], k: int) -> tuple[np.ndarray, dict]:
@@ -178,6 +173,7 @@ class PrototypesStage(Stage):
     """`prototypes/centroids.npy` and `prototypes/kmeans.json` from every shard's embeddings."""
 
     name = "prototypes"
+    requires = ('embed',)
     fingerprint_tag = "kmeans"
 
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
@@ -201,9 +197,9 @@ class PrototypesStage(Stage):
         n_ok = sum(counts.values())
         if n_ok == 0:
             raise RuntimeError("no sample could be embedded: nothing to cluster (see scores for reasons)")
-        frac = min(1.0, kc.sample_size / n_ok)
-        tasks = [SampleTask(out, s, int(np.ceil(counts[s] * frac)), kc.seed) for s in sorted(ctx.shards) if counts[s]]
-        k = kc.k or default_k(n_ok)
+        takes = prototypes.sample_sizes(counts, kc.sample_size)
+        tasks = [SampleTask(out, s, takes[s], kc.seed) for s in sorted(takes)]
+        k = prototypes.k_for(kc, n_ok)
         centroids, meta = fit_sample(kc, tasks, k)
         if kc.refine_iters:
             centroids, meta = refine_all(kc, out, [s for s in sorted(ctx.shards) if counts[s]], centroids, meta,

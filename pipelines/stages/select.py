@@ -13,6 +13,7 @@ the stamp and rewrites nothing. Complete when every scores file carries this fin
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -25,11 +26,14 @@ import ray
 from prune import schema
 from prune.io.settings import WriteConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import file_metadata, read_scores
+from prune.io.tables import load_centroids, read_scores
 from prune.select import cuts
-from prune.select.policies import Policy, block_priorities, policy_class
-from prune.select.settings import SelectConfig
+from prune.select.budgets import ClusterStats
+from prune.select.policies import Policy, block_priorities, policy_class, selection_groups
+from prune.select.settings import SelectConfig, select_settings
+from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
+from ..pending import pending, stamped
 from ..runtime import resolve, run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -78,6 +82,7 @@ class SelectTask:
     fp: str = ""
     payload: object = None  # pass 1: the HistogramSpec; pass 2: the CutPlan; pass 3: (Cuts, histogram)
     upstream: frozenset = frozenset()  # fingerprints of the stages before select
+    strata: object = None  # for a policy that uses strata: the groups' CCS strata (an ObjectRef)
 
 
 def current_statuses(table: pa.Table, upstream: frozenset) -> tuple[np.ndarray, bool]:
@@ -105,13 +110,27 @@ def _load(task: SelectTask) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarra
     dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
     cluster = table.column(schema.CLUSTER).to_numpy()[ok]
     s = task.select
-    prio, groups = block_priorities(task.policy, s.seed, s.balanced, task.shard, keys, dist, cluster)
+    prio, groups = block_priorities(task.policy, s.seed, s.balanced, task.shard, keys, dist, cluster,
+                                    resolve(task.strata))
     return table, ok, prio, groups
 
 
+def pass_strata(task: SelectTask):
+    """Pass 0, for a policy that uses strata: the sparse per-group histogram of the distances."""
+    table = read_scores(task.out, task.shard, columns=[schema.STATUS, schema.CLUSTER, schema.DISTANCE])
+    status, _ = current_statuses(table, task.upstream)
+    ok = status == schema.STATUS_OK
+    groups = selection_groups(task.select.balanced, table.column(schema.CLUSTER).to_numpy()[ok])
+    return sparse_distance_histogram(groups, table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok])
+
+
 def pass_histogram(task: SelectTask):
-    _, _, prio, groups = _load(task)
-    return cuts.sparse_histogram(prio, groups, task.payload)
+    """-> (sparse histogram of the priorities, (groups, their members' distance sums)): the sums are
+    what a budget that weighs clusters by their spread (dbp) needs."""
+    table, ok, prio, groups = _load(task)
+    dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    return cuts.sparse_histogram(prio, groups, task.payload), (ids, np.bincount(inverse, weights=dist, minlength=len(ids)))
 
 
 def pass_boundary(task: SelectTask):
@@ -172,24 +191,35 @@ def prototype_count(out: OutputDir) -> int:
 @dataclass
 class SelectStage(Stage):
     name = "select"
+    requires = ('assign',)
 
     select: SelectConfig = field(default_factory=SelectConfig)
     write: WriteConfig = field(default_factory=WriteConfig)  # its band_step: the bands are cut here
 
     def identity(self, ctx: Context) -> tuple:
-        return (self.select, self.write.band_step)
+        return (select_settings(self.select), self.write.band_step)
 
     def edges(self) -> list[float]:
         return cuts.band_edges(self.select.keep_fraction, self.write.band_step)
 
-    def tasks(self, ctx: Context, payload=None) -> list[SelectTask]:
+    def tasks(self, ctx: Context, payload=None, strata=None) -> list[SelectTask]:
         policy = policy_class(self.select.policy)
         upstream = frozenset(ctx.earlier_fingerprints.values())
-        return [SelectTask(ctx.out, s, self.select, policy, ctx.fingerprint, payload, upstream) for s in sorted(ctx.shards)]
+        return [SelectTask(ctx.out, s, self.select, policy, ctx.fingerprint, payload, upstream, strata)
+                for s in sorted(ctx.shards)]
+
+    def strata(self, ctx: Context, n_groups: int):
+        """The groups' CCS strata (an ObjectRef) when the policy uses them, else None."""
+        if not policy_class(self.select.policy).uses_strata:
+            return None
+        hist = np.zeros((n_groups, DIST_BINS), np.int64)
+        for idx, counts in run_tasks(pass_strata, self.tasks(ctx), desc="select: strata"):
+            np.add.at(hist.reshape(-1), idx, counts)
+        return ray.put(plan_strata(hist, self.select.strata, self.select.drop_hardest))
 
     def complete(self, ctx: Context) -> Optional[SelectStats]:
-        fp = ctx.fingerprint.encode()
-        if any(file_metadata(ctx.out, schema.SCORES_DIR, s).get(schema.META_SELECT_FINGERPRINT) != fp for s in ctx.shards):
+        is_done = functools.partial(stamped, schema.SCORES_DIR, schema.META_SELECT_FINGERPRINT, ctx.fingerprint)
+        if pending(ctx.out, ctx.shards, is_done):
             return None
         stats = SelectStats(self.edges(), reused=True)
         for res in run_tasks(count_selected, self.tasks(ctx), desc="select: count"):
@@ -200,13 +230,25 @@ class SelectStage(Stage):
         k = prototype_count(ctx.out)
         spec = cuts.HistogramSpec.for_groups(k if self.select.balanced else 1)
         edges = self.edges()
+        sums = np.zeros(spec.n_groups)
+        strata = self.strata(ctx, spec.n_groups)
+
+        def histograms():
+            for sparse, (ids, s) in run_tasks(pass_histogram, self.tasks(ctx, spec, strata), desc="select: histograms"):
+                np.add.at(sums, ids, s)
+                yield sparse
+
+        def n_keep(sizes: np.ndarray) -> np.ndarray:
+            centroids = load_centroids(ctx.out) if self.select.balanced and self.select.budget == "dbp" else None
+            return self.select.make_budget().allocate(sizes, edges, ClusterStats(sizes, sums, centroids), self.select.seed)
+
         found, hist = cuts.exact_cuts(
-            spec, edges,
-            run_tasks(pass_histogram, self.tasks(ctx, spec), desc="select: histograms"),
-            lambda plan: run_tasks(pass_boundary, self.tasks(ctx, ray.put(plan)), desc="select: cut bins"),
+            spec, edges, histograms(),
+            lambda plan: run_tasks(pass_boundary, self.tasks(ctx, ray.put(plan), strata), desc="select: cut bins"),
+            n_keep,
         )
         stats = SelectStats(edges)
         shared = ray.put((found, hist))  # shipped once, not per task
-        for res in run_tasks(pass_apply, self.tasks(ctx, shared), desc="select: apply"):
+        for res in run_tasks(pass_apply, self.tasks(ctx, shared, strata), desc="select: apply"):
             stats.add(res)
         return stats

@@ -248,7 +248,7 @@ class TrainEncoderStage(Stage):
         samples = ds.count()
         if samples < cfg.batch_size * cfg.num_workers:
             raise ValueError(
-                f"{samples} decodable samples in the input, fewer than one global batch "
+                f"{samples} decodable samples in {len(ctx.shards)} input shards, fewer than one global batch "
                 f"(train.batch_size {cfg.batch_size} x train.num_workers {cfg.num_workers})"
             )
         log.info("training on %d samples from %d shards", samples, len(ctx.shards))

@@ -30,7 +30,7 @@ from prune.io.writer import (
     write_output_shard,
 )
 from prune.select.cuts import band_edges
-from prune.select.settings import SelectConfig
+from prune.select.settings import BUDGET_PROPORTIONAL, SelectConfig
 
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
@@ -114,6 +114,7 @@ def bands_list(written: list[Written], edges: list[float], n_input_ok: int) -> l
 @dataclass
 class WriteStage(Stage):
     name = "write"
+    requires = ('select',)
 
     write: WriteConfig = field(default_factory=WriteConfig)
     select: SelectConfig = field(default_factory=SelectConfig)  # named in bands.json; its edges end the bands
@@ -154,6 +155,8 @@ class WriteStage(Stage):
         bands = bands_list(written, band_edges(self.select.keep_fraction, self.write.band_step), n_input_ok)
         doc = {"policy": self.select.policy, "balanced": self.select.balanced,
                "keep_fraction": self.select.keep_fraction, "bands": bands}
+        if self.select.balanced and self.select.budget != BUDGET_PROPORTIONAL:
+            doc["budget"] = self.select.budget
         out.write_json(doc, schema.PRUNED_DIR, schema.BANDS_FILE)
         out.remove(staging)
         out.write_json({"fingerprint": fp}, f"{schema.PRUNED_DIR}/{schema.STAGE_MARKER}")

@@ -29,8 +29,10 @@ class CnnConfig(Section):
 
 class EvaluateSection(Section):
     keep_fractions: list[float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
-    # a registered policy, or "balanced-" + one (the policy within each cluster)
-    policies: list[str] = ["hard", "easy", "random", "balanced-hard", "balanced-easy"]
+    # a registered policy (global), or a budget prefix + one (the policy within each cluster, under
+    # that budget): balanced- (proportional), capped- (capped_equal), dbp-
+    policies: list[str] = [schema.POLICY_HARD, schema.POLICY_EASY, schema.POLICY_RANDOM,
+                           schema.BALANCED_PREFIX + schema.POLICY_HARD, schema.BALANCED_PREFIX + schema.POLICY_EASY]
     seeds: list[int] = [0, 1, 2]
     classifiers: list[Literal["linear", "cnn"]] = ["linear", "cnn"]
     pool_size: Optional[int] = Field(None, ge=1)  # a random subset of the train shards (None: all)
@@ -46,7 +48,8 @@ class EvaluateSection(Section):
         from prune.select.policies import POLICIES
 
         for name in value:
-            POLICIES.check(name.removeprefix(schema.BALANCED_PREFIX))
+            prefix = next((p for p in schema.BUDGET_PREFIXES if name.startswith(p)), "")
+            POLICIES.check(name.removeprefix(prefix))
         return value
 
     @field_validator("keep_fractions")

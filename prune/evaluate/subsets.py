@@ -10,60 +10,92 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prune import schema
 from prune.cluster import lloyd
 from prune.cluster import prototypes as fit
-from prune.cluster.kmeans import assign, default_k, prototype_distance
+from prune.cluster.kmeans import assign, prototype_distance
 from prune.cluster.settings import KMeansConfig
-from prune.evaluate.layout import BALANCED_PREFIX, SEED_FREE, fraction_label
+from prune.evaluate.layout import SEED_FREE, fraction_label
 from prune.select import cuts
-from prune.select.policies import block_priorities
+from prune.select.budgets import ClusterStats
+from prune.select.policies import block_priorities, policy_class, selection_groups
+from prune.select.settings import SelectConfig
+from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
 
-def prototypes(embeddings: np.ndarray, cfg: KMeansConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Spherical k-means on the pool (a seeded sample of `sample_size` when larger), then the
-    Lloyd refinement over the whole pool when `refine_iters` asks for it (the pool is one block),
-    as the prototypes stage does; -> (cluster int32, distance float32 = 1 - cosine, metadata)."""
+def prototypes(
+    embeddings: np.ndarray, cfg: KMeansConfig, shards: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """The prototypes stage's fit on the pool: the sample drawn shard by shard as the stage draws it
+    (`shards`: each row's input shard; None: one block), the faiss fit, then the Lloyd refinement over
+    the whole pool when `refine_iters` asks for it; -> (cluster int32, distance float32, metadata, centroids)."""
     n = len(embeddings)
-    fit_rows = np.arange(n)
-    if n > cfg.sample_size:
-        fit_rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size=cfg.sample_size, replace=False))
-    k = cfg.k or default_k(n)
-    centroids, meta = fit.fit_sample(embeddings[fit_rows], cfg, k)
+    shards = np.full(n, "pool", dtype=object) if shards is None else np.asarray(shards)
+    names, block_of = np.unique(shards, return_inverse=True)
+    rows = {str(b): np.nonzero(block_of == i)[0] for i, b in enumerate(names)}
+    takes = fit.sample_sizes({b: len(r) for b, r in rows.items()}, cfg.sample_size)
+    sample = np.concatenate([fit.sample_block(embeddings[rows[b]], takes[b], cfg.seed, b) for b in sorted(takes)])
+    centroids, meta = fit.fit_sample(sample, cfg, fit.k_for(cfg, n))
     centroids, meta = fit.refine(cfg, centroids, meta, lambda c: [lloyd.block_stats(embeddings, c)])
     cluster, cosine = assign(embeddings, centroids)
     meta |= {"k_default_used": cfg.k is None, "cluster_sizes": np.bincount(cluster, minlength=meta["k"]).tolist()}
-    return cluster, prototype_distance(cosine), meta
+    return cluster, prototype_distance(cosine), meta, centroids
 
 
 def split_policy(policy: str) -> tuple[str, bool]:
     """'balanced-hard' -> ('hard', True): the select stage's policy and `balanced` flag."""
-    balanced = policy.startswith(BALANCED_PREFIX)
-    return (policy[len(BALANCED_PREFIX):] if balanced else policy), balanced
+    settings = select_config(policy, 1.0, 0)
+    return settings.policy, settings.balanced
+
+
+def select_config(policy: str, keep_fraction: float, seed: int) -> SelectConfig:
+    """An evaluate policy name as the select stage's settings: 'capped-hard' -> policy hard,
+    balanced, budget capped_equal; 'hard' -> global."""
+    for prefix, budget in schema.BUDGET_PREFIXES.items():
+        if policy.startswith(prefix):
+            return SelectConfig(keep_fraction=keep_fraction, policy=policy[len(prefix):], balanced=True,
+                                budget=budget, seed=seed)
+    return SelectConfig(keep_fraction=keep_fraction, policy=policy, seed=seed)
 
 
 def select_bands(
-    policy: str, keep_fractions, distance, cluster, n_clusters: int, shards, keys, seed: int
+    policy: str, keep_fractions, distance, cluster, n_clusters: int, shards, keys, seed: int,
+    centroids: np.ndarray | None = None,
 ) -> np.ndarray:
     """Band of every pool sample: index of the smallest keep fraction that keeps it (-1: none).
 
     The select stage's own calls, with each input shard of the pool as one block (priorities per
-    shard, `cuts.exact_cuts`, `Cuts.apply`) and the keep fractions as the band edges: each edge's
-    cut is exact and independent, so `band <= i` is the selection `ssl-prune run` makes at fraction i.
+    shard, the budget's keep counts, `cuts.exact_cuts`, `Cuts.apply`) and the keep fractions as the
+    band edges: each edge's cut is exact and budgets are nested, so `band <= i` is the selection
+    `ssl-prune run` makes at fraction i. `centroids`: the prototypes, for the dbp budget.
     """
-    base, balanced = split_policy(policy)
+    settings = select_config(policy, 1.0, seed)
+    base, balanced = settings.policy, settings.balanced
     distance, cluster, shards, keys = (np.asarray(a) for a in (distance, cluster, shards, keys))
     names, shard_of = np.unique(shards, return_inverse=True)
+    spec = cuts.HistogramSpec.for_groups(n_clusters if balanced else 1)
+    strata = None
+    if policy_class(base).uses_strata:  # the stage's pass 0, over the pool in one block
+        hist = np.zeros((spec.n_groups, DIST_BINS), np.int64)
+        idx, counts = sparse_distance_histogram(selection_groups(balanced, cluster), distance)
+        np.add.at(hist.reshape(-1), idx, counts)
+        strata = plan_strata(hist, settings.strata, settings.drop_hardest)
     blocks = []
     for i, shard in enumerate(names):
         rows = np.nonzero(shard_of == i)[0]
         prio, groups = block_priorities(base, seed, balanced, str(shard), [str(k) for k in keys[rows]],
-                                        distance[rows], cluster[rows])
+                                        distance[rows], cluster[rows], strata)
         blocks.append((rows, prio, groups))
-    spec = cuts.HistogramSpec.for_groups(n_clusters if balanced else 1)
     edges = sorted(float(f) for f in keep_fractions)
+    groups_all = np.asarray(cluster, np.int64) if balanced else np.zeros(len(keys), np.int64)
+    sums = np.bincount(groups_all, weights=np.asarray(distance, np.float64), minlength=spec.n_groups)
+
+    def n_keep(sizes):
+        return settings.make_budget().allocate(sizes, edges, ClusterStats(sizes, sums, centroids), seed)
+
     found, hist = cuts.exact_cuts(
         spec, edges, (cuts.sparse_histogram(p, g, spec) for _, p, g in blocks),
-        lambda plan: (cuts.boundary_values(p, g, plan) for _, p, g in blocks),
+        lambda plan: (cuts.boundary_values(p, g, plan) for _, p, g in blocks), n_keep,
     )
     band = np.full(len(keys), -1, np.int32)
     for rows, prio, groups in blocks:

@@ -116,7 +116,7 @@ class OutputShard:
 
     @property
     def name(self) -> str:
-        return f"{self.index:05d}.tar"
+        return schema.pruned_shard_name(self.index)
 
     @property
     def count(self) -> int:

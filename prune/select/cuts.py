@@ -82,16 +82,20 @@ class CutPlan:
         return np.unique(g.astype(np.int64) * self.spec.bins + self.cut_bin[g, e])
 
 
-def plan_cuts(hist: np.ndarray, spec: HistogramSpec, edges: list[float]) -> CutPlan:
-    """From the summed histogram, the bin each edge's cut falls in for every group."""
+def plan_cuts(hist: np.ndarray, spec: HistogramSpec, edges: list[float], n_keep: np.ndarray | None = None) -> CutPlan:
+    """From the summed histogram, the bin each edge's cut falls in for every group. `n_keep`
+    [G, E]: how many each group keeps at each edge (a budget's); default floor(f * n_g + 0.5)."""
     totals = hist.sum(axis=1)
     above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # above[g, b] = count in bins >= b
     G, E = hist.shape[0], len(edges)
+    given = n_keep
     n_keep = np.zeros((G, E), np.int64)
     cut_bin = np.full((G, E), -1, np.int64)
     need = np.zeros((G, E), np.int64)
     for e, f in enumerate(edges):
-        n_keep[:, e] = np.floor(f * totals + 0.5).astype(np.int64)
+        n_keep[:, e] = np.floor(f * totals + 0.5).astype(np.int64) if given is None else given[:, e]
+        if (n_keep[:, e] > totals).any():
+            raise ValueError("a budget keeps more samples of a group than it holds")
         for g in np.nonzero(n_keep[:, e] > 0)[0]:
             # the highest bin b with above[g, b] >= n_keep
             b = int(np.nonzero(above[g] >= n_keep[g, e])[0].max())
@@ -168,16 +172,18 @@ def percentile(prio: np.ndarray, groups: np.ndarray, hist: np.ndarray, spec: His
 
 
 def exact_cuts(
-    spec: HistogramSpec, edges: list[float], histograms: Iterable, boundaries: Callable[[CutPlan], Iterable]
+    spec: HistogramSpec, edges: list[float], histograms: Iterable, boundaries: Callable[[CutPlan], Iterable],
+    n_keep: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[Cuts, np.ndarray]:
     """The two passes, over blocks mapped however the caller likes -> (exact cuts, summed histogram).
 
     `histograms` yields each block's `sparse_histogram`; `boundaries(plan)` yields each block's
-    `boundary_values` for that plan. The select stage maps blocks to Ray tasks over scores files,
+    `boundary_values` for that plan; `n_keep(group sizes)` gives the keep counts [G, E] (a budget's;
+    default floor(f * n_g + 0.5)). The select stage maps blocks to Ray tasks over scores files,
     `evaluate` maps them over arrays in memory: both get the same cuts from the same code.
     """
     hist = np.zeros((spec.n_groups, spec.bins), np.int64)
     for sparse in histograms:
         add_sparse(hist, sparse)
-    plan = plan_cuts(hist, spec, edges)
+    plan = plan_cuts(hist, spec, edges, None if n_keep is None else n_keep(hist.sum(axis=1)))
     return finalize_cuts(plan, merge_boundary_values(boundaries(plan))), hist

@@ -60,6 +60,9 @@ class Policy(ABC):
     """Within a group, which samples are kept first."""
 
     name: ClassVar[str]  # the `select.policy` that selects this class
+    # True: `value` also takes (groups, strata), the CCS strata of every group (prune/select/strata.py),
+    # which the select stage computes in a pass of its own before the priorities
+    uses_strata: ClassVar[bool] = False
 
     @staticmethod
     @abstractmethod
@@ -109,20 +112,52 @@ def policy_class(policy: str | type[Policy]) -> type[Policy]:
     return policy if isinstance(policy, type) else POLICIES.get(policy)
 
 
-def priorities(policy: str | type[Policy], distance: np.ndarray, shard: str, keys, seed: int) -> np.ndarray:
-    """uint64 priority per sample; distance NaN (failed samples) gives priority 0 (never used)."""
+@POLICIES.register
+class Stratified(Policy):
+    """CCS (Zheng et al. 2023): the hardest share dropped, the distance range cut into equal-width
+    strata, filled evenly smallest first, at random inside a stratum. A sample's value is its
+    expected round in that round-robin: a seeded uniform u scaled by its stratum's size, so every
+    prefix of the order fills the strata evenly (to within sampling noise); exact counts per group
+    still come from the cuts. The dropped hardest come after every other sample."""
+
+    name = schema.POLICY_STRATIFIED
+    uses_strata = True
+
+    @staticmethod
+    def value(distance, shard, keys, seed, groups=None, strata=None):
+        u = (_hash64(seed, shard, keys, b"stratified") >> np.uint64(32)).astype(np.float64) / (_U32 + 1.0)
+        g = np.asarray(groups, np.int64)
+        s = strata.stratum_of(g, distance)
+        size = strata.sizes[g, np.maximum(s, 0)].astype(np.float64)
+        largest = strata.sizes.max(axis=1)[g].astype(np.float64) + 1.0
+        kept = 0.5 + 0.5 * (1.0 - u * size / largest)  # in (0.5, 1]: earlier rounds first
+        return np.where(s >= 0, kept, 0.5 * u)  # the dropped hardest: (0, 0.5), at random
+
+
+def priorities(policy: str | type[Policy], distance: np.ndarray, shard: str, keys, seed: int,
+               groups: np.ndarray | None = None, strata=None) -> np.ndarray:
+    """uint64 priority per sample; distance NaN (failed samples) gives priority 0 (never used).
+    `groups` and `strata`: for a policy that `uses_strata`."""
     d = np.asarray(distance, dtype=np.float64)
-    value = np.nan_to_num(policy_class(policy).value(d, shard, keys, seed), nan=0.0)
+    cls = policy_class(policy)
+    raw = cls.value(d, shard, keys, seed, groups, strata) if cls.uses_strata else cls.value(d, shard, keys, seed)
+    value = np.nan_to_num(raw, nan=0.0)
     high = np.floor(value * _U32).astype(np.uint64) << np.uint64(32)
     low = _hash64(seed, shard, keys, b"tiebreak") >> np.uint64(32)
     return high | low
 
 
+def selection_groups(balanced: bool, cluster: np.ndarray) -> np.ndarray:
+    """Each sample's selection group: its cluster when `balanced`, else 0."""
+    return np.asarray(cluster).astype(np.int64) if balanced else np.zeros(len(cluster), np.int64)
+
+
 def block_priorities(
-    policy: str | type[Policy], seed: int, balanced: bool, shard: str, keys, distance: np.ndarray, cluster: np.ndarray
+    policy: str | type[Policy], seed: int, balanced: bool, shard: str, keys, distance: np.ndarray, cluster: np.ndarray,
+    strata=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's ok samples -> (priority, selection group): the group is the cluster when
-    `balanced`, else 0. The select stage and `evaluate` both call this, shard by shard."""
-    prio = priorities(policy, np.asarray(distance, np.float64), shard, list(keys), seed)
-    groups = np.asarray(cluster).astype(np.int64) if balanced else np.zeros(len(prio), np.int64)
+    """One shard's ok samples -> (priority, selection group). The select stage and `evaluate` both
+    call this, shard by shard; `strata`: the groups' CCS strata, for a policy that uses them."""
+    groups = selection_groups(balanced, cluster)
+    prio = priorities(policy, np.asarray(distance, np.float64), shard, list(keys), seed, groups, strata)
     return prio, groups
