@@ -114,8 +114,10 @@ class ResultRows:
     """The rows of results.csv: those a previous run finished (same fingerprint) and new ones,
     rewritten atomically after every training so a crash loses at most the runs in flight."""
 
-    def __init__(self, e: EvaluateSection, out: OutputDir, pool_dir: str, common_fp: str, n_pool: int):
+    def __init__(self, e: EvaluateSection, out: OutputDir, pool_dir: str, common_fp: str, n_pool: int,
+                 kinds: np.ndarray, cluster: np.ndarray):
         self.e, self.out, self.pool_dir, self.common_fp, self.n_pool = e, out, pool_dir, common_fp, n_pool
+        self.kinds, self.cluster = kinds, cluster
         self.rows: dict[ev.RunSpec, dict] = {}
         self.previous: dict[str, dict] = {}
         if out.exists(pool_dir, ev.RESULTS_CSV):
@@ -132,12 +134,15 @@ class ResultRows:
         return next((self.previous[fp] for fp in fps if fp in self.previous), None)
 
     def record(self, group: ev.RunGroup, result: dict) -> None:
+        kept = ev.subset_stats(group.train_idx, self.kinds, self.cluster)
         for spec in group.specs:
             self.rows[spec] = {
                 ev.POOL: ev.pool_label(self.e.pool_size), ev.N_POOL: self.n_pool,
                 ev.CLASSIFIER: spec.classifier, ev.POLICY: spec.policy, ev.KEEP_FRACTION: spec.keep_fraction,
                 ev.SEED: spec.seed, ev.N_TRAIN: int(result[ev.N_TRAIN]), ev.N_TEST: int(result[ev.N_TEST]),
                 ev.ACCURACY: float(result[ev.ACCURACY]), ev.STEPS: int(result[ev.STEPS]),
+                ev.BALANCED_ACCURACY: float(result.get(ev.BALANCED_ACCURACY, float("nan"))),
+                ev.WORST3_ACCURACY: float(result.get(ev.WORST3_ACCURACY, float("nan"))), **kept,
                 ev.TRAIN_SECONDS: float(result[ev.TRAIN_SECONDS]),
                 ev.SHARED_FROM: "" if spec == group.lead else group.lead.tag,
                 ev.FINGERPRINT: self.row_fingerprint(spec),
@@ -236,14 +241,15 @@ class EvaluateStage(Stage):
         cluster, distance, kmeans_meta, centroids = ev.prototypes(pool.embeddings, self.kmeans, pool.shards)
         timings["prototypes"] = round(time.time() - t, 3)
         t = time.time()
-        bands = {(p, s): ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
-                                         s, centroids)
+        bands = {(p, s): ev.oracle_bands(e.keep_fractions, pool.labels, pool.kinds, s) if p == ev.ORACLE else
+                 ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
+                                 s, centroids)
                  for p in e.policies for s in e.seeds}
         groups = ev.plan_runs(e.classifiers, e.policies, e.keep_fractions, e.seeds, bands)
         timings["select"] = round(time.time() - t, 3)
 
         pool_dir = ev.pool_dir(e.pool_size)
-        results = ResultRows(e, out, pool_dir, ctx.fingerprint, len(pool))
+        results = ResultRows(e, out, pool_dir, ctx.fingerprint, len(pool), pool.kinds, cluster)
         todo = []
         for gi, group in enumerate(groups):
             done = results.finished_before(group)

@@ -8,7 +8,15 @@ import time
 import numpy as np
 
 from prune.cluster.kmeans import l2_normalize
-from prune.evaluate.layout import ACCURACY, N_TEST, N_TRAIN, STEPS, TRAIN_SECONDS
+from prune.evaluate.layout import (
+    ACCURACY,
+    BALANCED_ACCURACY,
+    N_TEST,
+    N_TRAIN,
+    STEPS,
+    TRAIN_SECONDS,
+    WORST3_ACCURACY,
+)
 from prune.evaluate.settings import CnnConfig, LinearProbeConfig
 
 
@@ -53,19 +61,32 @@ def _fit(model, batch_inputs, labels: np.ndarray, steps: int, batch_size: int, l
         sched.step()
 
 
-def _accuracy(model, batch_inputs, labels: np.ndarray, batch_size: int = 1024) -> float:
+def _predict(model, batch_inputs, n: int, batch_size: int = 1024) -> np.ndarray:
     import torch
 
-    if len(labels) == 0:
-        return float("nan")
     model.eval()
-    correct = 0
+    preds = []
     with torch.no_grad():
-        for start in range(0, len(labels), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(labels)))
-            pred = model(batch_inputs(idx, None)).argmax(dim=1).numpy()
-            correct += int((pred == labels[idx]).sum())
-    return correct / len(labels)
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(start + batch_size, n))
+            preds.append(model(batch_inputs(idx, None)).argmax(dim=1).numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def scores(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
+    """Accuracy, balanced accuracy (mean of per-class accuracies) and the mean of the 3 worst classes."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return {ACCURACY: float("nan"), BALANCED_ACCURACY: float("nan"), WORST3_ACCURACY: float("nan")}
+    per_class = np.array([np.mean(pred[labels == c] == c) for c in range(n_classes) if (labels == c).any()])
+    return {ACCURACY: float(np.mean(pred == labels)), BALANCED_ACCURACY: float(per_class.mean()),
+            WORST3_ACCURACY: float(np.sort(per_class)[:3].mean())}
+
+
+def _trainable(train_x, train_y):
+    """The kept samples a classifier can learn from: junk (label -1) is kept, costs budget, teaches nothing."""
+    has_class = np.asarray(train_y) >= 0
+    return train_x[has_class], np.asarray(train_y)[has_class]
 
 
 def standardize(train_pool: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -77,7 +98,8 @@ def standardize(train_pool: np.ndarray, *others: np.ndarray) -> list[np.ndarray]
 
 def _nothing_kept(test_y) -> dict:
     """A selection that keeps no sample (e.g. a tiny fraction of tiny clusters): no classifier, no score."""
-    return {ACCURACY: float("nan"), STEPS: 0, TRAIN_SECONDS: 0.0, N_TRAIN: 0, N_TEST: len(test_y)}
+    return {ACCURACY: float("nan"), BALANCED_ACCURACY: float("nan"), WORST3_ACCURACY: float("nan"), STEPS: 0,
+            TRAIN_SECONDS: 0.0, N_TRAIN: 0, N_TEST: len(test_y)}
 
 
 def train_linear_probe(train_x, train_y, test_x, test_y, n_classes: int, cfg: LinearProbeConfig, seed: int) -> dict:
@@ -87,12 +109,14 @@ def train_linear_probe(train_x, train_y, test_x, test_y, n_classes: int, cfg: Li
     """
     from prune.evaluate.probes import linear_probe
 
+    n_kept = len(train_y)
+    train_x, train_y = _trainable(train_x, train_y)
     if len(train_y) == 0:
-        return _nothing_kept(test_y)
+        return _nothing_kept(test_y) | {N_TRAIN: n_kept}
     t0 = time.perf_counter()
     pred = linear_probe(train_x, train_y, test_x, cfg.weight_decay, cfg.max_iter, n_classes, standardize=False)
-    return {ACCURACY: float(np.mean(pred == np.asarray(test_y))), STEPS: cfg.max_iter,
-            TRAIN_SECONDS: round(time.perf_counter() - t0, 3), N_TRAIN: len(train_y), N_TEST: len(test_y)}
+    return scores(pred, test_y, n_classes) | {STEPS: cfg.max_iter, TRAIN_SECONDS: round(time.perf_counter() - t0, 3),
+                                              N_TRAIN: n_kept, N_TEST: len(test_y)}
 
 
 def small_cnn(n_classes: int, width: int, in_channels: int = 3):
@@ -139,15 +163,18 @@ def shift_and_flip(pixels_uint8: np.ndarray, gen, max_shift: int = 2) -> np.ndar
 
 
 def train_cnn(train_pixels, train_y, test_pixels, test_y, n_classes: int, cfg: CnnConfig, seed: int) -> dict:
-    """The small CNN on pixels, `cfg.epochs` passes over the kept subset, at least `cfg.min_steps` steps."""
+    """The small CNN on pixels: exactly `cfg.steps` steps when set (every subset trained alike, CCS's
+    protocol), else `cfg.epochs` passes over the kept subset and at least `cfg.min_steps` steps."""
     import torch
 
+    n_kept = len(train_y)
+    train_pixels, train_y = _trainable(train_pixels, train_y)
     if len(train_y) == 0:
-        return _nothing_kept(test_y)
+        return _nothing_kept(test_y) | {N_TRAIN: n_kept}
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = small_cnn(n_classes, cfg.width, train_pixels.shape[-1]).to(memory_format=torch.channels_last)
-    steps = train_steps(len(train_y), cfg.batch_size, cfg.epochs, cfg.min_steps)
+    steps = cfg.steps or train_steps(len(train_y), cfg.batch_size, cfg.epochs, cfg.min_steps)
 
     def inputs(pixels):
         def batch(idx, gen):
@@ -157,5 +184,6 @@ def train_cnn(train_pixels, train_y, test_pixels, test_y, n_classes: int, cfg: C
 
     _fit(model, inputs(train_pixels), train_y, steps, cfg.batch_size, cfg.lr, 0.0, seed)
     fit_s = time.perf_counter() - t0
-    return {ACCURACY: _accuracy(model, inputs(test_pixels), np.asarray(test_y), batch_size=512), STEPS: steps,
-            TRAIN_SECONDS: round(fit_s, 3), N_TRAIN: len(train_y), N_TEST: len(test_y)}
+    pred = _predict(model, inputs(test_pixels), len(test_y), batch_size=512)
+    return scores(pred, np.asarray(test_y), n_classes) | {STEPS: steps, TRAIN_SECONDS: round(fit_s, 3),
+                                                          N_TRAIN: n_kept, N_TEST: len(test_y)}

@@ -18,6 +18,10 @@ from prune.evaluate.layout import (
     EXCLUDED_NO_JSON,
     EXCLUDED_NO_LABEL,
     EXCLUDED_NOT_IN_TAR,
+    JUNK_LABEL,
+    KIND_FIELD,
+    KIND_JUNK,
+    KIND_ORIGINAL,
     LABEL_MEMBER,
 )
 from prune.io.shards import TarSample
@@ -38,9 +42,20 @@ def parse_label(data: Optional[bytes], label_field: str) -> tuple[Optional[int],
         value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    if value == JUNK_LABEL and meta.get(KIND_FIELD) == KIND_JUNK:
+        return JUNK_LABEL, None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return None, EXCLUDED_BAD_LABEL
     return value, None
+
+
+def parse_kind(data: Optional[bytes]) -> str:
+    """A sample's kind (original, copy, junk) from its `.json` member; original when it says none."""
+    try:
+        meta = json.loads(data) if data else {}
+    except (ValueError, UnicodeDecodeError):
+        return KIND_ORIGINAL
+    return str(meta.get(KIND_FIELD) or KIND_ORIGINAL) if isinstance(meta, dict) else KIND_ORIGINAL
 
 
 @dataclass
@@ -54,6 +69,11 @@ class LabeledSet:
     pixels: Optional[np.ndarray]  # uint8 [n, s, s, 3], or None when no classifier needs them
     excluded: Counter = field(default_factory=Counter)  # reason -> samples left out
     shard_failures: dict = field(default_factory=dict)  # shard -> why it yielded no sample
+    kinds: Optional[np.ndarray] = None  # object [n]: original, copy or junk (None: all original)
+
+    def __post_init__(self):
+        if self.kinds is None:
+            self.kinds = np.full(len(self.labels), KIND_ORIGINAL, dtype=object)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,7 +81,7 @@ class LabeledSet:
     def take(self, idx: np.ndarray) -> "LabeledSet":
         return LabeledSet(self.shards[idx], self.keys[idx], self.labels[idx], self.embeddings[idx],
                           None if self.pixels is None else self.pixels[idx], Counter(self.excluded),
-                          dict(self.shard_failures))
+                          dict(self.shard_failures), self.kinds[idx])
 
     @classmethod
     def concat(cls, parts: list["LabeledSet"], dim: int, pixel_size: Optional[int]) -> "LabeledSet":
@@ -80,6 +100,7 @@ class LabeledSet:
             np.concatenate([p.shards for p in nonempty]), np.concatenate([p.keys for p in nonempty]),
             np.concatenate([p.labels for p in nonempty]), np.concatenate([p.embeddings for p in nonempty]),
             None if pixel_size is None else np.concatenate([p.pixels for p in nonempty]), excluded, failures,
+            np.concatenate([p.kinds for p in nonempty]),
         )
 
 
@@ -104,7 +125,7 @@ def join_labels(
     ok_rows = np.nonzero(statuses == schema.STATUS_OK)[0]
     excluded = Counter(str(s) for s in statuses[statuses != schema.STATUS_OK])
     by_key = {s.key: s for s in samples if s.status == schema.STATUS_OK}
-    use_keys, use_labels, use_rows, use_pixels = [], [], [], []
+    use_keys, use_labels, use_rows, use_pixels, use_kinds = [], [], [], [], []
     for vec_index, row in enumerate(ok_rows):
         key = str(keys[row])
         sample = by_key.get(key)
@@ -127,6 +148,7 @@ def join_labels(
                 continue
             use_pixels.append(arr)
         use_keys.append(key)
+        use_kinds.append(parse_kind(found[1] if found else None))
         use_labels.append(label)
         use_rows.append(vec_index)
     dim = ok_embeddings.shape[1]
@@ -138,15 +160,16 @@ def join_labels(
         np.full(len(use_keys), shard, dtype=object), np.array(use_keys, dtype=object),
         np.array(use_labels, dtype=np.int64),
         l2_normalize(ok_embeddings[use_rows]) if use_rows else np.zeros((0, dim), np.float32),
-        pixels, excluded,
+        pixels, excluded, kinds=np.array(use_kinds, dtype=object),
     )
 
 
 def class_indices(*label_arrays: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Labels as they are (any integers >= 0) -> (the distinct labels, each array as indices 0..C-1),
     so the classifiers' heads have one output per label that occurs, however labels are numbered."""
-    classes = np.unique(np.concatenate(label_arrays))
-    return classes, [np.searchsorted(classes, a).astype(np.int64) for a in label_arrays]
+    every = np.concatenate(label_arrays)
+    classes = np.unique(every[every != JUNK_LABEL])  # junk has no class: it stays -1
+    return classes, [np.where(a == JUNK_LABEL, -1, np.searchsorted(classes, a)).astype(np.int64) for a in label_arrays]
 
 
 def label_counts(labels: np.ndarray) -> dict[str, int]:

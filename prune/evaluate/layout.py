@@ -17,12 +17,26 @@ SUMMARY_JSON = "summary.json"  # settings, counts, prototypes, timings
 # --- results.csv columns, in file order ------------------------------------------------------
 POOL, N_POOL, CLASSIFIER, POLICY, KEEP_FRACTION, SEED = "pool", "n_pool", "classifier", "policy", "keep_fraction", "seed"
 N_TRAIN, N_TEST, ACCURACY, STEPS, TRAIN_SECONDS = "n_train", "n_test", "accuracy", "steps", "train_seconds"
+BALANCED_ACCURACY = "balanced_accuracy"  # mean of the per-class accuracies
+WORST3_ACCURACY = "worst3_accuracy"  # mean accuracy of the 3 worst classes
+COPIES_KEPT = "copies_kept"  # share of the pool's near-copies (kind "copy") the subset keeps
+JUNK_KEPT = "junk_kept"  # share of the pool's junk the subset keeps
+CLUSTERS_COVERED = "clusters_covered"  # clusters with at least one kept sample
 SHARED_FROM = "shared_from"  # "<policy>@<keep fraction>" whose training (same subset, same seed) this row reuses
 FINGERPRINT = "fingerprint"  # settings that made the row: a re-run reuses rows whose fingerprint matches
-RESULT_COLUMNS = (POOL, N_POOL, CLASSIFIER, POLICY, KEEP_FRACTION, SEED, N_TRAIN, N_TEST, ACCURACY, STEPS,
+RESULT_COLUMNS = (POOL, N_POOL, CLASSIFIER, POLICY, KEEP_FRACTION, SEED, N_TRAIN, N_TEST, ACCURACY,
+                  BALANCED_ACCURACY, WORST3_ACCURACY, COPIES_KEPT, JUNK_KEPT, CLUSTERS_COVERED, STEPS,
                   TRAIN_SECONDS, SHARED_FROM, FINGERPRINT)
 _INT_COLUMNS = (N_POOL, SEED, N_TRAIN, N_TEST, STEPS)
 _FLOAT_COLUMNS = (KEEP_FRACTION, ACCURACY, TRAIN_SECONDS)
+# columns added later: a row written before them reads them as NaN
+_OPTIONAL_FLOAT_COLUMNS = (BALANCED_ACCURACY, WORST3_ACCURACY, COPIES_KEPT, JUNK_KEPT, CLUSTERS_COVERED)
+
+# the kind of a pool sample (web-like pools, prune/demo/web_like.py; other pools: all originals)
+KIND_FIELD = "kind"
+KIND_ORIGINAL, KIND_COPY, KIND_JUNK = "original", "copy", "junk"
+JUNK_LABEL = -1  # junk has no class: kept junk costs budget and teaches nothing
+ORACLE = "oracle"  # the ceiling: originals only, classes capped evenly (uses labels no policy may see)
 
 # --- why a sample is left out (besides its embedding status, e.g. undecodable_image) ---------
 EXCLUDED_NO_JSON = "no_json_member"

@@ -11,14 +11,20 @@ import numpy as np
 from prune.evaluate.layout import (
     _FLOAT_COLUMNS,
     _INT_COLUMNS,
+    _OPTIONAL_FLOAT_COLUMNS,
     ACCURACY,
+    BALANCED_ACCURACY,
     CLASSIFIER,
+    CLUSTERS_COVERED,
+    COPIES_KEPT,
+    JUNK_KEPT,
     KEEP_FRACTION,
     N_TRAIN,
     POLICY,
     RESULT_COLUMNS,
     SEED,
     SHARED_FROM,
+    WORST3_ACCURACY,
     fraction_label,
 )
 
@@ -42,6 +48,8 @@ def read_results_csv(data: bytes) -> list[dict]:
                 row[c] = int(row[c])
             for c in _FLOAT_COLUMNS:
                 row[c] = float(row[c])
+            for c in _OPTIONAL_FLOAT_COLUMNS:
+                row[c] = float(row[c]) if row.get(c) not in (None, "") else float("nan")
             rows.append(row)
         except (KeyError, TypeError, ValueError):
             continue
@@ -69,6 +77,53 @@ def aggregate(rows: list[dict]) -> dict:
             N_TRAIN: sorted({int(r[N_TRAIN]) for r in rs}),
         }
     return out
+
+
+def paired_differences(rows: list[dict], metric: str, baseline: str = "random") -> dict:
+    """(classifier, policy, keep fraction) -> mean and sample std over seeds of (policy - baseline)
+    in `metric`, paired by seed (the same seed's baseline run), and how many pairs."""
+    base = {(r[CLASSIFIER], float(r[KEEP_FRACTION]), r[SEED]): r[metric] for r in rows if r[POLICY] == baseline}
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        ref = base.get((r[CLASSIFIER], float(r[KEEP_FRACTION]), r[SEED]))
+        if r[POLICY] != baseline and ref is not None and not (math.isnan(r[metric]) or math.isnan(ref)):
+            cells.setdefault((r[CLASSIFIER], r[POLICY], float(r[KEEP_FRACTION])), []).append(r[metric] - ref)
+    return {k: {"mean": float(np.mean(d)), "std": float(np.std(d, ddof=1)) if len(d) > 1 else 0.0, "pairs": len(d)}
+            for k, d in cells.items()}
+
+
+def _metric_table(rows, clf, policies, fractions, metric) -> list[str]:
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r[CLASSIFIER] == clf and not math.isnan(r.get(metric, float("nan"))):
+            cells.setdefault((r[POLICY], float(r[KEEP_FRACTION])), []).append(r[metric])
+    lines = ["| policy | " + " | ".join(fraction_label(f) for f in fractions) + " |", "| --- |" + " ---: |" * len(fractions)]
+    for p in policies:
+        vals = [cells.get((p, f)) for f in fractions]
+        lines.append(f"| {p} | " + " | ".join("–" if not v else f"{100 * np.mean(v):.1f}" for v in vals) + " |")
+    return lines
+
+
+def _selection_table(rows, policies, fractions) -> list[str]:
+    """Per policy and fraction: the share of copies and junk kept and the clusters covered (seed means)."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        cells.setdefault((r[POLICY], float(r[KEEP_FRACTION])), []).append(r)
+    lines = ["| policy | " + " | ".join(fraction_label(f) for f in fractions) + " |", "| --- |" + " ---: |" * len(fractions)]
+    for p in policies:
+        out = []
+        for f in fractions:
+            rs = cells.get((p, f), [])
+            copies = np.nanmean([r[COPIES_KEPT] for r in rs]) if rs else float("nan")
+            junk = np.nanmean([r[JUNK_KEPT] for r in rs]) if rs else float("nan")
+            clusters = np.nanmean([r[CLUSTERS_COVERED] for r in rs]) if rs else float("nan")
+            out.append("–" if not rs else f"{_pct(copies)} / {_pct(junk)} / {clusters:.0f}")
+        lines.append(f"| {p} | " + " | ".join(out) + " |")
+    return lines
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.0f}%"
 
 
 def best_policies(agg: dict, classifier: str, policies, fractions) -> dict:
@@ -119,6 +174,27 @@ def markdown_table(rows: list[dict], classifiers, policies, fractions, header: d
         best = best_policies(agg, clf, policies, fractions)
         if best:
             lines += ["", "Best policy per keep fraction: " + ", ".join(f"{fraction_label(f)} {p}" for f, p in best.items()) + "."]
+        if any(not math.isnan(r.get(BALANCED_ACCURACY, float("nan"))) for r in rows if r[CLASSIFIER] == clf):
+            lines += ["", f"Balanced accuracy (%, {clf}), mean over seeds:", ""]
+            lines += _metric_table(rows, clf, policies, fractions, BALANCED_ACCURACY)
+            lines += ["", f"Mean accuracy of the 3 worst classes (%, {clf}):", ""]
+            lines += _metric_table(rows, clf, policies, fractions, WORST3_ACCURACY)
+            diffs = paired_differences(rows, BALANCED_ACCURACY)
+            if diffs:
+                lines += ["", f"Balanced accuracy minus random's, paired by seed (points, mean ± std, {clf}):", "",
+                          "| policy | " + " | ".join(fraction_label(f) for f in fractions) + " |",
+                          "| --- |" + " ---: |" * len(fractions)]
+                for p in policies:
+                    if p == "random":
+                        continue
+                    vals = [diffs.get((clf, p, f)) for f in fractions]
+                    lines.append(f"| {p} | " + " | ".join(
+                        "–" if v is None else f"{100 * v['mean']:+.1f} ± {100 * v['std']:.1f}" for v in vals) + " |")
+    if any(not math.isnan(r.get(COPIES_KEPT, float("nan"))) or not math.isnan(r.get(CLUSTERS_COVERED, float("nan")))
+           for r in rows):
+        lines += ["", "## What each subset keeps", "",
+                  "Share of the pool's near-copies kept / share of its junk kept / clusters covered.", ""]
+        lines += _selection_table(rows, policies, fractions)
     return "\n".join(lines) + "\n"
 
 

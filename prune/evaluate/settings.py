@@ -20,6 +20,7 @@ class LinearProbeConfig(Section):
 class CnnConfig(Section):
     epochs: int = Field(5, ge=1)
     min_steps: int = Field(200, ge=0)  # small subsets still get this many steps
+    steps: Optional[int] = Field(None, ge=1)  # every subset trains exactly this many steps (overrides the two above)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0.0)
     width: int = Field(32, ge=1)
@@ -48,6 +49,8 @@ class EvaluateSection(Section):
         from prune.select.policies import POLICIES
 
         for name in value:
+            if name == "oracle":  # the label oracle: the ceiling, not a policy
+                continue
             prefix = next((p for p in schema.BUDGET_PREFIXES if name.startswith(p)), "")
             POLICIES.check(name.removeprefix(prefix))
         return value

@@ -15,9 +15,18 @@ from prune.cluster import lloyd
 from prune.cluster import prototypes as fit
 from prune.cluster.kmeans import assign, prototype_distance
 from prune.cluster.settings import KMeansConfig
-from prune.evaluate.layout import SEED_FREE, fraction_label
+from prune.evaluate.layout import (
+    CLUSTERS_COVERED,
+    COPIES_KEPT,
+    JUNK_KEPT,
+    KIND_COPY,
+    KIND_JUNK,
+    KIND_ORIGINAL,
+    SEED_FREE,
+    fraction_label,
+)
 from prune.select import cuts
-from prune.select.budgets import ClusterStats
+from prune.select.budgets import ClusterStats, divisor_allocations
 from prune.select.policies import block_priorities, policy_class, selection_groups
 from prune.select.settings import SelectConfig
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
@@ -101,6 +110,39 @@ def select_bands(
     for rows, prio, groups in blocks:
         band[rows] = found.apply(prio, groups, hist)[1]
     return band
+
+
+def oracle_bands(keep_fractions, labels: np.ndarray, kinds: np.ndarray, seed: int) -> np.ndarray:
+    """The ceiling no policy can reach: it sees the labels and kinds. Originals only, classes capped
+    evenly (capped-equal over the classes), at random inside a class; a fraction of the pool keeps
+    floor(f * n + 0.5) samples, or every original when there are fewer."""
+    labels, kinds = np.asarray(labels), np.asarray(kinds)
+    fractions = sorted(float(f) for f in keep_fractions)
+    usable = (kinds == KIND_ORIGINAL) & (labels >= 0)
+    classes, cls = np.unique(labels[usable], return_inverse=True)
+    sizes = np.bincount(cls, minlength=len(classes))
+    budgets = np.minimum(np.floor(np.multiply(fractions, len(labels)) + 0.5).astype(np.int64), sizes.sum())
+    n_keep = divisor_allocations(np.ones(len(classes)), sizes, budgets)  # [C, E], nested
+    band = np.full(len(labels), -1, np.int32)
+    rows = np.nonzero(usable)[0]
+    rng = np.random.default_rng(seed)
+    for c in range(len(classes)):
+        members = rng.permutation(rows[cls == c])
+        rank = np.arange(len(members))
+        clears = rank[:, None] < n_keep[c][None, :]  # [m, E]
+        band[members] = np.where(clears.any(axis=1), clears.argmax(axis=1), -1)
+    return band
+
+
+def subset_stats(idx: np.ndarray, kinds: np.ndarray, cluster: np.ndarray) -> dict:
+    """What a kept subset holds beside its size: its share of the pool's copies and junk, the clusters it covers."""
+    kinds = np.asarray(kinds)
+    out = {}
+    for column, kind in ((COPIES_KEPT, KIND_COPY), (JUNK_KEPT, KIND_JUNK)):
+        total = int((kinds == kind).sum())
+        out[column] = float((kinds[idx] == kind).sum() / total) if total else float("nan")
+    out[CLUSTERS_COVERED] = float(len(np.unique(np.asarray(cluster)[idx])))
+    return out
 
 
 def kept_indices(bands: np.ndarray, fraction_index: int) -> np.ndarray:
