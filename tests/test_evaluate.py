@@ -27,7 +27,6 @@ from prune.demo.shards import encode_image, tar_bytes, write_demo_shards
 from prune.evaluate.settings import CnnConfig, LinearProbeConfig
 from prune.io.shards import TarSample
 from prune.io.storage import OutputDir
-from prune.select.settings import SelectConfig
 from prune.settings import ConfigError
 
 from .conftest import REPO, n_keep
