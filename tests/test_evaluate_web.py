@@ -99,6 +99,26 @@ def test_policies_name_budgets_and_the_oracle():
         **ev.select_config("stratified", 0.3, 4).model_dump(), "balanced": True, "budget": "capped_equal"}
 
 
+def test_dedup_before_a_policy_keeps_subset_sizes_and_drops_the_removed():
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(60, 6))
+    x = np.concatenate([base, base[:30] + rng.normal(scale=1e-3, size=(30, 6))])  # 30 near-copies
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    cluster = rng.integers(0, 3, 90)
+    cluster[60:] = cluster[:30]  # a copy sits in its original's cluster
+    distance = rng.uniform(0.1, 0.5, 90)
+    shards = np.array(["00000"] * 90, dtype=object)
+    keys = np.array([f"{i:09d}" for i in range(90)], dtype=object)
+    from prune.dedup.settings import DedupConfig
+
+    removed = ev.near_duplicates(x, distance, cluster, shards, keys, DedupConfig(eps=0.01))
+    assert removed.sum() == 30 and (removed[:30] ^ removed[60:]).all()  # one of each pair
+    bands = ev.bands_after_dedup("capped-random", [0.2, 0.5, 0.9], removed, distance, cluster, 3, shards, keys, 0)
+    for i, f in enumerate([0.2, 0.5, 0.9]):
+        idx = ev.kept_indices(bands, i)
+        assert not removed[idx].any() and len(idx) == min(int(np.floor(f * 90 + 0.5)), 60)
+
+
 @pytest.fixture(scope="module")
 def web_eval(ray_cluster, tmp_path_factory):
     from pipelines.cli import evaluate
@@ -114,7 +134,8 @@ def web_eval(ray_cluster, tmp_path_factory):
         "embed": {"backend": "timm", "model": "test_vit", "allow_random_init": True, "precision": "fp32",
                   "batch_size": 64, "torch_threads": 1},
         "kmeans": {"k": 4, "niter": 5},
-        "evaluate": {"keep_fractions": [0.3, 1.0], "policies": ["random", "capped-stratified", "oracle"],
+        "evaluate": {"keep_fractions": [0.3, 1.0], "policies": ["random", "capped-stratified", "dedup+capped-stratified", "oracle"],
+                     "dedup": {"eps": 0.02},
                      "seeds": [0, 1], "classifiers": ["linear"], "linear": {"max_iter": 20}},
     }, EvaluateConfig)
     return {"root": root, "composition": pool.composition, "result": evaluate(cfg)}
@@ -128,12 +149,19 @@ def test_evaluate_on_a_web_like_pool_reports_what_each_subset_keeps(web_eval):
     assert summary["pool"]["n_pool"] == 600  # junk included: it is what a policy must avoid
     for r in rows:
         assert 0 <= r[ev.BALANCED_ACCURACY] <= 1 and 0 <= r[ev.WORST3_ACCURACY] <= r[ev.BALANCED_ACCURACY] + 1e-9
-        if r[ev.KEEP_FRACTION] == 1.0 and r[ev.POLICY] != "oracle":
+        if r[ev.KEEP_FRACTION] == 1.0 and r[ev.POLICY] in ("random", "capped-stratified"):
             assert r[ev.COPIES_KEPT] == 1.0 and r[ev.JUNK_KEPT] == 1.0 and r[ev.CLUSTERS_COVERED] == 4
+        if r[ev.POLICY] == "dedup+capped-stratified" and r[ev.KEEP_FRACTION] == 1.0:  # what dedup left
+            assert r[ev.COPIES_KEPT] < 1.0 and r[ev.N_TRAIN] == 600 - summary["prototypes"]["dedup_removed"]
         if r[ev.POLICY] == "oracle":
             assert r[ev.COPIES_KEPT] == 0.0 and r[ev.JUNK_KEPT] == 0.0
     random_03 = [r for r in rows if r[ev.POLICY] == "random" and r[ev.KEEP_FRACTION] == 0.3]
     assert len(random_03) == 2 and all(0.1 < r[ev.COPIES_KEPT] < 0.5 for r in random_03)
+    dedup_03 = [r for r in rows if r[ev.POLICY] == "dedup+capped-stratified" and r[ev.KEEP_FRACTION] == 0.3]
+    survivors = 600 - summary["prototypes"]["dedup_removed"]
+    assert summary["prototypes"]["dedup_removed"] > 0
+    # the same subset sizes as without dedup, or every survivor when fewer are left
+    assert [r[ev.N_TRAIN] for r in dedup_03] == [min(r[ev.N_TRAIN], survivors) for r in random_03]
     md = open(web_eval["result"].markdown).read()
     assert "Balanced accuracy minus random's, paired by seed" in md and "| capped-stratified |" in md
     assert "## What each subset keeps" in md and "| oracle | 0% / 0% /" in md

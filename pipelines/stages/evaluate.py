@@ -181,9 +181,11 @@ class EvaluateStage(Stage):
     def identity(self, ctx: Context) -> tuple:
         """Everything a row's result depends on besides its classifier, policy, fraction and seed."""
         e, train, test = self.evaluate, ctx.splits[ev.TRAIN_DIR], ctx.splits[ev.TEST_DIR]
-        return (ctx.earlier_fingerprints[f"embed:{ev.TRAIN_DIR}"], sorted(train.shards.items()), sorted(test.shards.items()),
-                kmeans_settings(self.kmeans), e.pool_size, e.pool_seed, e.label_field,
-                self.decode.draft, self.decode.max_image_pixels)
+        parts = (ctx.earlier_fingerprints[f"embed:{ev.TRAIN_DIR}"], sorted(train.shards.items()), sorted(test.shards.items()),
+                 kmeans_settings(self.kmeans), e.pool_size, e.pool_seed, e.label_field,
+                 self.decode.draft, self.decode.max_image_pixels)
+        # the dedup settings count only when a policy uses them (earlier results stay reusable)
+        return parts + ((e.dedup,) if any(p.startswith(ev.DEDUP_PREFIX) for p in e.policies) else ())
 
     def complete(self, ctx: Context) -> None:
         return None  # resumes row by row from results.csv (see the module docstring)
@@ -241,10 +243,21 @@ class EvaluateStage(Stage):
         cluster, distance, kmeans_meta, centroids = ev.prototypes(pool.embeddings, self.kmeans, pool.shards)
         timings["prototypes"] = round(time.time() - t, 3)
         t = time.time()
-        bands = {(p, s): ev.oracle_bands(e.keep_fractions, pool.labels, pool.kinds, s) if p == ev.ORACLE else
-                 ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
-                                 s, centroids)
-                 for p in e.policies for s in e.seeds}
+        removed = None
+        if any(p.startswith(ev.DEDUP_PREFIX) for p in e.policies):
+            removed = ev.near_duplicates(pool.embeddings, distance, cluster, pool.shards, pool.keys, e.dedup)
+            kmeans_meta["dedup_removed"] = int(removed.sum())
+
+        def bands_of(p: str, s: int):
+            if p == ev.ORACLE:
+                return ev.oracle_bands(e.keep_fractions, pool.labels, pool.kinds, s)
+            if p.startswith(ev.DEDUP_PREFIX):
+                return ev.bands_after_dedup(p.removeprefix(ev.DEDUP_PREFIX), e.keep_fractions, removed, distance,
+                                            cluster, kmeans_meta["k"], pool.shards, pool.keys, s, centroids)
+            return ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
+                                   s, centroids)
+
+        bands = {(p, s): bands_of(p, s) for p in e.policies for s in e.seeds}
         groups = ev.plan_runs(e.classifiers, e.policies, e.keep_fractions, e.seeds, bands)
         timings["select"] = round(time.time() - t, 3)
 

@@ -36,6 +36,7 @@ _OPTIONAL_FLOAT_COLUMNS = (BALANCED_ACCURACY, WORST3_ACCURACY, COPIES_KEPT, JUNK
 KIND_FIELD = "kind"
 KIND_ORIGINAL, KIND_COPY, KIND_JUNK = "original", "copy", "junk"
 JUNK_LABEL = -1  # junk has no class: kept junk costs budget and teaches nothing
+DEDUP_PREFIX = "dedup+"  # a policy applied after SemDeDup of the pool (evaluate.dedup), e.g. dedup+capped-hard
 ORACLE = "oracle"  # the ceiling: originals only, classes capped evenly (uses labels no policy may see)
 
 # --- why a sample is left out (besides its embedding status, e.g. undecodable_image) ---------

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 
 from prune import schema
+from prune.dedup.settings import DedupConfig
 from prune.settings import Section
 
 
@@ -42,6 +43,7 @@ class EvaluateSection(Section):
     concurrency: int = Field(2, ge=1)  # classifier trainings running at once (Ray tasks)
     linear: LinearProbeConfig = LinearProbeConfig()
     cnn: CnnConfig = CnnConfig()
+    dedup: DedupConfig = DedupConfig()  # SemDeDup of the pool, for the policies named dedup+<policy>
 
     @field_validator("policies")
     @classmethod
@@ -51,6 +53,7 @@ class EvaluateSection(Section):
         for name in value:
             if name == "oracle":  # the label oracle: the ceiling, not a policy
                 continue
+            name = name.removeprefix("dedup+")
             prefix = next((p for p in schema.BUDGET_PREFIXES if name.startswith(p)), "")
             POLICIES.check(name.removeprefix(prefix))
         return value

@@ -15,6 +15,8 @@ from prune.cluster import lloyd
 from prune.cluster import prototypes as fit
 from prune.cluster.kmeans import assign, prototype_distance
 from prune.cluster.settings import KMeansConfig
+from prune.dedup.semdedup import dedup_cluster
+from prune.dedup.settings import DedupConfig
 from prune.evaluate.layout import (
     CLUSTERS_COVERED,
     COPIES_KEPT,
@@ -109,6 +111,31 @@ def select_bands(
     band = np.full(len(keys), -1, np.int32)
     for rows, prio, groups in blocks:
         band[rows] = found.apply(prio, groups, hist)[1]
+    return band
+
+
+def near_duplicates(embeddings: np.ndarray, distance, cluster, shards, keys, dedup: DedupConfig) -> np.ndarray:
+    """The dedup stage's rule on the pool in memory: which samples SemDeDup removes (bool [n])."""
+    cluster, shards, keys, distance = (np.asarray(a) for a in (cluster, shards, keys, distance))
+    removed = np.zeros(len(keys), bool)
+    for c in np.unique(cluster):
+        m = np.nonzero(cluster == c)[0]
+        res = dedup_cluster(embeddings[m], distance[m], shards[m], keys[m], dedup.eps, dedup.keep, dedup.seed,
+                            dedup.block_rows)
+        removed[m] = res.removed
+    return removed
+
+
+def bands_after_dedup(policy: str, keep_fractions, removed: np.ndarray, distance, cluster, n_clusters: int,
+                      shards, keys, seed: int, centroids=None) -> np.ndarray:
+    """`policy` among the samples dedup kept, for subsets of the same sizes as without dedup: the
+    fraction f of the pool becomes f * n / n_kept of the survivors (all of them, when fewer)."""
+    keep = ~np.asarray(removed)
+    n, n_kept = len(keep), int(keep.sum())
+    fractions = [min(1.0, float(f) * n / max(n_kept, 1)) for f in sorted(keep_fractions)]
+    band = np.full(n, -1, np.int32)
+    band[keep] = select_bands(policy, fractions, np.asarray(distance)[keep], np.asarray(cluster)[keep], n_clusters,
+                              np.asarray(shards)[keep], np.asarray(keys)[keep], seed, centroids)
     return band
 
 
