@@ -185,7 +185,9 @@ class EvaluateStage(Stage):
                  kmeans_settings(self.kmeans), e.pool_size, e.pool_seed, e.label_field,
                  self.decode.draft, self.decode.max_image_pixels)
         # the dedup settings count only when a policy uses them (earlier results stay reusable)
-        return parts + ((e.dedup,) if any(p.startswith(ev.DEDUP_PREFIX) for p in e.policies) else ())
+        parts += (e.dedup,) if any(p.startswith(ev.DEDUP_PREFIX) for p in e.policies) else ()
+        defaults = type(e)().select_options()
+        return parts + ((e.select_options(),) if e.select_options() != defaults else ())
 
     def complete(self, ctx: Context) -> None:
         return None  # resumes row by row from results.csv (see the module docstring)
@@ -253,9 +255,10 @@ class EvaluateStage(Stage):
                 return ev.oracle_bands(e.keep_fractions, pool.labels, pool.kinds, s)
             if p.startswith(ev.DEDUP_PREFIX):
                 return ev.bands_after_dedup(p.removeprefix(ev.DEDUP_PREFIX), e.keep_fractions, removed, distance,
-                                            cluster, kmeans_meta["k"], pool.shards, pool.keys, s, centroids)
+                                            cluster, kmeans_meta["k"], pool.shards, pool.keys, s, centroids,
+                                            **e.select_options())
             return ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
-                                   s, centroids)
+                                   s, centroids, **e.select_options())
 
         bands = {(p, s): bands_of(p, s) for p in e.policies for s in e.seeds}
         groups = ev.plan_runs(e.classifiers, e.policies, e.keep_fractions, e.seeds, bands)

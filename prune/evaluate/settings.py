@@ -44,6 +44,12 @@ class EvaluateSection(Section):
     linear: LinearProbeConfig = LinearProbeConfig()
     cnn: CnnConfig = CnnConfig()
     dedup: DedupConfig = DedupConfig()  # SemDeDup of the pool, for the policies named dedup+<policy>
+    strata: int = Field(50, ge=1)  # the stratified policy's select.strata
+    drop_hardest: float = Field(0.0, ge=0.0, lt=1.0)  # the stratified policy's select.drop_hardest
+
+    def select_options(self) -> dict:
+        """The select settings every policy of the grid shares (beyond policy, budget, fraction, seed)."""
+        return {"strata": self.strata, "drop_hardest": self.drop_hardest}
 
     @field_validator("policies")
     @classmethod

@@ -59,19 +59,19 @@ def split_policy(policy: str) -> tuple[str, bool]:
     return settings.policy, settings.balanced
 
 
-def select_config(policy: str, keep_fraction: float, seed: int) -> SelectConfig:
+def select_config(policy: str, keep_fraction: float, seed: int, **options) -> SelectConfig:
     """An evaluate policy name as the select stage's settings: 'capped-hard' -> policy hard,
-    balanced, budget capped_equal; 'hard' -> global."""
+    balanced, budget capped_equal; 'hard' -> global. `options`: other select settings."""
     for prefix, budget in schema.BUDGET_PREFIXES.items():
         if policy.startswith(prefix):
             return SelectConfig(keep_fraction=keep_fraction, policy=policy[len(prefix):], balanced=True,
-                                budget=budget, seed=seed)
-    return SelectConfig(keep_fraction=keep_fraction, policy=policy, seed=seed)
+                                budget=budget, seed=seed, **options)
+    return SelectConfig(keep_fraction=keep_fraction, policy=policy, seed=seed, **options)
 
 
 def select_bands(
     policy: str, keep_fractions, distance, cluster, n_clusters: int, shards, keys, seed: int,
-    centroids: np.ndarray | None = None,
+    centroids: np.ndarray | None = None, **options,
 ) -> np.ndarray:
     """Band of every pool sample: index of the smallest keep fraction that keeps it (-1: none).
 
@@ -80,7 +80,7 @@ def select_bands(
     band edges: each edge's cut is exact and budgets are nested, so `band <= i` is the selection
     `ssl-prune run` makes at fraction i. `centroids`: the prototypes, for the dbp budget.
     """
-    settings = select_config(policy, 1.0, seed)
+    settings = select_config(policy, 1.0, seed, **options)
     base, balanced = settings.policy, settings.balanced
     distance, cluster, shards, keys = (np.asarray(a) for a in (distance, cluster, shards, keys))
     names, shard_of = np.unique(shards, return_inverse=True)
@@ -127,7 +127,7 @@ def near_duplicates(embeddings: np.ndarray, distance, cluster, shards, keys, ded
 
 
 def bands_after_dedup(policy: str, keep_fractions, removed: np.ndarray, distance, cluster, n_clusters: int,
-                      shards, keys, seed: int, centroids=None) -> np.ndarray:
+                      shards, keys, seed: int, centroids=None, **options) -> np.ndarray:
     """`policy` among the samples dedup kept, for subsets of the same sizes as without dedup: the
     fraction f of the pool becomes f * n / n_kept of the survivors (all of them, when fewer)."""
     keep = ~np.asarray(removed)
@@ -135,7 +135,7 @@ def bands_after_dedup(policy: str, keep_fractions, removed: np.ndarray, distance
     fractions = [min(1.0, float(f) * n / max(n_kept, 1)) for f in sorted(keep_fractions)]
     band = np.full(n, -1, np.int32)
     band[keep] = select_bands(policy, fractions, np.asarray(distance)[keep], np.asarray(cluster)[keep], n_clusters,
-                              np.asarray(shards)[keep], np.asarray(keys)[keep], seed, centroids)
+                              np.asarray(shards)[keep], np.asarray(keys)[keep], seed, centroids, **options)
     return band
 
 
