@@ -5,10 +5,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import ray
 import webdataset as wds
 
@@ -252,3 +254,48 @@ def test_embed_actors_ask_for_a_gpu_when_the_cluster_has_one(pipeline_run):
     # the session's Ray has one fake GPU: the run completing proves the actor was placed on it
     assert pipeline_run["manifest"]["stages"]["embed"]["actor_resources"]["num_gpus"] == 1
     assert pipeline_run["manifest"]["random_init"] is True
+
+
+@pytest.mark.parametrize("select", [
+    {"select.policy": "hard", "select.balanced": True, "select.budget": "capped_equal"},
+    {"select.policy": "random", "select.balanced": True, "select.budget": "dbp", "select.dbp_temperature": 0.05},
+    {"select.policy": "stratified", "select.balanced": True, "select.budget": "capped_equal", "select.strata": 5},
+    {"select.policy": "stratified", "select.balanced": False, "select.drop_hardest": 0.1},
+], ids=["capped-hard", "dbp-random", "capped-stratified", "stratified"])
+def test_bands_hold_for_every_budget_and_order(pipeline_run, run_copy, tmp_path, select):
+    """A prefix of pruned/ ending at a band is exactly what a run at that smaller fraction keeps,
+    and every cluster keeps what the budget allots it there."""
+    from pipelines.cli import run
+    from prune.select.budgets import BUDGETS, ClusterStats
+    from prune.select.settings import SelectConfig
+
+    base = pipeline_run["cfg"].input
+    over = select | {"select.keep_fraction": 0.6, "write.band_step": 0.2}
+    manifest = run(validate_config(small_config(base, run_copy, **over)))
+    bands = manifest["bands"]
+    scores = [r for r in read_scores(run_copy).to_pylist() if r[schema.STATUS] == schema.STATUS_OK]
+    sizes = np.bincount([r[schema.CLUSTER] for r in scores], minlength=4)
+    cfg = SelectConfig(**{k.split(".", 1)[1]: v for k, v in over.items() if k.startswith("select.")})
+    edges = [b["keep_fraction"] for b in bands]
+    if cfg.balanced:
+        centroids = np.load(run_copy / "prototypes" / "centroids.npy")
+        sums = np.bincount([r[schema.CLUSTER] for r in scores], weights=[r[schema.DISTANCE] for r in scores], minlength=4)
+        allotted = cfg.make_budget().allocate(sizes, edges, ClusterStats(sizes, sums, centroids), 0)
+    shards_so_far = []
+    for b in bands:
+        shards_so_far += b["shards"]
+        keys = {(r[schema.SOURCE_SHARD], r[schema.KEY]) for name in shards_so_far
+                for r in pq.read_table(f"{run_copy}/pruned/{name[:-4]}.parquet").to_pylist()}
+        assert keys == {(r[schema.SHARD], r[schema.KEY]) for r in scores if 0 <= r[schema.BAND] <= b["band"]}
+        kept = np.bincount([r[schema.CLUSTER] for r in scores if 0 <= r[schema.BAND] <= b["band"]], minlength=4)
+        if cfg.balanced:
+            np.testing.assert_array_equal(kept, allotted[:, b["band"]])
+        else:
+            assert kept.sum() == int(np.floor(b["keep_fraction"] * sizes.sum() + 0.5))
+    # the first band is the selection a run at that fraction makes
+    smaller = tmp_path / "smaller"
+    shutil.copytree(run_copy, smaller)
+    run(validate_config(small_config(base, smaller, **(over | {"select.keep_fraction": edges[0]}))))
+    kept_small = {(r[schema.SHARD], r[schema.KEY]) for r in read_scores(smaller).to_pylist() if r[schema.KEEP]}
+    assert kept_small == {(r[schema.SHARD], r[schema.KEY]) for r in scores if r[schema.BAND] == 0}
+    assert BUDGETS.check(cfg.budget)
