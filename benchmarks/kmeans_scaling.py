@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from embed_throughput import cpu_seconds as machine_and_own_cpu_seconds  # beside this script (on sys.path when run)
 
 from pipelines.stages.prototypes import refine_all
 from prune import schema
@@ -41,6 +40,7 @@ from prune.cluster import lloyd
 from prune.cluster.kmeans import fit_spherical_kmeans, l2_normalize
 from prune.cluster.settings import KMeansConfig
 from prune.io.storage import OutputDir
+from prune.plan.cpu_time import cpu_seconds as machine_and_own_cpu_seconds
 
 SHARD_ROWS = 10_000
 

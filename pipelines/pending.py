@@ -8,10 +8,10 @@ parallel, so a no-op re-run over 41k shards takes seconds, not an hour of serial
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from prune.io.storage import OutputDir, is_local
-from prune.io.tables import file_metadata
+from prune.io.tables import file_footer, file_metadata
 
 from .runtime import run_tasks
 
@@ -22,21 +22,34 @@ CHUNK = 256  # shards one check task reads
 class _Chunk:
     out: OutputDir
     shards: tuple
-    is_done: Callable[[OutputDir, str], bool]
+    fn: Callable[[OutputDir, str], Any]
 
 
-def _check(chunk: _Chunk) -> list[str]:
-    return [s for s in chunk.shards if not chunk.is_done(chunk.out, s)]
+def _apply(chunk: _Chunk) -> dict:
+    return {s: chunk.fn(chunk.out, s) for s in chunk.shards}
+
+
+def per_shard(out: OutputDir, shards, fn: Callable[[OutputDir, str], Any]) -> dict[str, Any]:
+    """shard -> `fn(out, shard)` for every shard (in shard order); `fn` must pickle (a module-level
+    function, or a functools.partial of one) and return something small."""
+    shards = sorted(shards)
+    if is_local(out.fs):
+        return {s: fn(out, s) for s in shards}
+    chunks = [_Chunk(out, tuple(shards[i : i + CHUNK]), fn) for i in range(0, len(shards), CHUNK)]
+    found = {}
+    for part in run_tasks(_apply, chunks, desc="checking outputs"):
+        found |= part
+    return {s: found[s] for s in shards}
 
 
 def pending(out: OutputDir, shards, is_done: Callable[[OutputDir, str], bool]) -> list[str]:
-    """The shards (sorted) for which `is_done(out, shard)` is False; `is_done` must pickle
-    (a module-level function, or a functools.partial of one)."""
-    shards = sorted(shards)
-    if is_local(out.fs):
-        return [s for s in shards if not is_done(out, s)]
-    chunks = [_Chunk(out, tuple(shards[i : i + CHUNK]), is_done) for i in range(0, len(shards), CHUNK)]
-    return sorted(s for part in run_tasks(_check, chunks, desc="checking outputs") for s in part)
+    """The shards (sorted) for which `is_done(out, shard)` is False."""
+    return [s for s, done in per_shard(out, shards, is_done).items() if not done]
+
+
+def footer(directory: str, out: OutputDir, shard: str) -> tuple[dict, int]:
+    """The shard's Parquet file in `directory`: (schema metadata, row count), from its footer."""
+    return file_footer(out, directory, shard)
 
 
 def stamped(directory: str, key: bytes, value: str, out: OutputDir, shard: str) -> bool:

@@ -45,7 +45,6 @@ class ClusterSizesSettings(Section):
 @dataclass
 class ClusterSizesStats:
     shards_written: int
-    reused: bool = False
 
 
 def _sizes_of_shard(task: tuple) -> str:
@@ -72,7 +71,7 @@ class ClusterSizesStage(Stage):
 
     def complete(self, ctx: Context) -> Optional[ClusterSizesStats]:
         if all(self.done(ctx, s) for s in ctx.shards):
-            return ClusterSizesStats(0, reused=True)
+            return ClusterSizesStats(0)
         return None
 
     def run(self, ctx: Context) -> ClusterSizesStats:

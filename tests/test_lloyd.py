@@ -403,9 +403,9 @@ def test_pipeline_refines_and_logs_iterations(ray_cluster, run_copy, tmp_path):
     stage = PrototypesStage.from_config(cfg2)
     ctx = Context(OutputDir(str(second)), resolve_shards(cfg2.input))
     ctx.fingerprint = stage_fingerprint(stage, manifest["embed_fingerprint"], ctx)
-    stats = stage.run(ctx)
-    meta2 = stats.kmeans
-    assert stats.reused is False and meta2["refine"]["log"] == [e | {"seconds": e2["seconds"]} for e, e2 in zip(refine["log"], meta2["refine"]["log"])]
+    assert stage.complete(ctx) is None  # kmeans.json gone: the stage refits, it does not reuse
+    meta2 = stage.run(ctx).kmeans
+    assert stage.complete(ctx) is not None and meta2["refine"]["log"] == [e | {"seconds": e2["seconds"]} for e, e2 in zip(refine["log"], meta2["refine"]["log"])]
     np.testing.assert_array_equal(np.load(second / "prototypes" / "centroids.npy"), centroids)
 
 

@@ -7,12 +7,13 @@ beyond the shipped ones (pipelines/stage.py) brings its own section: `validate_c
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ValidationError, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ValidationError, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from pipelines.runtime import RayConfig
 from pipelines.stage import STAGES, Stage, check_order
@@ -20,6 +21,7 @@ from pipelines.stages import RUN_STAGES
 from prune import schema
 from prune.cluster.settings import KMeansConfig
 from prune.dedup.settings import DedupConfig
+from prune.embed.backends import BACKENDS
 from prune.embed.settings import DecodeConfig, EmbedConfig
 from prune.evaluate.settings import EvaluateSection
 from prune.io.settings import WriteConfig
@@ -37,12 +39,24 @@ class JobConfig(Section):
     decode: DecodeConfig = DecodeConfig()
 
 
+def _registered_backend(embed: EmbedConfig) -> EmbedConfig:
+    """`embed.backend` must be a registered backend; an unknown name lists the known ones."""
+    try:
+        BACKENDS.check(embed.backend)
+    except ValueError as exc:
+        raise PydanticCustomError("unknown_backend", str(exc), {"key": "backend"}) from None
+    return embed
+
+
+RegisteredEmbed = Annotated[EmbedConfig, AfterValidator(_registered_backend)]
+
+
 class RunConfig(JobConfig):
     """`ssl-prune run`: the stages to run, in order, and each stage's section."""
 
     input: NonEmptyStr
     stages: list[str] = list(RUN_STAGES)  # registered stage names (pipelines/stages/)
-    embed: EmbedConfig = EmbedConfig()
+    embed: RegisteredEmbed = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
     dedup: DedupConfig = DedupConfig()  # used when `stages` lists dedup
     select: SelectConfig = SelectConfig()
@@ -84,7 +98,7 @@ class EvaluateConfig(JobConfig):
 
     train_input: NonEmptyStr  # labeled shards: the pool that is pruned
     test_input: NonEmptyStr  # labeled shards: never pruned, only scored against
-    embed: EmbedConfig = EmbedConfig()
+    embed: RegisteredEmbed = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
     evaluate: EvaluateSection = EvaluateSection()
 
@@ -110,14 +124,17 @@ def run_config_model() -> type[RunConfig]:
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        loc = [*e["loc"], *([e["ctx"]["key"]] if "key" in (e.get("ctx") or {}) else [])]  # a field a section validator names
+        key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}'")
         elif e["type"] == "missing":
             lines.append(f"missing config key '{key}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"bad value for '{key}': {msg} (got {e.get('input')!r})")
+            got = e["input"].get(e["ctx"]["key"]) if isinstance(e.get("input"), dict) and "key" in (e.get("ctx") or {}) \
+                else e.get("input")
+            lines.append(f"bad value for '{key}': {msg} (got {got!r})")
     return "; ".join(lines)
 
 

@@ -38,7 +38,6 @@ from ..stage import STAGES, Context, Resources, Stage
 class AssignStats:
     shards_assigned: int
     shards_reused: int
-    reused: bool = False
 
 
 def assigned_with(out: OutputDir, shard: str, fp: str) -> bool:
@@ -89,7 +88,7 @@ class AssignShards:
 @dataclass
 class AssignStage(Stage):
     name = "assign"
-    requires = ('prototypes',)
+    requires = ("prototypes",)
 
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # only assign_concurrency: placement
 
@@ -102,7 +101,7 @@ class AssignStage(Stage):
     def complete(self, ctx: Context) -> Optional[AssignStats]:
         is_done = functools.partial(stamped, schema.SCORES_DIR, schema.META_ASSIGN_FINGERPRINT, ctx.fingerprint)
         if not pending(ctx.out, ctx.shards, is_done):
-            return AssignStats(0, len(ctx.shards), reused=True)
+            return AssignStats(0, len(ctx.shards))
         return None
 
     def run(self, ctx: Context) -> AssignStats:

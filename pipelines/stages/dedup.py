@@ -29,9 +29,9 @@ from prune import schema
 from prune.dedup.semdedup import dedup_cluster
 from prune.dedup.settings import DedupConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import file_footer, ok_matrix, read_embeddings, read_scores
+from prune.io.tables import ok_matrix, read_embeddings, read_scores
 
-from ..pending import pending, stamped
+from ..pending import footer, pending, per_shard, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -47,7 +47,6 @@ class DedupStats:
     removed: int = 0  # marked near_duplicate
     buckets: int = 0
     removed_per_shard: dict = field(default_factory=dict)
-    reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ class DedupStage(Stage):
     """Near-duplicates inside each cluster marked `near_duplicate` in scores/, listed in dedup/."""
 
     name = "dedup"
-    requires = ('assign',)
+    requires = ("assign",)
 
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
@@ -206,11 +205,13 @@ class DedupStage(Stage):
 
     def complete(self, ctx: Context) -> Optional[DedupStats]:
         fp = ctx.fingerprint
-        for directory, key in ((schema.SCORES_DIR, schema.META_CURATED_BY), (schema.DEDUP_DIR, schema.META_DEDUP_FINGERPRINT)):
-            if pending(ctx.out, ctx.shards, functools.partial(stamped, directory, key, fp)):
-                return None
-        per_shard = {s: file_footer(ctx.out, schema.DEDUP_DIR, s)[1] for s in sorted(ctx.shards)}
-        return DedupStats(removed=sum(per_shard.values()), removed_per_shard=per_shard, reused=True)
+        if pending(ctx.out, ctx.shards, functools.partial(stamped, schema.SCORES_DIR, schema.META_CURATED_BY, fp)):
+            return None
+        footers = per_shard(ctx.out, ctx.shards, functools.partial(footer, schema.DEDUP_DIR))
+        if any(meta.get(schema.META_DEDUP_FINGERPRINT, b"").decode() != fp for meta, _ in footers.values()):
+            return None
+        removed = {s: rows for s, (_, rows) in footers.items()}
+        return DedupStats(removed=sum(removed.values()), removed_per_shard=removed)
 
     def run(self, ctx: Context) -> DedupStats:
         out = ctx.out

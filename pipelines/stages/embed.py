@@ -45,7 +45,6 @@ class EmbedStats:
     shards_reused: int
     actor_resources: Optional[dict] = None  # Ray resources of one actor, and how many actors
     torch_threads: Optional[int] = None
-    reused: bool = False
 
 
 class EmbedActor:
@@ -177,6 +176,8 @@ class EmbedStage(Stage):
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     image_extensions: tuple[str, ...] = schema.IMAGE_EXTENSIONS_DEFAULT
     split: str = ""  # a named split of the job's input (evaluate: train, test); "" the run's input
+    # (run key, shards without complete embeddings): checked once, shared by complete() and run()
+    _todo: tuple = field(default=(None, None), init=False, repr=False, compare=False)
 
     @functools.cached_property
     def model_id(self) -> str:
@@ -200,7 +201,7 @@ class EmbedStage(Stage):
     def todo(self, ctx: Context) -> list[str]:
         """Shards without complete embeddings (checked once per run: complete() and run() share it)."""
         key = (ctx.out.url, ctx.fingerprint, tuple(sorted(ctx.shards.items())))
-        if getattr(self, "_todo", (None,))[0] != key:
+        if self._todo[0] != key:
             is_done = functools.partial(_embedded, ctx.fingerprint, dict(ctx.shards))
             self._todo = (key, pending(ctx.out, ctx.shards, is_done))
         return self._todo[1]
@@ -208,12 +209,12 @@ class EmbedStage(Stage):
     def complete(self, ctx: Context) -> Optional[EmbedStats]:
         if self.todo(ctx):
             return None
-        return EmbedStats(len(ctx.shards), 0, len(ctx.shards), reused=True)
+        return EmbedStats(len(ctx.shards), 0, len(ctx.shards))
 
     def run(self, ctx: Context) -> EmbedStats:
         out, shards = ctx.out, ctx.shards
         todo = self.todo(ctx)
-        self._todo = (None,)  # what this run embeds is done after it: a later call checks afresh
+        self._todo = (None, None)  # what this run embeds is done after it: a later call checks afresh
         stats = EmbedStats(len(shards), 0, len(shards) - len(todo))
         if not todo:
             return stats

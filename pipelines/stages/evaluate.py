@@ -51,7 +51,6 @@ class EvaluateStats:
     markdown: str
     plot: str
     summary: str
-    reused: bool = False
 
 
 @dataclass(frozen=True)

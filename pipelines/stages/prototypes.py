@@ -39,7 +39,6 @@ DEFAULT_BLOCK_ROWS = 10_000
 class PrototypesStats:
     k: int
     n_ok_total: int
-    reused: bool
     kmeans: dict  # prototypes/kmeans.json: the fit's settings, objective, refinement log
 
 
@@ -173,7 +172,7 @@ class PrototypesStage(Stage):
     """`prototypes/centroids.npy` and `prototypes/kmeans.json` from every shard's embeddings."""
 
     name = "prototypes"
-    requires = ('embed',)
+    requires = ("embed",)
     fingerprint_tag = "kmeans"
 
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
@@ -189,7 +188,7 @@ class PrototypesStage(Stage):
         meta = out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
         if meta.get("fingerprint") != ctx.fingerprint:
             return None
-        return PrototypesStats(meta["k"], meta["n_ok_total"], True, meta)
+        return PrototypesStats(meta["k"], meta["n_ok_total"], meta)
 
     def run(self, ctx: Context) -> PrototypesStats:
         out, kc = ctx.out, self.kmeans
@@ -210,4 +209,4 @@ class PrototypesStage(Stage):
         out.remove(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
         out.write_bytes(npy_bytes(centroids), schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
         out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
-        return PrototypesStats(meta["k"], n_ok, False, meta)
+        return PrototypesStats(meta["k"], n_ok, meta)

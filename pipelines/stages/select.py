@@ -62,7 +62,6 @@ class SelectStats:
     removed: dict = field(default_factory=dict)  # removal status -> samples a curation stage removed
     kept_per_band: dict = field(default_factory=dict)
     shard_failures: dict = field(default_factory=dict)  # shard -> why it yielded no sample
-    reused: bool = False
 
     def add(self, s: ShardSelection) -> None:
         self.samples, self.kept, self.pruned = self.samples + s.samples, self.kept + s.kept, self.pruned + s.pruned
@@ -191,7 +190,7 @@ def prototype_count(out: OutputDir) -> int:
 @dataclass
 class SelectStage(Stage):
     name = "select"
-    requires = ('assign',)
+    requires = ("assign",)
 
     select: SelectConfig = field(default_factory=SelectConfig)
     write: WriteConfig = field(default_factory=WriteConfig)  # its band_step: the bands are cut here
@@ -221,7 +220,7 @@ class SelectStage(Stage):
         is_done = functools.partial(stamped, schema.SCORES_DIR, schema.META_SELECT_FINGERPRINT, ctx.fingerprint)
         if pending(ctx.out, ctx.shards, is_done):
             return None
-        stats = SelectStats(self.edges(), reused=True)
+        stats = SelectStats(self.edges())
         for res in run_tasks(count_selected, self.tasks(ctx), desc="select: count"):
             stats.add(res)
         return stats

@@ -214,7 +214,6 @@ class TrainStats:
     loss: float
     seconds: float
     history: list = field(default_factory=list)
-    reused: bool = False
 
 
 @dataclass

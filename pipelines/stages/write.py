@@ -41,7 +41,6 @@ class WriteStats:
     bands: list  # bands.json's list: per band its shards, counts and the brace pattern of the prefix
     output_shards: int
     samples_written: int
-    reused: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ def bands_list(written: list[Written], edges: list[float], n_input_ok: int) -> l
 @dataclass
 class WriteStage(Stage):
     name = "write"
-    requires = ('select',)
+    requires = ("select",)
 
     write: WriteConfig = field(default_factory=WriteConfig)
     select: SelectConfig = field(default_factory=SelectConfig)  # named in bands.json; its edges end the bands
@@ -127,7 +126,7 @@ class WriteStage(Stage):
         if not (ctx.out.exists(marker) and ctx.out.read_json(marker).get("fingerprint") == ctx.fingerprint):
             return None
         bands = ctx.out.read_json(schema.PRUNED_DIR, schema.BANDS_FILE)["bands"]
-        return WriteStats(bands, sum(len(b["shards"]) for b in bands), sum(b["samples"] for b in bands), reused=True)
+        return WriteStats(bands, sum(len(b["shards"]) for b in bands), sum(b["samples"] for b in bands))
 
     def run(self, ctx: Context) -> WriteStats:
         out, fp = ctx.out, ctx.fingerprint

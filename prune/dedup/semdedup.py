@@ -10,12 +10,12 @@ memory is O(n x block_rows) for a cluster of n, whatever n is.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from prune.dedup.settings import KEEP_FARTHEST, KEEP_NEAREST, KEEP_RANDOM
+from prune.select.policies import seeded_hash
 
 
 @dataclass
@@ -28,10 +28,13 @@ class ClusterDedup:
 
 
 def _tiebreak(seed: int, shards, keys) -> np.ndarray:
-    """A seeded 64-bit hash of (shard, key): the deterministic order among equal distances."""
+    """The selection's seeded 64-bit hash of (shard, key), vectorized per shard: the deterministic
+    order among equal distances, and the order itself for `keep: random`."""
+    shards, keys = np.asarray(shards), np.asarray(keys)
     out = np.empty(len(keys), np.uint64)
-    for i, (s, k) in enumerate(zip(shards, keys)):
-        out[i] = int.from_bytes(hashlib.blake2b(f"{seed}\x00{s}\x00{k}".encode(), digest_size=8).digest(), "little")
+    for shard in np.unique(shards):
+        rows = np.nonzero(shards == shard)[0]
+        out[rows] = seeded_hash(seed, str(shard), [str(k) for k in keys[rows]], b"dedup")
     return out
 
 

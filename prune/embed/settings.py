@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from prune.settings import Section
 
@@ -17,7 +17,9 @@ class DecodeConfig(Section):
 
 
 class EmbedConfig(Section):
-    backend: str = "open_clip"  # a registered backend (prune/embed/backends): open_clip, timm, local, ...
+    # a registered backend (prune/embed/backends): open_clip, timm, local, ...; the configs that compose
+    # this section check the name against the registry (the backends import these settings, not the reverse)
+    backend: str = "open_clip"
     model: str = "ViT-B-32"
     pretrained: Optional[str] = None  # a tag from the local cache, or a checkpoint file path
     allow_random_init: bool = False  # only for tests and smoke runs; recorded in the manifest
@@ -30,13 +32,6 @@ class EmbedConfig(Section):
     torch_threads: Optional[int] = Field(None, ge=1)  # CPU actors: intra-op threads
     shards_per_round: int = Field(64, ge=1)  # a crash loses at most one round of embedding
     seed: int = 0  # random-init weights
-
-    @field_validator("backend")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        from prune.embed.backends import BACKENDS
-
-        return BACKENDS.check(value)
 
     @model_validator(mode="after")
     def _no_random_init_with_weights(self) -> "EmbedConfig":

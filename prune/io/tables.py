@@ -28,10 +28,7 @@ def read_scores(out: OutputDir, shard: str, **kwargs) -> pa.Table:
 
 def file_metadata(out: OutputDir, directory: str, shard: str) -> dict:
     """A per-shard Parquet file's schema metadata (its footer only); empty if the file is absent."""
-    if not out.exists(directory, schema.shard_file(shard)):
-        return {}
-    with out.open(directory, schema.shard_file(shard)) as f:
-        return pq.read_schema(f).metadata or {}
+    return file_footer(out, directory, shard)[0]
 
 
 def file_footer(out: OutputDir, directory: str, shard: str) -> tuple[dict, int]:

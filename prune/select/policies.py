@@ -33,7 +33,7 @@ def _splitmix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
-def _hash64(seed: int, shard: str, keys, salt: bytes) -> np.ndarray:
+def seeded_hash(seed: int, shard: str, keys, salt: bytes) -> np.ndarray:
     """Seeded 64-bit hash of each (shard, key), vectorized over samples.
 
     FNV-1a over the key's UTF-8 bytes, column by column of a fixed-width byte matrix (a loop
@@ -103,7 +103,7 @@ class Random(Policy):
 
     @staticmethod
     def value(distance, shard, keys, seed):
-        return (_hash64(seed, shard, keys, b"random") >> np.uint64(32)).astype(np.float64) / _U32
+        return (seeded_hash(seed, shard, keys, b"random") >> np.uint64(32)).astype(np.float64) / _U32
 
 
 def policy_class(policy: str | type[Policy]) -> type[Policy]:
@@ -125,7 +125,7 @@ class Stratified(Policy):
 
     @staticmethod
     def value(distance, shard, keys, seed, groups=None, strata=None):
-        u = (_hash64(seed, shard, keys, b"stratified") >> np.uint64(32)).astype(np.float64) / (_U32 + 1.0)
+        u = (seeded_hash(seed, shard, keys, b"stratified") >> np.uint64(32)).astype(np.float64) / (_U32 + 1.0)
         g = np.asarray(groups, np.int64)
         s = strata.stratum_of(g, distance)
         size = strata.sizes[g, np.maximum(s, 0)].astype(np.float64)
@@ -143,7 +143,7 @@ def priorities(policy: str | type[Policy], distance: np.ndarray, shard: str, key
     raw = cls.value(d, shard, keys, seed, groups, strata) if cls.uses_strata else cls.value(d, shard, keys, seed)
     value = np.nan_to_num(raw, nan=0.0)
     high = np.floor(value * _U32).astype(np.uint64) << np.uint64(32)
-    low = _hash64(seed, shard, keys, b"tiebreak") >> np.uint64(32)
+    low = seeded_hash(seed, shard, keys, b"tiebreak") >> np.uint64(32)
     return high | low
 
 

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
 from prune.embed.decode import PreprocessSpec
 from prune.embed.errors import WeightsNotFoundError
+from prune.embed.settings import EmbedConfig
 from prune.settings import Registry
-
-if TYPE_CHECKING:  # annotations only: the settings import the registry, not the reverse
-    from prune.embed.settings import EmbedConfig
 
 
 class Embedder(ABC):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from prune.embed.backends.base import BACKENDS
 from prune.embed.backends.timm_backend import TimmEmbedder
 from prune.embed.checkpoints import load_encoder, preprocess_of, read_config
 from prune.embed.decode import PreprocessSpec
 from prune.embed.errors import WeightsNotFoundError
-
-if TYPE_CHECKING:  # annotations only: the settings import the registry, not the reverse
-    from prune.embed.settings import EmbedConfig
+from prune.embed.settings import EmbedConfig
 
 
 @BACKENDS.register

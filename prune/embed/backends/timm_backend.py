@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
 from prune.embed.backends.base import BACKENDS, Embedder
 from prune.embed.decode import PreprocessSpec, normalize
 from prune.embed.errors import WeightsNotFoundError
-
-if TYPE_CHECKING:  # annotations only: the settings import the registry, not the reverse
-    from prune.embed.settings import EmbedConfig
+from prune.embed.settings import EmbedConfig
 
 
 def _timm_weights(cfg: EmbedConfig) -> Optional[str]:
