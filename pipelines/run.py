@@ -72,4 +72,7 @@ def run_stages(
                    "embed_fingerprint": done.fingerprints[embed.label]}
     if "write" in done.stats:
         fields["bands"] = done.stats["write"].bands
+    elif out.exists(schema.PRUNED_DIR):  # a scores-only run over an output an earlier run wrote shards to
+        fields["stale_outputs"] = {schema.PRUNED_DIR: "written by an earlier run; this run's stages have no "
+                                                      "'write', so its selection is only in scores/"}
     return write_manifest(out, done, time.time() - t_start, **fields)

@@ -20,6 +20,11 @@ from pydantic import Field
 from prune.settings import Section
 
 
+# Set to 1 (`ssl-prune --verbose` does) to let Ray's worker output reach this console. Off by
+# default: task errors still reach the driver as exceptions; hidden is the workers' own chatter.
+VERBOSE_ENV = "SSL_PRUNE_VERBOSE"
+
+
 class RayConfig(Section):
     """The `ray` section: which cluster to join, or how to start a local one."""
 
@@ -37,20 +42,21 @@ def connect(cfg: RayConfig) -> str:
     """
     if ray.is_initialized():
         return "existing"
+    quiet = {"configure_logging": False, "log_to_driver": os.environ.get(VERBOSE_ENV) == "1"}
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         address = cfg.address or os.environ["RAY_ADDRESS"]
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, **quiet)
         return f"address:{address}"
     running = live_local_cluster()
     if running:
-        ray.init(address=running, configure_logging=False)
+        ray.init(address=running, **quiet)
         return f"existing:{running}"
     extra = {}
     if cfg.num_cpus:
         extra["num_cpus"] = cfg.num_cpus
     if cfg.object_store_memory:
         extra["object_store_memory"] = cfg.object_store_memory
-    ray.init(address="local", include_dashboard=False, configure_logging=False, **extra)
+    ray.init(address="local", include_dashboard=False, **quiet, **extra)
     return "local"
 
 

@@ -21,7 +21,8 @@ def _run(args, tmp_path, **env):
 @pytest.mark.parametrize(
     "override, named",
     [
-        ("select.keep_fractoin=0.5", "unknown config key 'select.keep_fractoin'"),
+        ("select.keep_fractoin=0.5", "unknown config key 'select.keep_fractoin'; did you mean 'select.keep_fraction'?"),
+        ("kmeans.seeds=1", "unknown config key 'kmeans.seeds'; did you mean 'kmeans.seed'?"),
         ("select.keep_fraction=1.5", "bad value for 'select.keep_fraction'"),
         ("embed.batch_size=zero", "bad value for 'embed.batch_size'"),
         ("select.policy=hardest", "bad value for 'select.policy'"),
@@ -30,9 +31,21 @@ def _run(args, tmp_path, **env):
 def test_bad_config_is_one_message_naming_the_key(tmp_path, override, named):
     res = _run(["run", "configs/demo.yaml", override, f"output={tmp_path / 'out'}"], tmp_path)
     assert res.returncode == 2
-    assert named in res.stderr
-    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("ssl-prune: error: ")
+    assert named in res.stderr and len(res.stderr.strip().splitlines()) == 1  # no library chatter around it
     assert not (tmp_path / "out").exists()  # validated before any work
+
+
+def test_an_unknown_key_far_from_every_known_one_gets_no_guess(tmp_path):
+    res = _run(["run", "configs/demo.yaml", "zzz=1", f"output={tmp_path / 'out'}"], tmp_path)
+    assert res.returncode == 2 and "unknown config key 'zzz'" in res.stderr and "did you mean" not in res.stderr
+
+
+def test_version_is_the_installed_distributions(tmp_path):
+    from importlib.metadata import version
+
+    res = _run(["--version"], tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == f"ssl-prune {version('ssl-prune')}"
 
 
 def test_missing_weights_name_the_tag_and_are_not_downloaded(tmp_path):

@@ -9,6 +9,7 @@ import shutil
 from collections import Counter
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -299,3 +300,21 @@ def test_bands_hold_for_every_budget_and_order(pipeline_run, run_copy, tmp_path,
     kept_small = {(r[schema.SHARD], r[schema.KEY]) for r in read_scores(smaller).to_pylist() if r[schema.KEEP]}
     assert kept_small == {(r[schema.SHARD], r[schema.KEY]) for r in scores if r[schema.BAND] == 0}
     assert BUDGETS.check(cfg.budget)
+
+
+def test_scores_only_run_copies_no_tar_and_flags_the_old_shards(pipeline_run, run_copy):
+    """Without the write stage (what a DataComp user needs: ids, not 27 TB of tars) a new selection
+    lands in scores/ only; the pruned shards of the earlier run stay, named stale in the manifest."""
+    from pipelines.cli import run
+
+    before = {p.name: p.stat().st_mtime_ns for p in (run_copy / "pruned").iterdir()}
+    cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy, **{
+        "stages": ["embed", "prototypes", "assign", "select"], "select.keep_fraction": 0.3}))
+    manifest = run(cfg)
+    assert "write" not in manifest["stages"] and manifest["stages"]["embed"]["reused"]
+    assert "pruned" in manifest["stale_outputs"] and "bands" not in manifest
+    c = manifest["counts"]
+    assert "output_shards" not in c and c["kept"] == int(pc.sum(read_scores(run_copy).column(schema.KEEP)).as_py())
+    ok = c["kept"] + c["pruned"]
+    assert c["kept"] < pipeline_run["manifest"]["counts"]["kept"] and abs(c["kept"] - 0.3 * ok) <= 4 / 2 + 1
+    assert {p.name: p.stat().st_mtime_ns for p in (run_copy / "pruned").iterdir()} == before

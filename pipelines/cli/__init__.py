@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from prune.settings import ConfigError
@@ -28,6 +29,24 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(f"{__name__}.{_API[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ssl-prune")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _console(verbose: bool) -> None:
+    """Our own lines at INFO; the libraries' (faiss's loader, Ray's) only with --verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ssl_prune").setLevel(logging.INFO)
+    if verbose:
+        os.environ["SSL_PRUNE_VERBOSE"] = "1"  # pipelines.runtime.VERBOSE_ENV (not imported: Ray would load)
 
 
 def _run(args) -> int:
@@ -99,6 +118,9 @@ def _demo_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssl-prune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray's, faiss's and the workers' own log lines (hidden by default)")
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("run", help="prune shards: embed, prototypes, assign, [dedup,] select, write")
     p.add_argument("config", help="YAML config (configs/demo.yaml, configs/laion.yaml)")
@@ -136,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {web_like.DEFAULT_JUNK_SHARE:g})")
     d.set_defaults(fn=_demo_data)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _console(args.verbose)
     from prune.embed.errors import WeightsNotFoundError
     from prune.io.storage import InputError
 

@@ -7,6 +7,7 @@ beyond the shipped ones (pipelines/stage.py) brings its own section: `validate_c
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Optional
 
 import yaml
@@ -121,13 +122,30 @@ def run_config_model() -> type[RunConfig]:
     return _EXTENDED[key]
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _section_keys(model: type[BaseModel], path: list) -> list[str]:
+    """The keys the section at `path` of `model` accepts (empty when the path leaves the models)."""
+    for part in path:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        annotation = getattr(field, "annotation", None)  # pydantic keeps Annotated's metadata apart
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _did_you_mean(model: type[BaseModel], loc: list) -> str:
+    """', did you mean 'select.policy'?' for a misspelt key, when a known key is close."""
+    close = difflib.get_close_matches(str(loc[-1]), _section_keys(model, loc[:-1]), n=1, cutoff=0.6)
+    return f"; did you mean '{'.'.join(str(p) for p in [*loc[:-1], close[0]])}'?" if close else ""
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
         loc = [*e["loc"], *([e["ctx"]["key"]] if "key" in (e.get("ctx") or {}) else [])]  # a field a section validator names
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{key}'")
+            lines.append(f"unknown config key '{key}'{_did_you_mean(model, loc)}")
         elif e["type"] == "missing":
             lines.append(f"missing config key '{key}'")
         else:
@@ -164,4 +182,4 @@ def validate_config(raw: dict, model: type[BaseModel] = RunConfig):
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(_format_validation_error(exc, model)) from None

@@ -125,7 +125,8 @@ class ResultRows:
 
     def row_fingerprint(self, spec: ev.RunSpec) -> str:
         clf_cfg = getattr(self.e, spec.classifier)
-        return fingerprint(self.common_fp, spec.classifier, clf_cfg, spec.policy, spec.keep_fraction, spec.seed)
+        version = (ev.CNN_VERSION,) if spec.classifier == ev.CNN else ()
+        return fingerprint(self.common_fp, spec.classifier, clf_cfg, spec.policy, spec.keep_fraction, spec.seed, *version)
 
     def finished_before(self, group: ev.RunGroup) -> dict | None:
         """A previous result for any row of the group (they all share one training)."""
