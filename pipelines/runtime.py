@@ -33,6 +33,24 @@ class RayConfig(Section):
     object_store_memory: Optional[int] = Field(None, ge=78_643_200)
 
 
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's INFO lines (execution plans, per-operator progress logs when stdout is not a
+    terminal) and its issue detector's memory advice stay in Ray's session log files, off the
+    console; its progress bars and warnings still show."""
+    import logging
+
+    from ray.data import DataContext
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not getattr(handler, "baseFilename", None):  # the console handler; the file one keeps all
+            handler.setLevel(logging.WARNING)
+    DataContext.get_current().issue_detectors_config.detectors = []
+
+
 def connect(cfg: RayConfig) -> str:
     """Connect to Ray; returns how ("address:<addr>", "existing" or "local").
 
@@ -40,9 +58,11 @@ def connect(cfg: RayConfig) -> str:
     then a `ray start` cluster on this machine whose head answers; otherwise a new local Ray
     starts. The address file a dead cluster left behind is never followed (Ray would wait on it).
     """
+    if not verbose():
+        quiet_ray_data()
     if ray.is_initialized():
         return "existing"
-    quiet = {"configure_logging": False, "log_to_driver": os.environ.get(VERBOSE_ENV) == "1"}
+    quiet = {"configure_logging": False, "log_to_driver": verbose()}
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         address = cfg.address or os.environ["RAY_ADDRESS"]
         ray.init(address=address, **quiet)

@@ -13,6 +13,6 @@ fi
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-# open_clip needs torchvision; these two builds import together (see README, "Install")
+# open_clip needs torchvision; these two builds import together (see README, "Set-up and the two commands")
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 .venv/bin/python -m pip install -q -e ".[test]"

@@ -8,6 +8,7 @@ beyond the shipped ones (pipelines/stage.py) brings its own section: `validate_c
 from __future__ import annotations
 
 import difflib
+import os
 from typing import Annotated, Optional
 
 import yaml
@@ -17,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ValidationError, create_model, f
 from pydantic_core import PydanticCustomError
 
 from pipelines.runtime import RayConfig
+from pipelines.shipped import config_path, shipped_configs, shipped_dir
 from pipelines.stage import STAGES, Stage, check_order
 from pipelines.stages import RUN_STAGES
 from prune import schema
@@ -156,19 +158,46 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> st
     return "; ".join(lines)
 
 
+def _local_checkpoint(value, config_dir: Optional[str]):
+    """`embed.pretrained` as a path that exists: against the config file's folder (a value from the
+    file), then the current directory, then the shipped models (`models/fmnist-simclr` from anywhere);
+    anything else (an open_clip tag, a missing path the backend will name) is left as it is."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
+        return value
+    candidates = [os.path.join(config_dir, value)] if config_dir is not None else []
+    candidates.append(value)
+    models = shipped_dir("models")
+    if models:
+        candidates.append(os.path.join(models, value.removeprefix("models/")))
+    found = next((c for c in candidates if os.path.exists(c)), None)
+    return os.path.abspath(found) if found else value
+
+
 def load_config(path: Optional[str], overrides: list[str] = (), model: type[BaseModel] = RunConfig):
-    """Merge a YAML file (or nothing) with dotted `key=value` overrides and validate."""
+    """Merge a YAML file (or nothing) with dotted `key=value` overrides and validate.
+
+    `path` is a file or the name of a shipped config (`demo`, `laion`, ...). A local checkpoint the
+    file names (`embed.pretrained`) is found relative to the file's folder; input and output paths
+    are relative to the current directory, as on the command line.
+    """
     for item in overrides:
         if "=" not in item or not item.partition("=")[0].strip():
             raise ConfigError(f"override '{item}' is not of the form key=value")
+    path = config_path(path) if path else path
     try:
         base = OmegaConf.load(path) if path else OmegaConf.create({})
         if not isinstance(base, DictConfig):  # a list or a scalar cannot take dotted overrides
             raise ConfigError(f"config {path} must be a mapping at the top level")
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        overrides_cfg = OmegaConf.from_dotlist(list(overrides))
+        merged = OmegaConf.merge(base, overrides_cfg)
         raw = OmegaConf.to_container(merged, resolve=True)
+        if isinstance(raw.get("embed"), dict) and "pretrained" in raw["embed"]:
+            from_file = OmegaConf.select(overrides_cfg, "embed.pretrained", default=None) is None
+            raw["embed"]["pretrained"] = _local_checkpoint(
+                raw["embed"]["pretrained"], os.path.dirname(os.path.abspath(path)) if path and from_file else None)
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
+        shipped = ", ".join(shipped_configs())
+        raise ConfigError(f"config file not found: {path} (shipped configs, by name: {shipped})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     except OmegaConfBaseException as exc:

@@ -39,7 +39,7 @@ class AugmentConfig(Section):
 
 
 class TrainConfig(Section):
-    """SimCLR (NT-Xent) on a timm backbone; see README, 'Training an encoder'."""
+    """SimCLR (NT-Xent) on a timm backbone; see README, 'A self-supervised encoder of your own'."""
 
     architecture: str = "resnet18"  # a timm model name; the checkpoint stores it
     model_kwargs: dict = {}  # passed to timm.create_model (e.g. channels, stem_width)
