@@ -19,7 +19,6 @@ from pydantic import Field
 
 from prune.settings import Section
 
-
 # Set to 1 (`ssl-prune --verbose` does) to let Ray's worker output reach this console. Off by
 # default: task errors still reach the driver as exceptions; hidden is the workers' own chatter.
 VERBOSE_ENV = "SSL_PRUNE_VERBOSE"
