@@ -78,6 +78,7 @@ META_SELECT_FINGERPRINT = b"select_fingerprint"  # scores: selection their keep/
 # scores: the fingerprint of the curation stage whose removal statuses they carry; a selection
 # whose upstream does not include that stage any more treats those samples as ok again
 META_CURATED_BY = b"curated_by"
+META_EXPORT_FINGERPRINT = b"export_fingerprint"  # export/: the selection and settings it lists
 META_DEDUP_FINGERPRINT = b"dedup_fingerprint"  # dedup/: the settings that removed these samples
 
 # --- output layout --------------------------------------------------------------------
@@ -86,6 +87,8 @@ PROTOTYPES_DIR = "prototypes"
 SCORES_DIR = "scores"
 PRUNED_DIR = "pruned"
 DEDUP_DIR = "dedup"  # per input shard: the samples SemDeDup removed and whom each duplicates
+EXPORT_DIR = "export"  # the kept set's ids: DataComp's subset file, and ...
+EXPORT_IDS_DIR = "export/ids"  # ... per input shard, a Parquet of the kept samples' ids
 STAGING_DIR = "_staging"  # per-run scratch, removed when a stage completes
 MANIFEST = "manifest.json"
 STAGE_MARKER = "_stage.json"  # per stage directory: the fingerprint its files were made with

@@ -48,10 +48,11 @@ _ENCODINGS = {
     "webp": ("WEBP", {"quality": 95}),
 }
 
-# img2dataset's parquet columns, plus the Fashion-MNIST ground truth.
+# img2dataset's parquet columns, DataComp's `uid`, plus the Fashion-MNIST ground truth.
 PARQUET_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
+        ("uid", pa.string()),
         ("url", pa.string()),
         ("caption", pa.string()),
         ("status", pa.string()),
@@ -77,6 +78,11 @@ def shard_name(shard: int) -> str:
 def sample_key(shard: int, index_in_shard: int) -> str:
     """img2dataset's sample key: 5-digit shard number then 4-digit index, e.g. "000010005"."""
     return f"{shard:05d}{index_in_shard:04d}"
+
+
+def uid_for(url: str, caption: str) -> str:
+    """A DataComp-style uid: 128 bits as 32 hex digits, stable for a (url, caption) pair."""
+    return hashlib.md5(f"{url}\t{caption}".encode()).hexdigest()
 
 
 def caption_for(label_name: str) -> str:
@@ -137,9 +143,11 @@ def _write_shard(out_dir, shard, split, images, labels, indices, image_format) -
         height, width = images[index].shape
         label_name = CLASS_NAMES[labels[index]]
         caption = caption_for(label_name)
+        url = f"https://example.invalid/fmnist/{split}/{index}.jpg"
         meta = {
             "key": key,
-            "url": f"https://example.invalid/fmnist/{split}/{index}.jpg",
+            "uid": uid_for(url, caption),
+            "url": url,
             "caption": caption,
             "status": "success",
             "error_message": None,

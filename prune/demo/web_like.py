@@ -32,6 +32,7 @@ from prune.demo.shards import (
     caption_for,
     encode_image,
     sample_key,
+    uid_for,
     write_shard_files,
 )
 
@@ -226,7 +227,7 @@ def _sample(item, key, images, labels, original_key, rng) -> tuple[bytes, dict]:
             copy_of = original_key[index]
     side = images.shape[1]
     meta = {
-        "key": key, "url": url, "caption": caption, "status": "success", "error_message": None,
+        "key": key, "uid": uid_for(url, caption), "url": url, "caption": caption, "status": "success", "error_message": None,
         "width": side, "height": side, "original_width": side, "original_height": side, "exif": None,
         "sha256": hashlib.sha256(image).hexdigest(), "label": label, "label_name": label_name,
         "index": None if index is None else int(index), "split": SPLIT, "kind": kind, "copy_of": copy_of,

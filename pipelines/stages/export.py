@@ -1,0 +1,138 @@
+"""Export stage: the kept set as ids, after select, for users who need ids rather than tars.
+
+Per input shard a task joins the kept rows of its scores with the img2dataset parquet beside the
+tar and writes `export/ids/NNNNN.parquet` (key, shard, `export.id_col`, url and caption when present,
+distance, cluster, band), stamped with this stage's fingerprint. With `export.formats` naming
+`datacomp`, the driver then gathers the uids into DataComp's subset file
+(`export/datacomp_subset.npy`: sorted `u8,u8` pairs, its resharder's `--subset-file`).
+
+A shard whose parquet lacks the id column, or whose ids are not 128-bit hex, is recorded with the
+reason in the stage's stats (the manifest), never fatal; a first shard without the column is a
+config error before any task starts, since then every shard would fail alike.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from prune import schema
+from prune.io.exports import (
+    DATACOMP_FILE,
+    FORMAT_DATACOMP,
+    ExportConfig,
+    kept_ids,
+    missing_id_col,
+    subset_file,
+    uid_pairs,
+)
+from prune.io.shards import read_sibling_metadata
+from prune.io.storage import OutputDir
+from prune.io.tables import npy_bytes, read_scores
+from prune.settings import ConfigError
+
+from ..pending import pending, stamped
+from ..runtime import run_tasks
+from ..stage import STAGES, Context, Stage
+
+
+@dataclass
+class ExportStats:
+    kept: int = 0  # rows in export/
+    shards: int = 0
+    shard_failures: dict = field(default_factory=dict)  # shard -> why it has no export file
+    datacomp_uids: Optional[int] = None  # rows of the subset file, when written
+    invalid_uids: int = 0  # kept samples whose id is not a 128-bit hex uid (not in the subset file)
+
+
+@dataclass(frozen=True)
+class ExportTask:
+    out: OutputDir
+    shard: str
+    url: str
+    settings: ExportConfig
+    fp: str
+
+
+def export_shard(task: ExportTask) -> dict:
+    """One shard's kept ids -> export/ids/NNNNN.parquet; -> {shard, kept} or {shard, error}."""
+    scores = read_scores(task.out, task.shard,
+                         columns=[schema.KEY, schema.KEEP, schema.DISTANCE, schema.CLUSTER, schema.BAND])
+    metadata = read_sibling_metadata(task.url)
+    error = missing_id_col(task.shard, metadata, task.settings.id_col)
+    if error:
+        return {"shard": task.shard, "error": error}
+    table = kept_ids(task.shard, scores, metadata, task.settings)
+    with task.out.open_atomic(schema.EXPORT_IDS_DIR, schema.shard_file(task.shard)) as f:
+        pq.write_table(table.replace_schema_metadata({schema.META_EXPORT_FINGERPRINT: task.fp.encode()}), f)
+    return {"shard": task.shard, "kept": len(table)}
+
+
+def shard_uids(out: OutputDir, id_col: str, shard: str) -> tuple[np.ndarray, int]:
+    """A shard's export file -> (its uids as DataComp pairs, how many ids were not uids)."""
+    with out.open(schema.EXPORT_IDS_DIR, schema.shard_file(shard)) as f:
+        ids = pq.read_table(f, columns=[id_col]).column(id_col).to_pylist()
+    pairs, bad = uid_pairs(ids)
+    return pairs, len(bad)
+
+
+@STAGES.register
+@dataclass
+class ExportStage(Stage):
+    name = "export"
+    requires = ("select",)
+
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def identity(self, ctx: Context) -> tuple:
+        return (self.export,)  # the selection enters through the upstream fingerprint
+
+    def _datacomp(self) -> bool:
+        return FORMAT_DATACOMP in self.export.formats
+
+    def complete(self, ctx: Context) -> Optional[ExportStats]:
+        marker = f"{schema.EXPORT_DIR}/{schema.STAGE_MARKER}"
+        if not (ctx.out.exists(marker) and ctx.out.read_json(marker).get("fingerprint") == ctx.fingerprint):
+            return None
+        stats = ExportStats(**ctx.out.read_json(marker)["stats"])
+        exported = [s for s in ctx.shards if s not in stats.shard_failures]
+        if pending(ctx.out, exported, functools.partial(stamped, schema.EXPORT_IDS_DIR, schema.META_EXPORT_FINGERPRINT,
+                                                        ctx.fingerprint)):
+            return None
+        return stats
+
+    def run(self, ctx: Context) -> ExportStats:
+        out, fp, shards = ctx.out, ctx.fingerprint, sorted(ctx.shards)
+        if self.export.id_col != schema.KEY and shards:
+            error = missing_id_col(shards[0], read_sibling_metadata(ctx.shards[shards[0]]), self.export.id_col)
+            if error:
+                raise ConfigError(error)
+        out.remove(schema.EXPORT_DIR)  # another selection's ids must not mix with these (cheap to redo)
+        stats = ExportStats(shards=len(shards))
+        tasks = [ExportTask(out, s, ctx.shards[s], self.export, fp) for s in shards]
+        for rec in run_tasks(export_shard, tasks, desc="export: kept ids"):
+            if "error" in rec:
+                stats.shard_failures[rec["shard"]] = rec["error"]
+            else:
+                stats.kept += rec["kept"]
+        if self._datacomp():
+            if stats.kept > self.export.max_datacomp_rows:
+                raise ConfigError(f"export.max_datacomp_rows: {stats.kept} kept uids, more than "
+                                  f"{self.export.max_datacomp_rows} (16 bytes each in one process)")
+            parts = []
+            for s in shards:
+                if s in stats.shard_failures:
+                    continue
+                pairs, bad = shard_uids(out, self.export.id_col, s)
+                parts.append(pairs)
+                stats.invalid_uids += bad
+            uids = subset_file(parts)
+            stats.datacomp_uids = len(uids)
+            with out.open_atomic(schema.EXPORT_DIR, DATACOMP_FILE) as f:
+                f.write(npy_bytes(uids))
+        out.write_json({"fingerprint": fp, "stats": stats.__dict__}, f"{schema.EXPORT_DIR}/{schema.STAGE_MARKER}")
+        return stats

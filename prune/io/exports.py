@@ -1,0 +1,80 @@
+"""Id exports of the kept set, for users who re-shard or re-download rather than copy tars:
+DataComp's subset file (its resharder's `--subset-file`) and a Parquet of the kept samples'
+ids (with `url` and `caption` when the input has them, as img2dataset re-downloads want)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from prune import schema
+from prune.settings import NonEmptyStr, Section
+
+FORMAT_PARQUET, FORMAT_DATACOMP = "parquet", "datacomp"
+DATACOMP_FILE = "datacomp_subset.npy"
+UID_DTYPE = np.dtype("u8,u8")  # DataComp: a 128-bit uid as two unsigned 64-bit halves
+
+
+class ExportConfig(Section):
+    """The `export` section: which id identifies a sample, which formats to write."""
+
+    # the column of the input's img2dataset parquet that identifies a sample (DataComp: uid);
+    # "key" is the sample key, always there
+    id_col: NonEmptyStr = schema.KEY
+    formats: list[Literal["parquet", "datacomp"]] = [FORMAT_PARQUET]
+    # columns of the input parquet carried beside the id when the input has them
+    columns: list[str] = ["url", "caption"]
+    # DataComp's file gathers every kept uid (16 bytes each) in one process: this bounds it
+    max_datacomp_rows: int = Field(2_000_000_000, ge=1)
+
+
+def uid_pairs(uids) -> tuple[np.ndarray, list]:
+    """128-bit hex uids -> (DataComp's structured (high, low) uint64 pairs, in input order; the
+    values that are not 32 hex digits, left out and returned so the caller can count them)."""
+    pairs, bad = [], []
+    for uid in uids:
+        try:
+            if not isinstance(uid, str) or len(uid) != 32:
+                raise ValueError
+            pairs.append((int(uid[:16], 16), int(uid[16:], 16)))
+        except ValueError:
+            bad.append(uid)
+    return np.array(pairs, UID_DTYPE), bad
+
+
+def subset_file(parts: list[np.ndarray]) -> np.ndarray:
+    """The subset file's array: every shard's pairs, sorted as DataComp's resharder expects."""
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, UID_DTYPE)
+
+
+def missing_id_col(shard: str, metadata: pa.Table | None, id_col: str) -> str | None:
+    """Why the shard's parquet cannot give `id_col` (None: it can, or the id is the key)."""
+    if id_col == schema.KEY or (metadata is not None and id_col in metadata.column_names):
+        return None
+    have = f"its columns: {', '.join(metadata.column_names)}" if metadata is not None else "no parquet beside the tar"
+    return f"export.id_col {id_col!r} is not a column of shard {shard}'s parquet ({have})"
+
+
+def kept_ids(shard: str, scores: pa.Table, metadata: pa.Table | None, cfg: ExportConfig) -> pa.Table:
+    """One input shard's kept samples: key, shard, the id column and the carried columns (from
+    the img2dataset parquet beside the tar, joined on key), with distance, cluster and band."""
+    kept = scores.filter(scores.column(schema.KEEP))
+    table = pa.table({
+        schema.KEY: kept.column(schema.KEY),
+        schema.SHARD: pa.array([shard] * len(kept), pa.string()),
+        schema.DISTANCE: kept.column(schema.DISTANCE),
+        schema.CLUSTER: kept.column(schema.CLUSTER),
+        schema.BAND: kept.column(schema.BAND),
+    })
+    wanted = [c for c in dict.fromkeys([cfg.id_col, *cfg.columns]) if c != schema.KEY]
+    missing = missing_id_col(shard, metadata, cfg.id_col)
+    if missing:
+        raise ValueError(missing)
+    carried = [c for c in wanted if metadata is not None and c in metadata.column_names]
+    if carried:
+        meta = metadata.select([schema.KEY, *carried])
+        table = table.join(meta, schema.KEY, join_type="left outer").sort_by(schema.KEY)
+    return table
