@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -66,18 +68,54 @@ def test_missing_checkpoint_file_is_named(tmp_path):
     assert res.returncode == 2 and str(missing) in res.stderr
 
 
-def test_demo_end_to_end_on_a_cpu_only_ray(tmp_path):
-    shards = tmp_path / "shards"
-    made = _run(["demo-data", str(shards), "--count", "300", "--shard-size", "100"], tmp_path)
+def _install_wheel(tmp_path) -> str:
+    """Build ssl-prune's wheel from a copy of the checkout and install it, without dependencies, in a
+    fresh virtualenv that sees this one's packages; -> that virtualenv's bin directory."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "prune", "pipelines", "configs", "models"):
+        copy = shutil.copytree if os.path.isdir(os.path.join(REPO, name)) else shutil.copy
+        copy(os.path.join(REPO, name), src / name, **({"ignore": shutil.ignore_patterns("__pycache__", "ray_train")}
+                                                      if copy is shutil.copytree else {}))
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(pip + ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(src)],
+                   check=True, capture_output=True, timeout=300)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    ours = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "venv" / site.removeprefix(str(venv) + "/") / "_deps.pth").write_text(ours + "\n")  # torch, ray...
+    wheel = next((tmp_path / "wheel").glob("ssl_prune-*.whl"))
+    subprocess.run(pip + ["--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    return str(venv / "bin")
+
+
+def test_installed_demo_runs_from_any_directory_on_a_cpu_only_ray(tmp_path):
+    """`pip install .`, then, in a directory that is not the checkout, the shipped config by name
+    with the shipped encoder found inside the package."""
+    bin_dir = _install_wheel(tmp_path)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("PYTHONPATH", None)  # the installed package, not the checkout
+
+    def cli(*args):
+        return subprocess.run([os.path.join(bin_dir, "ssl-prune"), *args], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    made = cli("demo-data", "shards", "--count", "300", "--shard-size", "100")
     assert made.returncode == 0, made.stderr
-    out = tmp_path / "out"
-    res = _run(
-        ["run", "configs/demo.yaml", f"input={shards}/{{00000..00002}}.tar", f"output={out}",
-         "kmeans.k=5", "select.keep_fraction=0.5", "write.samples_per_shard=40", "ray.num_cpus=2",
-         "embed.torch_threads=null"],
-        tmp_path,
-    )
+    res = cli("run", "demo", "input=shards/{00000..00002}.tar", "output=out", "kmeans.k=5", "select.keep_fraction=0.5",
+              "write.samples_per_shard=40", "ray.num_cpus=2", "embed.torch_threads=null")
     assert res.returncode == 0, res.stderr[-3000:]
+    out = work / "out"
+    ran = json.loads((out / "manifest.json").read_text())["config"]["embed"]["pretrained"]
+    assert ran.startswith(os.path.join(tmp_path, "venv")) and ran.endswith("pipelines/shipped/models/fmnist-simclr")
+    assert sorted(os.listdir(work)) == ["out", "shards"]  # nothing written beside the output
+    assert "faiss.loader" not in res.stderr and "streaming_executor" not in res.stderr  # a quiet console
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["counts"]
     assert f"300 samples in 3 shards -> kept {c['kept']}, pruned {c['pruned']}, failed 0" in res.stdout
