@@ -8,6 +8,7 @@ input and the output with its own credentials.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
@@ -17,7 +18,10 @@ from prune.io.storage import OutputDir, is_local, split_url
 from . import runtime
 from .executor import Executed, execute, preflight, write_manifest
 from .inputs import check_worker_storage, resolve_shards
+from .report import build_report
 from .stage import Context, Stage
+
+log = logging.getLogger("ssl_prune")
 
 
 def counts_of(done: Executed, n_shards: int) -> dict:
@@ -75,4 +79,11 @@ def run_stages(
     elif out.exists(schema.PRUNED_DIR):  # a scores-only run over an output an earlier run wrote shards to
         fields["stale_outputs"] = {schema.PRUNED_DIR: "written by an earlier run; this run's stages have no "
                                                       "'write', so its selection is only in scores/"}
-    return write_manifest(out, done, time.time() - t_start, **fields)
+    manifest = write_manifest(out, done, time.time() - t_start, **fields)
+    if "select" in done.stats:  # a view of the finished run: a failure here loses nothing
+        try:
+            build_report(output)
+        except Exception:  # noqa: BLE001
+            log.exception("report.html could not be written (the run itself is complete); "
+                          "retry with: ssl-prune report %s", output)
+    return manifest

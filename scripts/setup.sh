@@ -4,10 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+# Debian packages: Fashion-MNIST (real images for the demo, tests, benchmarks) and headless
+# Chromium (the report test renders report.html in it, as a person would look at it)
+NEED=""
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || NEED="$NEED dataset-fashion-mnist"
+command -v chromium >/dev/null || NEED="$NEED chromium"
+if [ -n "$NEED" ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $NEED
 fi
 
 PY="${PYTHON:-python3}"

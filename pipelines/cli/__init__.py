@@ -67,6 +67,17 @@ def _run(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from pipelines.report import build_report
+    from prune import schema
+    from prune.io.storage import OutputDir
+
+    if not OutputDir(args.output).exists(schema.MANIFEST):
+        raise ConfigError(f"{args.output} has no {schema.MANIFEST}: not the output of a finished `ssl-prune run`")
+    print(f"ssl-prune: report in {build_report(args.output)}")
+    return 0
+
+
 def _train_encoder(args) -> int:
     from .config import TrainEncoderConfig, load_config
     from .jobs import train_encoder
@@ -136,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("config", help=f"YAML config (e.g. {example})")
         t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         t.set_defaults(fn=fn)
+    r = sub.add_parser("report", help="rebuild OUTPUT/report.html from a finished run's outputs")
+    r.add_argument("output", help="the run's output directory (local or any fsspec URL)")
+    r.set_defaults(fn=_report)
     d = sub.add_parser("demo-data", help="write img2dataset-layout shards from Fashion-MNIST")
     d.add_argument("out")
     d.add_argument("--split", default="train", choices=["train", "test"])

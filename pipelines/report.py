@@ -1,0 +1,107 @@
+"""report.html for a run's output directory: written after every `ssl-prune run`, rebuilt by
+`ssl-prune report OUT`. Two passes over the scores and one over the few tars that hold the pictured
+samples, through `pending.per_shard` (on the driver for local outputs, in Ray tasks on object
+stores): what reaches the driver is histograms, per-cluster counts and a few dozen thumbnails.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from prune import schema
+from prune.io.shards import read_shard
+from prune.io.storage import OutputDir
+from prune.io.tables import read_scores
+from prune.report.html import plots, render
+from prune.report.summary import (
+    Counts,
+    best_picks,
+    chosen_clusters,
+    duplicate_groups,
+    shard_counts,
+    shard_picks,
+)
+from prune.report.thumbnails import thumbnail_uri
+
+from .inputs import resolve_shards
+from .pending import per_shard
+
+REPORT_FILE = "report.html"
+log = logging.getLogger("ssl_prune")
+_COLUMNS = [schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE, schema.KEEP]
+
+
+def _counts(k: int, out: OutputDir, shard: str) -> Counts:
+    return shard_counts(read_scores(out, shard, columns=_COLUMNS), k)
+
+
+def _picks(clusters: list, out: OutputDir, shard: str) -> list:
+    return shard_picks(shard, read_scores(out, shard, columns=_COLUMNS), clusters)
+
+
+def _dups(out: OutputDir, shard: str) -> list:
+    if not out.exists(schema.DEDUP_DIR, schema.shard_file(shard)):
+        return []
+    import pyarrow.parquet as pq
+
+    with out.open(schema.DEDUP_DIR, schema.shard_file(shard)) as f:
+        return duplicate_groups(shard, pq.read_table(f))
+
+
+def _thumbs(wanted: dict, extensions: tuple, out: OutputDir, shard: str) -> dict:
+    """key -> thumbnail URI of the wanted samples of one input shard (read once)."""
+    url, keys = wanted[shard]
+    found = {}
+    for sample in read_shard(url, extensions).samples:
+        if sample.key in keys:
+            member = sample.member(extensions)
+            found[sample.key] = thumbnail_uri(member[1]) if member else None
+    return found
+
+
+def build_report(output: str) -> str:
+    """Write `<output>/report.html` from the run's manifest and outputs; returns its path."""
+    out = OutputDir(output)
+    manifest = out.read_json(schema.MANIFEST)
+    cfg = manifest.get("config", {})
+    try:
+        inputs = resolve_shards(cfg["input"])
+    except Exception as exc:  # noqa: BLE001 - the report still shows everything but the pictures
+        log.warning("report: input %s not readable (%s): no pictures", cfg.get("input"), exc)
+        inputs = {}
+    shards = sorted(n.removesuffix(".parquet") for n in out.listdir(schema.SCORES_DIR) if n.endswith(".parquet"))
+    k = int(manifest.get("stages", {}).get("prototypes", {}).get("k") or 0)
+    counts = Counts()
+    for part in per_shard(out, shards, functools.partial(_counts, k)).values():
+        counts = counts.merge(part)
+    clusters = chosen_clusters(counts.cluster_total)
+    picks = best_picks([p for ps in per_shard(out, shards, functools.partial(_picks, clusters)).values() for p in ps])
+    groups = []
+    for found in per_shard(out, shards, _dups).values():
+        groups += found
+    groups = sorted(groups, key=lambda g: -g.n_removed)[:6]
+
+    wanted: dict[str, tuple[str, set]] = {}
+    def want(shard, key):  # noqa: E306
+        if shard in inputs:
+            wanted.setdefault(shard, (inputs[shard], set()))[1].add(key)
+    for p in picks:
+        want(p.shard, p.key)
+    for g in groups:
+        want(g.kept_shard, g.kept_key)
+        for shard, key, _ in g.removed:
+            want(shard, key)
+    extensions = tuple(cfg.get("image_extensions") or schema.IMAGE_EXTENSIONS_DEFAULT)
+    thumbs = per_shard(out, sorted(wanted), functools.partial(_thumbs, wanted, extensions))
+    uri = lambda shard, key: thumbs.get(shard, {}).get(key)  # noqa: E731
+
+    grids: dict = {c: {} for c in clusters}
+    for p in sorted(picks, key=lambda p: (p.cluster, p.kind, p.rank)):
+        grids[p.cluster].setdefault(p.kind, []).append((uri(p.shard, p.key), p.distance, p.kept, p.key))
+    duplicates = [((uri(g.kept_shard, g.kept_key), g.kept_key), [(uri(s, key), key, sim) for s, key, sim in g.removed],
+                   g.n_removed) for g in groups]
+    page = render(manifest, counts, grids, duplicates, plots(counts, manifest.get("timings_s", {})))
+    with out.open_atomic(REPORT_FILE) as f:
+        f.write(page.encode())
+    return out.path(REPORT_FILE)
