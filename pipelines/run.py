@@ -58,8 +58,8 @@ def run_stages(
     """Run every stage that is not complete; return the manifest (`config`: recorded in it)."""
     t_start = time.time()
     preflight(stages)
+    out = OutputDir(output)  # its store is reachable (an fsspec driver is installed) before anything runs
     shards = resolve_shards(input_spec)
-    out = OutputDir(output)
     out.makedirs()
     out.remove(schema.MANIFEST)
     how = runtime.connect(ray_cfg)

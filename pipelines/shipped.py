@@ -24,8 +24,9 @@ def shipped_configs() -> dict[str, str]:
 def config_path(name_or_path: str) -> str:
     """A config file given by path, or a shipped config given by name (`demo`, `laion`, ...).
 
-    A file of that path wins; a name with no file behind it is looked up among the shipped ones.
+    A file of that path wins (a directory of that name does not: `demo/` beside `demo`); a name
+    with no file behind it is looked up among the shipped ones.
     """
-    if os.path.exists(name_or_path) or os.sep in name_or_path or name_or_path.endswith((".yaml", ".yml")):
+    if os.path.isfile(name_or_path) or os.sep in name_or_path or name_or_path.endswith((".yaml", ".yml")):
         return name_or_path
     return shipped_configs().get(name_or_path, name_or_path)

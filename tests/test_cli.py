@@ -38,6 +38,19 @@ def test_bad_config_is_one_message_naming_the_key(tmp_path, override, named):
     assert not (tmp_path / "out").exists()  # validated before any work
 
 
+@pytest.mark.parametrize("overrides, named", [
+    (["embed.backend=open_clip", "embed.model=ViT-B-3", "embed.pretrained=null", "embed.allow_random_init=true"],
+     "embed.model 'ViT-B-3' is not an architecture of embed.backend=open_clip; did you mean 'ViT-B-32'"),
+    (["output=gs://some-bucket/out"], "cannot open gs://some-bucket/out: Please install gcsfs"),
+    (["input=zz://bucket/shards"], "cannot open zz://bucket/shards: Protocol not known: zz"),
+])
+def test_user_errors_past_the_config_are_one_line_too(tmp_path, overrides, named):
+    """Errors only the model registry or the storage layer can see: before Ray starts, one line, exit 2."""
+    res = _run(["run", "demo", f"output={tmp_path / 'out'}", *overrides], tmp_path)
+    assert res.returncode == 2 and named in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_an_unknown_key_far_from_every_known_one_gets_no_guess(tmp_path):
     res = _run(["run", "configs/demo.yaml", "zzz=1", f"output={tmp_path / 'out'}"], tmp_path)
     assert res.returncode == 2 and "unknown config key 'zzz'" in res.stderr and "did you mean" not in res.stderr

@@ -58,8 +58,21 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return bool({"file", "local"} & set(protocols_of(fs)))
 
 
+class StoreError(InputError):
+    """A URL whose storage this installation cannot reach (no fsspec driver for its protocol)."""
+
+
 def split_url(url: str, **storage_options) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    """(filesystem, path) of a local path or fsspec URL; a protocol without an installed driver
+    is one clear error (a user's to fix: install the driver), not an ImportError deep in fsspec."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    except ImportError as exc:
+        raise StoreError(f"cannot open {url}: {exc} (an fsspec driver for this store is not installed)") from None
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        raise StoreError(f"cannot open {url}: {exc}") from None
     return fs, path
 
 

@@ -9,6 +9,7 @@ before any model is loaded. Weights come from local files only; nothing is downl
 
 from __future__ import annotations
 
+import difflib
 import os
 from abc import ABC, abstractmethod
 from typing import ClassVar, Optional
@@ -18,7 +19,7 @@ import numpy as np
 from prune.embed.decode import PreprocessSpec
 from prune.embed.errors import WeightsNotFoundError
 from prune.embed.settings import EmbedConfig
-from prune.settings import Registry
+from prune.settings import ConfigError, Registry
 
 
 class Embedder(ABC):
@@ -48,6 +49,11 @@ class Embedder(ABC):
     @abstractmethod
     def find_weights(cls, cfg: EmbedConfig) -> str:
         """The local weights `cfg.pretrained` names; WeightsNotFoundError says what is missing."""
+
+    @classmethod
+    def known_models(cls) -> list[str] | None:
+        """The architectures `embed.model` may name (None: the backend does not list them)."""
+        return None
 
     @classmethod
     def id_for(cls, cfg: EmbedConfig) -> str:
@@ -112,7 +118,13 @@ def preprocess_spec_for(cfg: EmbedConfig) -> PreprocessSpec:
 
 
 def check_weights(cfg: EmbedConfig) -> None:
-    """Fail fast, on the driver, when the configured weights are not on this machine."""
+    """Fail fast, on the driver, when the configured model is unknown or its weights are not on
+    this machine (before Ray starts)."""
+    known = BACKENDS.get(cfg.backend).known_models()
+    if known is not None and cfg.model not in known:
+        close = difflib.get_close_matches(cfg.model, known, n=3, cutoff=0.6)
+        guess = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f" ({len(known)} known)"
+        raise ConfigError(f"embed.model {cfg.model!r} is not an architecture of embed.backend={cfg.backend}{guess}")
     if cfg.pretrained:
         BACKENDS.get(cfg.backend).find_weights(cfg)
     elif not cfg.allow_random_init:

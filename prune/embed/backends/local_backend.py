@@ -26,6 +26,10 @@ class LocalEmbedder(TimmEmbedder):
         return cfg.pretrained
 
     @classmethod
+    def known_models(cls) -> None:
+        return None  # the architecture is the checkpoint's (encoder.json); embed.model is not read
+
+    @classmethod
     def spec_for(cls, cfg: EmbedConfig) -> PreprocessSpec:
         return preprocess_of(read_config(cls.find_weights(cfg)))
 

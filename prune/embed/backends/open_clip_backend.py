@@ -68,6 +68,12 @@ class OpenClipEmbedder(Embedder):
     def find_weights(cls, cfg: EmbedConfig) -> str:
         return resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir)
 
+    @classmethod
+    def known_models(cls) -> list[str]:
+        import open_clip
+
+        return open_clip.list_models()
+
     def __init__(self, cfg: EmbedConfig, device: Optional[str] = None):
         import open_clip
         import torch

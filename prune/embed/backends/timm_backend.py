@@ -78,6 +78,12 @@ class TimmEmbedder(Embedder):
     def find_weights(cls, cfg: EmbedConfig) -> str:
         return _timm_weights(cfg)
 
+    @classmethod
+    def known_models(cls) -> list[str]:
+        import timm
+
+        return timm.list_models()
+
     def __init__(self, cfg: EmbedConfig, device: Optional[str] = None):
         import timm
         import torch
