@@ -139,3 +139,20 @@ def test_installed_demo_runs_from_any_directory_on_a_cpu_only_ray(tmp_path):
     assert manifest["random_init"] is False and manifest["model_id"].startswith("local:small_resnet:")  # the shipped encoder
     assert json.loads((out / "pruned" / "sizes.json").read_text()) and (out / "pruned" / "bands.json").exists()
     assert {"ray", "torch", "faiss-cpu", "open_clip_torch"} <= manifest["versions"].keys()
+
+
+def test_print_config_is_the_resolved_config_and_reads_back(tmp_path):
+    res = _run(["run", "--print-config", "demo", "select.keep_fraction=0.4"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    import yaml
+
+    printed = yaml.safe_load(res.stdout)
+    assert printed["select"]["keep_fraction"] == 0.4 and printed["stages"] and printed["dedup"]["eps"] > 0
+    (tmp_path / "printed.yaml").write_text(res.stdout)
+    again = _run(["run", str(tmp_path / "printed.yaml"), "--print-config"], tmp_path)
+    assert again.returncode == 0 and yaml.safe_load(again.stdout) == printed  # a run of it is the same run
+
+
+def test_a_verb_without_config_names_only_the_config(tmp_path):
+    res = _run(["run"], tmp_path)
+    assert res.returncode == 2 and "required: config" in res.stderr and "overrides" not in res.stderr.splitlines()[-1]

@@ -49,11 +49,21 @@ def _console(verbose: bool) -> None:
         os.environ["SSL_PRUNE_VERBOSE"] = "1"  # pipelines.runtime.VERBOSE_ENV (not imported: Ray would load)
 
 
+def _printed(cfg) -> bool:
+    """--print-config: the resolved config, as YAML a later run can read back."""
+    import yaml
+
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return True
+
+
 def _run(args) -> int:
     from .config import load_config
     from .jobs import run
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config and _printed(cfg):
+        return 0
     manifest = run(cfg)
     c = manifest["counts"]
     line = f"ssl-prune: {c['input_shards']} shards"
@@ -82,7 +92,10 @@ def _train_encoder(args) -> int:
     from .config import TrainEncoderConfig, load_config
     from .jobs import train_encoder
 
-    result = train_encoder(load_config(args.config, args.overrides, TrainEncoderConfig))
+    cfg = load_config(args.config, args.overrides, TrainEncoderConfig)
+    if args.print_config and _printed(cfg):
+        return 0
+    result = train_encoder(cfg)
     print(f"ssl-prune: encoder {result.architecture} ({result.embed_dim}-d) trained {result.steps} steps "
           f"(final loss {result.loss:.4f}); checkpoint in {result.checkpoint}")
     return 0
@@ -92,7 +105,10 @@ def _evaluate(args) -> int:
     from .config import EvaluateConfig, load_config
     from .jobs import evaluate
 
-    result = evaluate(load_config(args.config, args.overrides, EvaluateConfig))
+    cfg = load_config(args.config, args.overrides, EvaluateConfig)
+    if args.print_config and _printed(cfg):
+        return 0
+    result = evaluate(cfg)
     print(f"ssl-prune: {result.runs} classifier runs; table {result.markdown}, plot {result.plot}")
     return 0
 
@@ -133,30 +149,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show Ray's, faiss's and the workers' own log lines (hidden by default)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("run", help="prune shards: embed, prototypes, assign, [dedup,] select, write")
-    p.add_argument("config", help="YAML config (configs/demo.yaml, configs/laion.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. select.keep_fraction=0.5")
-    p.set_defaults(fn=_run)
     for verb, fn, help_text, example in (
-        ("train-encoder", _train_encoder, "train a self-supervised encoder (SimCLR) with Ray Train",
-         "configs/train_fmnist.yaml"),
-        ("evaluate", _evaluate, "accuracy vs keep fraction per policy, on labeled shards",
-         "configs/evaluate_fmnist.yaml"),
+        ("run", _run, "prune shards: embed, prototypes, assign, [dedup,] select, write [, export]", "demo, laion"),
+        ("train-encoder", _train_encoder, "train a self-supervised encoder (SimCLR) with Ray Train", "train_fmnist"),
+        ("evaluate", _evaluate, "accuracy vs keep fraction per policy, on labeled shards", "evaluate_web"),
     ):
         t = sub.add_parser(verb, help=help_text)
-        t.add_argument("config", help=f"YAML config (e.g. {example})")
-        t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-        t.set_defaults(fn=fn)
+        # optional for argparse only: a missing config is reported alone (argparse would also
+        # call the optional overrides "required")
+        t.add_argument("config", nargs="?", help=f"a YAML file, or the name of a shipped config ({example})")
+        t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. select.keep_fraction=0.5")
+        t.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (file + overrides + defaults) as YAML and exit")
+        t.set_defaults(fn=fn, parser=t)
     r = sub.add_parser("report", help="rebuild OUTPUT/report.html from a finished run's outputs")
     r.add_argument("output", help="the run's output directory (local or any fsspec URL)")
     r.set_defaults(fn=_report)
     d = sub.add_parser("demo-data", help="write img2dataset-layout shards from Fashion-MNIST")
-    d.add_argument("out")
-    d.add_argument("--split", default="train", choices=["train", "test"])
-    d.add_argument("--count", type=int, default=2000)
-    d.add_argument("--shard-size", type=int, default=500)
-    d.add_argument("--start", type=int, default=0)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("out", help="directory to write NNNNN.tar/.parquet/_stats.json into")
+    d.add_argument("--split", default="train", choices=["train", "test"], help="Fashion-MNIST split (default train)")
+    d.add_argument("--count", type=int, default=2000, help="images (default 2000)")
+    d.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
+    d.add_argument("--start", type=int, default=0, help="index of the first image in the split (default 0)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the image order (default 0)")
     from prune.demo import web_like  # the defaults in the help
 
     d.add_argument("--web-like", action="store_true",
@@ -172,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default {web_like.DEFAULT_JUNK_SHARE:g})")
     d.set_defaults(fn=_demo_data)
     args = parser.parse_args(argv)
+    if hasattr(args, "config") and args.config is None:
+        args.parser.error("the following argument is required: config")
     _console(args.verbose)
     from prune.embed.errors import WeightsNotFoundError
     from prune.io.storage import InputError
