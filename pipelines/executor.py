@@ -21,6 +21,7 @@ from prune import schema
 from prune.io.storage import OutputDir
 from prune.settings import fingerprint
 
+from . import runtime
 from .stage import Context, Stage
 
 log = logging.getLogger("ssl_prune")
@@ -77,6 +78,8 @@ def execute(stages: list[Stage], ctx: Context, checked: bool = False) -> Execute
         stats = stage.complete(sctx)
         reused = stats is not None
         if not reused:
+            how = runtime.ensure()  # Ray starts with the first stage that has work
+            sctx.ray = sctx.ray or how
             stats = stage.run(sctx)
         label = stage.label
         done.stats[label], done.fingerprints[label], done.reused[label] = stats, sctx.fingerprint, reused

@@ -62,15 +62,16 @@ def run_stages(
     shards = resolve_shards(input_spec)
     out.makedirs()
     out.remove(schema.MANIFEST)
-    how = runtime.connect(ray_cfg)
+    runtime.defer(ray_cfg)  # started by the first stage (or check) that needs it
     first = next(iter(shards.values()))
     if not (is_local(out.fs) and is_local(split_url(first)[0])):
+        runtime.ensure()
         check_worker_storage(out, first)
-    done = execute(stages, Context(out, shards, ray=how), checked=True)
+    done = execute(stages, Context(out, shards), checked=True)
     counts = counts_of(done, len(shards))
     out.remove(schema.STAGING_DIR)
     embed = next((s for s in stages if s.name == "embed"), None)
-    fields = {"config": config or {}, "ray": how, "counts": counts}
+    fields = {"config": config or {}, "ray": runtime.connection(), "counts": counts}
     if embed is not None:
         fields |= {"model_id": embed.model_id, "random_init": not embed.embed.pretrained,
                    "embed_fingerprint": done.fingerprints[embed.label]}

@@ -79,6 +79,28 @@ def connect(cfg: RayConfig) -> str:
     return "local"
 
 
+_LAZY: dict = {}  # the RayConfig a job deferred its connection with, and how it connected
+
+
+def defer(cfg: RayConfig) -> None:
+    """Connect with `cfg` only when something needs Ray (`ensure`): a run whose stages are all
+    complete, on a local output, starts no Ray at all."""
+    _LAZY.clear()
+    _LAZY["cfg"] = cfg
+
+
+def ensure() -> str:
+    """Connect now if not yet (with the deferred config, else the defaults); returns how."""
+    if "how" not in _LAZY or not ray.is_initialized():  # (a test may have shut an earlier Ray down)
+        _LAZY["how"] = connect(_LAZY.get("cfg") or RayConfig())
+    return _LAZY["how"]
+
+
+def connection() -> str:
+    """How this job reached Ray: as `connect` says, or "not started" when nothing needed it."""
+    return _LAZY.get("how", "existing" if ray.is_initialized() else "not started")
+
+
 def live_local_cluster(timeout_s: float = 1.0) -> str | None:
     """The GCS address of a `ray start` cluster on this machine, if its head accepts connections."""
     try:
@@ -134,6 +156,7 @@ def run_tasks(
     """Run `fn(item)` as Ray tasks, a bounded number at once; yield results in order done."""
     from ray.experimental import tqdm_ray
 
+    ensure()
     items = list(items)
     remote = _remote(fn, remote_args)
     limit = _InFlightLimit(max_in_flight)

@@ -139,6 +139,12 @@ def test_installed_demo_runs_from_any_directory_on_a_cpu_only_ray(tmp_path):
     assert manifest["random_init"] is False and manifest["model_id"].startswith("local:small_resnet:")  # the shipped encoder
     assert json.loads((out / "pruned" / "sizes.json").read_text()) and (out / "pruned" / "bands.json").exists()
     assert {"ray", "torch", "faiss-cpu", "open_clip_torch"} <= manifest["versions"].keys()
+    # the same run again: every stage complete, so nothing starts, not even Ray
+    again = cli("run", "demo", "input=shards/{00000..00002}.tar", "output=out", "kmeans.k=5", "select.keep_fraction=0.5",
+                "write.samples_per_shard=40", "ray.num_cpus=2", "embed.torch_threads=null")
+    second = json.loads((out / "manifest.json").read_text())
+    assert again.returncode == 0 and second["ray"] == "not started" and all(s["reused"] for s in second["stages"].values())
+    assert second["counts"] == c and (out / "report.html").exists()
 
 
 def test_print_config_is_the_resolved_config_and_reads_back(tmp_path):

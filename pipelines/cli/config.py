@@ -159,13 +159,13 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> st
 
 
 def _local_checkpoint(value, config_dir: Optional[str]):
-    """`embed.pretrained` as a path that exists: against the config file's folder (a value from the
-    file), then the current directory, then the shipped models (`models/fmnist-simclr` from anywhere);
-    anything else (an open_clip tag, a missing path the backend will name) is left as it is."""
-    if not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value:
+    """`embed.pretrained` as a path that exists: as written when it exists from the current
+    directory (the value, and so the embed fingerprint, unchanged), else against the config file's
+    folder (a value from the file), else among the shipped models (`models/fmnist-simclr` from
+    anywhere); anything else (an open_clip tag, a missing path the backend will name) is left as is."""
+    if not isinstance(value, str) or not value or os.path.isabs(value) or "://" in value or os.path.exists(value):
         return value
     candidates = [os.path.join(config_dir, value)] if config_dir is not None else []
-    candidates.append(value)
     models = shipped_dir("models")
     if models:
         candidates.append(os.path.join(models, value.removeprefix("models/")))
@@ -177,8 +177,8 @@ def load_config(path: Optional[str], overrides: list[str] = (), model: type[Base
     """Merge a YAML file (or nothing) with dotted `key=value` overrides and validate.
 
     `path` is a file or the name of a shipped config (`demo`, `laion`, ...). A local checkpoint the
-    file names (`embed.pretrained`) is found relative to the file's folder; input and output paths
-    are relative to the current directory, as on the command line.
+    file names (`embed.pretrained`) is found from the current directory, else the file's folder,
+    else the shipped models; input and output paths are relative to the current directory.
     """
     for item in overrides:
         if "=" not in item or not item.partition("=")[0].strip():

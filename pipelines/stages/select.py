@@ -33,7 +33,7 @@ from prune.select.policies import Policy, block_priorities, policy_class, select
 from prune.select.settings import SelectConfig, select_settings
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
-from ..pending import pending, stamped
+from ..pending import pending, per_shard, stamped
 from ..runtime import resolve, run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -181,6 +181,10 @@ def count_selected(task: SelectTask) -> ShardSelection:
     return _counts(task.shard, table, ok, keep, band, table.schema.metadata or {})
 
 
+def _count_shard(out: OutputDir, shard: str) -> ShardSelection:
+    return count_selected(SelectTask(out, shard, None, None))
+
+
 def prototype_count(out: OutputDir) -> int:
     """k, from the prototypes' own record (the contract between the stages)."""
     return int(out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)["k"])
@@ -221,7 +225,7 @@ class SelectStage(Stage):
         if pending(ctx.out, ctx.shards, is_done):
             return None
         stats = SelectStats(self.edges())
-        for res in run_tasks(count_selected, self.tasks(ctx), desc="select: count"):
+        for res in per_shard(ctx.out, ctx.shards, _count_shard).values():
             stats.add(res)
         return stats
 
