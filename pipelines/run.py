@@ -53,13 +53,14 @@ def counts_of(done: Executed, n_shards: int) -> dict:
 
 
 def run_stages(
-    stages: list[Stage], input_spec: str, output: str, ray_cfg: runtime.RayConfig, config: Optional[dict] = None
+    stages: list[Stage], input_spec: Optional[str], output: str, ray_cfg: runtime.RayConfig, config: Optional[dict] = None
 ) -> dict:
     """Run every stage that is not complete; return the manifest (`config`: recorded in it)."""
     t_start = time.time()
     preflight(stages)
     out = OutputDir(output)  # its store is reachable (an fsspec driver is installed) before anything runs
-    shards = resolve_shards(input_spec)
+    own = stages[0].input_shards()  # a first stage that brings its own units of work (import)
+    shards = own if own is not None else resolve_shards(input_spec)
     out.makedirs()
     out.remove(schema.MANIFEST)
     runtime.defer(ray_cfg)  # started by the first stage (or check) that needs it
@@ -72,6 +73,8 @@ def run_stages(
     out.remove(schema.STAGING_DIR)
     embed = next((s for s in stages if s.name == "embed"), None)
     fields = {"config": config or {}, "ray": runtime.connection(), "counts": counts}
+    if embed is None and hasattr(stages[0], "model_id"):  # embeddings imported, not computed
+        fields["model_id"] = stages[0].model_id
     if embed is not None:
         fields |= {"model_id": embed.model_id, "random_init": not embed.embed.pretrained,
                    "embed_fingerprint": done.fingerprints[embed.label]}

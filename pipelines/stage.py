@@ -74,6 +74,14 @@ class Stage(ABC):
     # stages whose outputs this one reads: a job's list must name them before it (their
     # fingerprints then flow into this one's, so stale inputs are never taken for current ones)
     requires: ClassVar[tuple[str, ...]] = ()
+    # stages whose outputs this one also makes (an import of precomputed embeddings makes what
+    # embed makes): a later stage's `requires` is met by either
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def input_shards(self) -> Optional[dict[str, str]]:
+        """The units of work when this stage brings its own input (the first stage only), as shard
+        id -> URL; None: the job's `input` shards."""
+        return None
 
     def identity(self, ctx: Context) -> Optional[tuple]:
         """The settings (and inputs) the outputs depend on; None: the outputs are fully determined
@@ -129,6 +137,7 @@ STAGES: Registry[type[Stage]] = Registry("stage")
 def check_order(names: list[str]) -> None:
     """A job's stage list: every stage's `requires` come earlier; ValueError says which do not."""
     for i, name in enumerate(names):
-        missing = [r for r in STAGES.get(name).requires if r not in names[:i]]
+        before = {n for earlier in names[:i] for n in (earlier, *STAGES.get(earlier).provides)}
+        missing = [r for r in STAGES.get(name).requires if r not in before]
         if missing:
             raise ValueError(f"stage {name!r} needs {', '.join(repr(m) for m in missing)} before it in the list")

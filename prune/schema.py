@@ -87,6 +87,7 @@ PROTOTYPES_DIR = "prototypes"
 SCORES_DIR = "scores"
 PRUNED_DIR = "pruned"
 DEDUP_DIR = "dedup"  # per input shard: the samples SemDeDup removed and whom each duplicates
+IMPORTED_DIR = "imported"  # import stage: per part, the carried metadata columns (url, caption, uid)
 EXPORT_DIR = "export"  # the kept set's ids: DataComp's subset file, and ...
 EXPORT_IDS_DIR = "export/ids"  # ... per input shard, a Parquet of the kept samples' ids
 STAGING_DIR = "_staging"  # per-run scratch, removed when a stage completes

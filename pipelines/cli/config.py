@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import AfterValidator, BaseModel, ValidationError, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from pipelines.runtime import RayConfig
@@ -57,7 +57,7 @@ RegisteredEmbed = Annotated[EmbedConfig, AfterValidator(_registered_backend)]
 class RunConfig(JobConfig):
     """`ssl-prune run`: the stages to run, in order, and each stage's section."""
 
-    input: NonEmptyStr
+    input: Optional[NonEmptyStr] = None  # tar shards; optional when the first stage brings its own (import)
     stages: list[str] = list(RUN_STAGES)  # registered stage names (pipelines/stages/)
     embed: RegisteredEmbed = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
@@ -73,6 +73,15 @@ class RunConfig(JobConfig):
         names = [STAGES.check(name) for name in value]
         check_order(names)
         return names
+
+    @model_validator(mode="after")
+    def _has_input(self):
+        if self.input is None and STAGES.get(self.stages[0]).input_shards is Stage.input_shards:
+            raise PydanticCustomError("missing", "missing", {"key": "input"})
+        if self.input is None and "write" in self.stages:
+            raise PydanticCustomError("no_tars", "the write stage copies tar shards: give `input`, or leave "
+                                                  "'write' out of the stages", {"key": "stages"})
+        return self
 
     def stage_list(self) -> list[Stage]:
         """The configured stages, each built from the sections its fields name."""

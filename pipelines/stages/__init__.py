@@ -4,7 +4,7 @@ Adding a stage is one new file here (a `Stage` dataclass with `@STAGES.register`
 below; a run config then names it in `stages:` and configures it under the section its fields name.
 """
 
-from . import assign, dedup, embed, export, prototypes, select, write  # noqa: F401  (registration)
+from . import assign, dedup, embed, export, import_embeddings, prototypes, select, write  # noqa: F401  (registration)
 
 # train_encoder.py and evaluate.py hold the stages of the `train-encoder` and `evaluate` jobs,
 # which build them directly: they are not `run` stages and are not registered

@@ -58,11 +58,21 @@ class ExportTask:
     fp: str
 
 
+def shard_metadata(out: OutputDir, shard: str, url: str):
+    """The sample metadata of a unit of work: img2dataset's parquet beside the tar, or what the
+    import stage carried from precomputed embeddings (imported/NNNNN.parquet); None: neither."""
+    metadata = read_sibling_metadata(url)
+    if metadata is None and out.exists(schema.IMPORTED_DIR, schema.shard_file(shard)):
+        with out.open(schema.IMPORTED_DIR, schema.shard_file(shard)) as f:
+            metadata = pq.read_table(f)
+    return metadata
+
+
 def export_shard(task: ExportTask) -> dict:
     """One shard's kept ids -> export/ids/NNNNN.parquet; -> {shard, kept} or {shard, error}."""
     scores = read_scores(task.out, task.shard,
                          columns=[schema.KEY, schema.KEEP, schema.DISTANCE, schema.CLUSTER, schema.BAND])
-    metadata = read_sibling_metadata(task.url)
+    metadata = shard_metadata(task.out, task.shard, task.url)
     error = missing_id_col(task.shard, metadata, task.settings.id_col)
     if error:
         return {"shard": task.shard, "error": error}
@@ -108,7 +118,7 @@ class ExportStage(Stage):
     def run(self, ctx: Context) -> ExportStats:
         out, fp, shards = ctx.out, ctx.fingerprint, sorted(ctx.shards)
         if self.export.id_col != schema.KEY and shards:
-            error = missing_id_col(shards[0], read_sibling_metadata(ctx.shards[shards[0]]), self.export.id_col)
+            error = missing_id_col(shards[0], shard_metadata(out, shards[0], ctx.shards[shards[0]]), self.export.id_col)
             if error:
                 raise ConfigError(error)
         out.remove(schema.EXPORT_DIR)  # another selection's ids must not mix with these (cheap to redo)

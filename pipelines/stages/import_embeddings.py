@@ -1,0 +1,116 @@
+"""Import stage: precomputed embeddings (clip-retrieval's output, or Parquet with a key and an
+embedding column) written as the embed stage's output, so a run starts at prototypes.
+
+It brings its own units of work (one per embeddings file, `input_shards`) and `provides` embed,
+so `stages=[import, prototypes, assign, select, export]` needs no tar shards at all: scores and
+id exports work without them (the columns it carries, e.g. url and uid, go to `imported/` for
+export). Per part a task writes `embeddings/NNNNN.parquet` (unit-norm float16; a row with NaN/inf
+or zero norm gets status `invalid_embedding`) stamped with this stage's fingerprint.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from prune import schema
+from prune.io.embeddings_in import ImportConfig, list_parts, normalized, probe_dim, read_part
+from prune.io.storage import OutputDir
+from prune.settings import ConfigError
+
+from ..pending import pending, stamped
+from ..runtime import run_tasks
+from ..stage import STAGES, Context, Stage
+
+
+@dataclass
+class ImportStats:
+    parts: int = 0
+    samples: int = 0
+    invalid: int = 0  # rows with no direction (NaN/inf or zero norm)
+    dim: int = 0
+
+
+@dataclass(frozen=True)
+class ImportTask:
+    out: OutputDir
+    shard: str
+    url: str
+    settings: ImportConfig
+    fp: str
+    model_id: str
+    dim: int  # the same for every part, also one whose rows all failed upstream
+
+
+def import_part(task: ImportTask) -> dict:
+    """One embeddings file -> embeddings/NNNNN.parquet (and imported/NNNNN.parquet)."""
+    keys, vectors, carried = read_part(task.settings, task.url)
+    dim = task.dim
+    if vectors.shape[1] not in (0, dim):
+        raise ValueError(f"{task.url}: embeddings of dimension {vectors.shape[1]}, the others' is {dim}")
+    unit, ok = normalized(vectors if vectors.shape[1] else np.full((len(keys), dim), np.nan, np.float32))
+    flat = pa.array(unit.astype(np.float16).reshape(-1), pa.float16())
+    emb = pa.FixedSizeListArray.from_arrays(flat, dim)
+    emb = pa.array([v if good else None for v, good in zip(emb.to_pylist(), ok)], pa.list_(pa.float16(), dim)) \
+        if not ok.all() else emb
+    status = np.where(ok, schema.STATUS_OK, schema.STATUS_BAD_EMBEDDING)
+    table = pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array([task.shard] * len(keys), pa.string()),
+                                  pa.array(status, pa.string()), emb], schema=schema.embeddings_schema(dim))
+    if carried.num_columns:
+        with task.out.open_atomic(schema.IMPORTED_DIR, schema.shard_file(task.shard)) as f:
+            pq.write_table(carried.add_column(0, schema.KEY, pa.array(keys, pa.string())), f)
+    meta = {schema.META_EMBED_FINGERPRINT: task.fp.encode(), schema.META_MODEL_ID: task.model_id.encode(),
+            schema.META_SOURCE_URL: task.url.encode()}
+    with task.out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(task.shard)) as f:
+        pq.write_table(table.replace_schema_metadata(meta), f)
+    return {"samples": len(keys), "invalid": int((~ok).sum()), "dim": dim}
+
+
+@STAGES.register
+@dataclass
+class ImportStage(Stage):
+    name = "import"
+    provides = ("embed",)
+
+    import_embeddings: ImportConfig = field(default_factory=ImportConfig)
+
+    def setup(self) -> None:
+        if not self.import_embeddings.path:
+            raise ConfigError("missing config key 'import_embeddings.path': the stage list names 'import'")
+
+    @property
+    def model_id(self) -> str:
+        return f"imported:{self.import_embeddings.format}:{self.import_embeddings.path.rstrip('/')}"
+
+    def input_shards(self) -> dict[str, str]:
+        return list_parts(self.import_embeddings)
+
+    def identity(self, ctx: Context) -> tuple:
+        return (self.import_embeddings, sorted(ctx.shards.items()))
+
+    def complete(self, ctx: Context) -> Optional[ImportStats]:
+        is_done = functools.partial(stamped, schema.EMBEDDINGS_DIR, schema.META_EMBED_FINGERPRINT, ctx.fingerprint)
+        if pending(ctx.out, ctx.shards, is_done):
+            return None
+        marker = f"{schema.EMBEDDINGS_DIR}/{schema.STAGE_MARKER}"
+        if not (ctx.out.exists(marker) and ctx.out.read_json(marker).get("fingerprint") == ctx.fingerprint):
+            return None
+        return ImportStats(**ctx.out.read_json(marker)["stats"])
+
+    def run(self, ctx: Context) -> ImportStats:
+        dim = probe_dim(self.import_embeddings, ctx.shards)
+        tasks = [ImportTask(ctx.out, s, url, self.import_embeddings, ctx.fingerprint, self.model_id, dim)
+                 for s, url in sorted(ctx.shards.items())]
+        stats = ImportStats(parts=len(tasks))
+        for rec in run_tasks(import_part, tasks, desc="import: embeddings"):
+            stats.samples += rec["samples"]
+            stats.invalid += rec["invalid"]
+            stats.dim = stats.dim or rec["dim"]
+        ctx.out.write_json({"fingerprint": ctx.fingerprint, "stats": stats.__dict__},
+                           f"{schema.EMBEDDINGS_DIR}/{schema.STAGE_MARKER}")
+        return stats
