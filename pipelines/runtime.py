@@ -191,6 +191,49 @@ def submit_bounded(fn: Callable, items: Iterable, *, max_in_flight: int | None =
     return refs
 
 
+def _reduce_task(reduce_fn: Callable, refs: list):
+    """A reduce task: its inputs fetched one at a time (`reduce_fn` folds an iterator)."""
+    return reduce_fn(ray.get(r) for r in refs)
+
+
+def map_reduce(fn: Callable, items: Iterable, reduce_fn: Callable, *, fan_in: int = 8,
+               max_in_flight: int | None = None, desc: str = "", **remote_args):
+    """`reduce_fn` over `fn(item)` for every item, reduced in Ray tasks as results finish: groups of
+    `fan_in` finished results are folded by a task into one, until one is left, and only that one
+    reaches the driver. `reduce_fn` must fold an iterator of results into one of the same kind, and
+    give the same answer in any grouping (exact sums, as Lloyd's fixed-point statistics)."""
+    from ray.experimental import tqdm_ray
+
+    ensure()
+    mapper, reducer = _remote(fn, remote_args), _remote(_reduce_task, remote_args)
+    limit = _InFlightLimit(max_in_flight)
+    queue = deque(items)
+    if not queue:
+        raise ValueError("map_reduce over no items")
+    bar = tqdm_ray.tqdm(total=len(queue), desc=desc) if desc else None
+    running: list = []  # map and reduce tasks not finished
+    ready: list = []  # finished results not reduced yet (left in the object store)
+    kinds: dict = {}
+    try:
+        while queue or running or len(ready) > 1:
+            while queue and len(running) < limit():
+                ref = mapper.remote(queue.popleft())
+                kinds[ref] = "map"
+                running.append(ref)
+            if len(ready) >= fan_in or (len(ready) > 1 and not queue and not running):
+                batch, ready = ready[:fan_in], ready[fan_in:]
+                running.append(reducer.remote(reduce_fn, batch))
+                continue
+            done, running = ray.wait(running, num_returns=1, fetch_local=False)
+            if bar and kinds.pop(done[0], None) == "map":
+                bar.update(1)
+            ready += done
+        return ray.get(ready[0])
+    finally:
+        if bar:
+            bar.close()
+
+
 def resolve(value):
     """An ObjectRef handed inside a task argument (shared, put once) -> its value."""
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value

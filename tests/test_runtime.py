@@ -27,3 +27,26 @@ def test_run_tasks_and_submit_bounded_return_every_result(ray_cluster):
     assert got == [i * i for i in items]
     refs = runtime.submit_bounded(_square, items, max_in_flight=3, num_cpus=0.5)
     assert ray.get(refs) == [i * i for i in items]  # refs in submission order
+
+
+def _as_list(x: int) -> list:
+    return [x]
+
+
+def _concat_sorted(parts) -> list:
+    """A fold whose result shows every input it was given (a sorted concatenation)."""
+    return sorted(v for part in parts for v in part)
+
+
+def _counted_concat(parts) -> list:
+    return _concat_sorted(parts) + [-1]  # one marker per reduce task that ran
+
+
+def test_map_reduce_folds_in_tasks_and_returns_one_result(ray_cluster):
+    items = list(range(37))
+    assert runtime.map_reduce(_as_list, items, _concat_sorted, fan_in=3, max_in_flight=4, num_cpus=0.5) == items
+    # every result was folded in tasks, in groups of at most fan_in: 37 leaves need >= 18 reduce tasks
+    # with fan-in 3 (each removes at most 2 of the pending results), and the driver got one list
+    got = runtime.map_reduce(_as_list, items, _counted_concat, fan_in=3, max_in_flight=4, num_cpus=0.5)
+    assert [v for v in got if v >= 0] == items and got.count(-1) >= 18
+    assert runtime.map_reduce(_as_list, [5], _concat_sorted) == [5]  # one item: no reduce at all

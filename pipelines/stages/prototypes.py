@@ -25,7 +25,7 @@ from prune.cluster.settings import KMeansConfig, kmeans_settings
 from prune.io.storage import OutputDir
 from prune.io.tables import npy_bytes, ok_matrix, read_embeddings
 
-from ..runtime import resolve, run_tasks, submit_bounded
+from ..runtime import map_reduce, resolve, run_tasks, submit_bounded
 from ..stage import STAGES, Context, Stage
 
 log = logging.getLogger("ssl_prune")
@@ -111,6 +111,9 @@ def refine_memory(k: int, d: int, block_rows: int | None = None) -> int:
     return lloyd.task_memory_bytes(k, d, DEFAULT_BLOCK_ROWS if block_rows is None else block_rows)
 
 
+REDUCE_FAN_IN = 8  # refine results one reduce task folds (each holds a k x d int64 total and one part)
+
+
 @dataclass(frozen=True)
 class RefineTask:
     out: OutputDir
@@ -142,7 +145,11 @@ def refine_all(
     def map_blocks(c: np.ndarray):
         ref = ray.put(c)  # shipped once per iteration, shared by every task
         tasks = [RefineTask(out, grp, ref) for grp in groups]
-        return run_tasks(refine_blocks, tasks, desc=f"prototypes: refine {next(passes)}/{kc.refine_iters}", memory=memory)
+        # the k x d sums are folded in tasks: one result per pass reaches the driver, whatever the
+        # number of tasks (exact fixed-point sums: the same centroids in any grouping)
+        total = map_reduce(refine_blocks, tasks, lloyd.reduce_stats, fan_in=REDUCE_FAN_IN,
+                           desc=f"prototypes: refine {next(passes)}/{kc.refine_iters}", memory=memory)
+        return [total]
 
     return prototypes.refine(kc, centroids, meta, map_blocks, on_iteration, shards_per_task=g,
                              tasks_per_iteration=len(groups), task_memory_bytes=memory)
