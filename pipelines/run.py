@@ -18,6 +18,7 @@ from prune.io.storage import OutputDir, is_local, split_url
 from . import runtime
 from .executor import Executed, execute, preflight, write_manifest
 from .inputs import check_worker_storage, resolve_shards
+from .lock import output_lock
 from .report import build_report
 from .stage import Context, Stage
 
@@ -62,6 +63,11 @@ def run_stages(
     own = stages[0].input_shards()  # a first stage that brings its own units of work (import)
     shards = own if own is not None else resolve_shards(input_spec)
     out.makedirs()
+    with output_lock(out):
+        return _locked_run(stages, shards, out, output, ray_cfg, config, t_start)
+
+
+def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_start: float) -> dict:
     out.remove(schema.MANIFEST)
     runtime.defer(ray_cfg)  # started by the first stage (or check) that needs it
     first = next(iter(shards.values()))
