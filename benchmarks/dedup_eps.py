@@ -11,6 +11,8 @@ It runs the library code the stages run, on the pool in memory: `prune.evaluate.
     ssl-prune demo-data demo/web/train --web-like --count 20000 --shard-size 2000
     ssl-prune evaluate configs/evaluate_web.yaml          # embeds the pool: demo/eval-web/train/embeddings
     .venv/bin/python benchmarks/dedup_eps.py --pool demo/web/train --embeddings demo/eval-web/train/embeddings
+    # a clean pool (no kinds: every sample an original), e.g. the 60k of configs/evaluate_fmnist.yaml:
+    .venv/bin/python benchmarks/dedup_eps.py --pool demo/fmnist/train --embeddings demo/eval/train/embeddings --k 10
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import glob
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prune import schema
@@ -36,7 +39,10 @@ def load(pool_dir: str, embeddings_dir: str):
         shard = os.path.basename(path).removesuffix(".parquet")
         table = pq.read_table(path)
         table = table.filter(np.asarray(table.column(schema.STATUS).to_numpy(zero_copy_only=False)) == schema.STATUS_OK)
-        meta = pq.read_table(os.path.join(pool_dir, f"{shard}.parquet"), columns=[schema.KEY, "kind", "copy_of"])
+        meta = pq.read_table(os.path.join(pool_dir, f"{shard}.parquet"))
+        if "kind" not in meta.column_names:  # a clean pool (demo-data without --web-like): all originals
+            meta = meta.append_column("kind", pa.array([KIND_ORIGINAL] * len(meta))).append_column(
+                "copy_of", pa.array([None] * len(meta), pa.string()))
         by_key = {k: (kd, c) for k, kd, c in zip(*(meta.column(n).to_pylist() for n in (schema.KEY, "kind", "copy_of")))}
         ks = table.column(schema.KEY).to_pylist()
         flat = table.column(schema.EMBEDDING).combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -46,6 +52,12 @@ def load(pool_dir: str, embeddings_dir: str):
         kinds += [by_key[k][0] for k in ks]
         copy_of += [by_key[k][1] for k in ks]
     return np.concatenate(vectors), np.array(shards, object), np.array(keys, object), np.array(kinds), copy_of
+
+
+def _share(flags: np.ndarray, among: np.ndarray, total: int | None = None) -> str:
+    """The share of `among` that `flags` marks (of `total` when given), or "-" when there is none."""
+    n = total if total is not None else int(among.sum())
+    return f"{int((flags & among).sum()) / n:.1%}" if n else "-"
 
 
 def main() -> None:
@@ -73,8 +85,8 @@ def main() -> None:
         removed = near_duplicates(emb, distance, cluster, shards, keys, DedupConfig(eps=eps))
         left = family[in_family & ~removed]
         _, per_family = np.unique(left, return_counts=True)
-        print(f"| {eps:g} | {removed.mean():.1%} | {removed[in_family].mean():.1%} | {removed[unique].mean():.1%} "
-              f"| {removed[kinds == KIND_JUNK].mean():.1%} | {np.mean(per_family == 1) * len(per_family) / n_families:.0%} |")
+        print(f"| {eps:g} | {removed.mean():.1%} | {_share(removed, in_family)} | {_share(removed, unique)} "
+              f"| {_share(removed, kinds == KIND_JUNK)} | {_share(per_family == 1, per_family >= 0, n_families)} |")
 
 
 if __name__ == "__main__":
