@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from prune.io.storage import OutputDir, is_local
 from prune.io.tables import file_footer, file_metadata
+from prune.schema import STAGE_MARKER
 
 from .runtime import run_tasks
 
@@ -45,6 +46,21 @@ def per_shard(out: OutputDir, shards, fn: Callable[[OutputDir, str], Any]) -> di
 def pending(out: OutputDir, shards, is_done: Callable[[OutputDir, str], bool]) -> list[str]:
     """The shards (sorted) for which `is_done(out, shard)` is False."""
     return [s for s, done in per_shard(out, shards, is_done).items() if not done]
+
+
+def marked_stats(out: OutputDir, directory: str, fp: str) -> dict | None:
+    """The stats a stage recorded in `directory/_stage.json` when it finished with fingerprint `fp`
+    (None: no marker, or another fingerprint's): a stage's record that its whole set is done."""
+    marker = f"{directory}/{STAGE_MARKER}"
+    if not out.exists(marker):
+        return None
+    record = out.read_json(marker)
+    return record.get("stats", {}) if record.get("fingerprint") == fp else None
+
+
+def mark_done(out: OutputDir, directory: str, fp: str, stats: dict | None = None) -> None:
+    """Written last by a stage: its set in `directory` is complete for fingerprint `fp`."""
+    out.write_json({"fingerprint": fp} | ({"stats": stats} if stats is not None else {}), f"{directory}/{STAGE_MARKER}")
 
 
 def footer(directory: str, out: OutputDir, shard: str) -> tuple[dict, int]:

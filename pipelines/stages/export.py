@@ -35,7 +35,7 @@ from prune.io.storage import OutputDir
 from prune.io.tables import npy_bytes, read_scores
 from prune.settings import ConfigError
 
-from ..pending import pending, stamped
+from ..pending import mark_done, marked_stats, pending, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -105,10 +105,10 @@ class ExportStage(Stage):
         return FORMAT_DATACOMP in self.export.formats
 
     def complete(self, ctx: Context) -> Optional[ExportStats]:
-        marker = f"{schema.EXPORT_DIR}/{schema.STAGE_MARKER}"
-        if not (ctx.out.exists(marker) and ctx.out.read_json(marker).get("fingerprint") == ctx.fingerprint):
+        recorded = marked_stats(ctx.out, schema.EXPORT_DIR, ctx.fingerprint)
+        if recorded is None:
             return None
-        stats = ExportStats(**ctx.out.read_json(marker)["stats"])
+        stats = ExportStats(**recorded)
         exported = [s for s in ctx.shards if s not in stats.shard_failures]
         if pending(ctx.out, exported, functools.partial(stamped, schema.EXPORT_IDS_DIR, schema.META_EXPORT_FINGERPRINT,
                                                         ctx.fingerprint)):
@@ -144,5 +144,5 @@ class ExportStage(Stage):
             stats.datacomp_uids = len(uids)
             with out.open_atomic(schema.EXPORT_DIR, DATACOMP_FILE) as f:
                 f.write(npy_bytes(uids))
-        out.write_json({"fingerprint": fp, "stats": stats.__dict__}, f"{schema.EXPORT_DIR}/{schema.STAGE_MARKER}")
+        mark_done(out, schema.EXPORT_DIR, fp, stats.__dict__)
         return stats

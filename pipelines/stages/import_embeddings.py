@@ -23,7 +23,7 @@ from prune.io.embeddings_in import ImportConfig, list_parts, normalized, probe_d
 from prune.io.storage import OutputDir
 from prune.settings import ConfigError
 
-from ..pending import pending, stamped
+from ..pending import mark_done, marked_stats, pending, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -94,13 +94,11 @@ class ImportStage(Stage):
         return (self.import_embeddings, sorted(ctx.shards.items()))
 
     def complete(self, ctx: Context) -> Optional[ImportStats]:
+        recorded = marked_stats(ctx.out, schema.EMBEDDINGS_DIR, ctx.fingerprint)
         is_done = functools.partial(stamped, schema.EMBEDDINGS_DIR, schema.META_EMBED_FINGERPRINT, ctx.fingerprint)
-        if pending(ctx.out, ctx.shards, is_done):
+        if recorded is None or pending(ctx.out, ctx.shards, is_done):
             return None
-        marker = f"{schema.EMBEDDINGS_DIR}/{schema.STAGE_MARKER}"
-        if not (ctx.out.exists(marker) and ctx.out.read_json(marker).get("fingerprint") == ctx.fingerprint):
-            return None
-        return ImportStats(**ctx.out.read_json(marker)["stats"])
+        return ImportStats(**recorded)
 
     def run(self, ctx: Context) -> ImportStats:
         dim = probe_dim(self.import_embeddings, ctx.shards)
@@ -111,6 +109,5 @@ class ImportStage(Stage):
             stats.samples += rec["samples"]
             stats.invalid += rec["invalid"]
             stats.dim = stats.dim or rec["dim"]
-        ctx.out.write_json({"fingerprint": ctx.fingerprint, "stats": stats.__dict__},
-                           f"{schema.EMBEDDINGS_DIR}/{schema.STAGE_MARKER}")
+        mark_done(ctx.out, schema.EMBEDDINGS_DIR, ctx.fingerprint, stats.__dict__)
         return stats

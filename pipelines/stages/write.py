@@ -32,6 +32,7 @@ from prune.io.writer import (
 from prune.select.cuts import band_edges
 from prune.select.settings import BUDGET_PROPORTIONAL, SelectConfig
 
+from ..pending import mark_done, marked_stats
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -122,8 +123,7 @@ class WriteStage(Stage):
         return (self.write,)  # the selection enters through the upstream fingerprint
 
     def complete(self, ctx: Context) -> Optional[WriteStats]:
-        marker = f"{schema.PRUNED_DIR}/{schema.STAGE_MARKER}"
-        if not (ctx.out.exists(marker) and ctx.out.read_json(marker).get("fingerprint") == ctx.fingerprint):
+        if marked_stats(ctx.out, schema.PRUNED_DIR, ctx.fingerprint) is None:
             return None
         bands = ctx.out.read_json(schema.PRUNED_DIR, schema.BANDS_FILE)["bands"]
         return WriteStats(bands, sum(len(b["shards"]) for b in bands), sum(b["samples"] for b in bands))
@@ -158,6 +158,6 @@ class WriteStage(Stage):
             doc["budget"] = self.select.budget
         out.write_json(doc, schema.PRUNED_DIR, schema.BANDS_FILE)
         out.remove(staging)
-        out.write_json({"fingerprint": fp}, f"{schema.PRUNED_DIR}/{schema.STAGE_MARKER}")
+        mark_done(out, schema.PRUNED_DIR, fp)
         out.remove(pending)
         return WriteStats(bands, len(written), sum(w.count for w in written))
