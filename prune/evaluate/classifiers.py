@@ -129,7 +129,8 @@ def small_cnn(n_classes: int, width: int, in_channels: int = 3):
 
     The dense head keeps where a feature is (a global average pool threw it away and capped the
     net at 86% on the clean 60k); the full-resolution layer stays the narrow one: ~2.5M
-    multiply-adds per 28x28 image at width 32, 91% on the clean 60k in 4,000 steps of 128.
+    multiply-adds per 28x28 image at width 32; on the clean 60k in 4,000 steps of 128, 91.1% from
+    the raw images, 90.7% from the demo's JPEG shards.
     """
     import torch.nn as nn
 
