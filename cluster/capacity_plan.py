@@ -147,7 +147,9 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps([capacity.as_dict(p) for p in plans], indent=2, default=str))
         return 0
-    print("## Sizing\n")
+    print("## Per GPU type: embed rate and the decode CPUs that keep one GPU busy\n")
+    print(capacity.gpu_table(assume))
+    print("\n## Sizing\n")
     print(capacity.sizing_table(plans))
     print("\n## Hours and cost per stage\n")
     for p in plans:

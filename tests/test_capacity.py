@@ -182,3 +182,21 @@ def test_cli_prints_a_markdown_table_for_every_combination():
     assert "8 x A10G" in out
     totals = [float(line.split("|")[4].strip(" *").replace(",", "")) for line in out.splitlines() if line.startswith("| **total**")]
     assert all(math.isfinite(t) and t > 0 for t in totals)
+
+
+def test_gpu_table_rows_follow_the_rates_it_states():
+    """Per GPU type: a bigger peak embeds more, a bigger model fewer, and the decode CPUs per GPU
+    are the rate over one CPU's decode rate (the CPU:GPU ratio the cluster needs)."""
+    from prune.plan.capacity import GPUS, MODELS, Assumptions, gpu_table
+
+    a = Assumptions()
+    rows = [r.split("|")[1:-1] for r in gpu_table(a).splitlines()[2:]]
+    assert [r[0].split(" (")[0].strip() for r in rows] == list(GPUS)
+    for r in rows:
+        b32, b32_cpus, l14, l14_cpus = (float(c.replace(",", "")) for c in r[1:])
+        assert b32 > l14 and b32_cpus > l14_cpus
+        assert abs(b32 / a.decode_images_per_cpu - b32_cpus) < 0.06
+    peaks = [g.bf16_tflops for g in GPUS.values()]
+    rates = [float(r[1].replace(",", "")) for r in rows]
+    assert sorted(range(len(peaks)), key=peaks.__getitem__) == sorted(range(len(rates)), key=rates.__getitem__)
+    assert MODELS["ViT-L-14"].gflops_per_image > MODELS["ViT-B-32"].gflops_per_image
