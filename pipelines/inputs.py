@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 
 from prune import schema
-from prune.io.storage import InputError, OutputDir, list_input_shards, split_url
+from prune.io.storage import InputError, OutputDir, StoreError, list_input_shards, split_url
 
 STORAGE_CHECK_TIMEOUT_S = 900  # long enough for an autoscaler to launch a first worker
 
@@ -39,15 +39,15 @@ def check_worker_storage(out: OutputDir, input_url: str) -> None:
     ref = ray.remote(num_cpus=1, max_retries=0)(reach_storage).remote(out, input_url)
     try:
         ray.get(ref, timeout=STORAGE_CHECK_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError as exc:
+    except ray.exceptions.GetTimeoutError:
         ray.cancel(ref, force=True)
-        raise RuntimeError(
+        raise StoreError(
             f"no Ray worker checked the input and output storage within {STORAGE_CHECK_TIMEOUT_S} s: "
             "no worker node with a free CPU came up, or the storage endpoint does not answer"
-        ) from exc
+        ) from None
     except ray.exceptions.RayTaskError as exc:
-        raise RuntimeError(
+        raise StoreError(
             f"a Ray worker cannot reach the input {input_url} or the output {out.url}: {exc.cause!r}. "
             "Set the storage credentials and endpoint (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
             "AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) on every node, or give the nodes an instance role"
-        ) from exc.cause
+        ) from None

@@ -28,7 +28,7 @@ from pipelines.cli.config import validate_config
 from pipelines.report import REPORT_FILE
 from prune import schema
 from prune.io.shards import iter_tar_samples
-from prune.io.storage import OutputDir, list_input_shards
+from prune.io.storage import OutputDir, StoreError, list_input_shards
 
 from .conftest import REPO, small_config, start_session_ray
 from .s3_server import S3Server
@@ -363,7 +363,8 @@ def test_a_worker_that_cannot_reach_the_output_fails_early(s3, s3_ray, s3_input)
     from pipelines.inputs import check_worker_storage
 
     check_worker_storage(OutputDir(f"s3://{BUCKET}/out"), f"{s3_input['url']}/00000.tar")
-    with pytest.raises(RuntimeError, match="AWS_ENDPOINT_URL"):
+    # a user's to fix: StoreError, which the CLI prints as one line with exit status 2
+    with pytest.raises(StoreError, match="AWS_ENDPOINT_URL"):
         check_worker_storage(OutputDir("s3://no-such-bucket-here/out"), f"{s3_input['url']}/00000.tar")
-    with pytest.raises(RuntimeError, match="cannot reach the input"):
+    with pytest.raises(StoreError, match="cannot reach the input"):
         check_worker_storage(OutputDir(f"s3://{BUCKET}/out"), f"{s3_input['url']}/99999.tar")
