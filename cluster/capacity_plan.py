@@ -23,6 +23,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from prune.plan import capacity
+from prune.plan.gpus import gpu_table
 
 DATASETS = {"LAION-400M": 400_000_000, "LAION-2B": 2_320_000_000}  # LAION-2B-en: 2.32B pairs
 
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         print(json.dumps([capacity.as_dict(p) for p in plans], indent=2, default=str))
         return 0
     print("## Per GPU type: embed rate and the decode CPUs that keep one GPU busy\n")
-    print(capacity.gpu_table(assume))
+    print(gpu_table(assume))
     print("\n## Sizing\n")
     print(capacity.sizing_table(plans))
     print("\n## Hours and cost per stage\n")

@@ -187,7 +187,8 @@ def test_cli_prints_a_markdown_table_for_every_combination():
 def test_gpu_table_rows_follow_the_rates_it_states():
     """Per GPU type: a bigger peak embeds more, a bigger model fewer, and the decode CPUs per GPU
     are the rate over one CPU's decode rate (the CPU:GPU ratio the cluster needs)."""
-    from prune.plan.capacity import GPUS, MODELS, Assumptions, gpu_table
+    from prune.plan.capacity import GPUS, MODELS, Assumptions
+    from prune.plan.gpus import gpu_table
 
     a = Assumptions()
     rows = [r.split("|")[1:-1] for r in gpu_table(a).splitlines()[2:]]
