@@ -34,3 +34,4 @@ for cluster, c in sorted(by_cluster.items()):
     name, n = c.most_common(1)[0]
     print(f"  cluster {cluster}: {sum(c.values()):4d} samples, {n / sum(c.values()):.0%} {name}")
 PY
+echo "the run, to look at: demo/out/report.html (counts, distances, clusters with their images, bands, timings)"
