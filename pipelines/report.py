@@ -78,8 +78,9 @@ def build_report(output: str) -> str:
     clusters = chosen_clusters(counts.cluster_total)
     picks = best_picks([p for ps in per_shard(out, shards, functools.partial(_picks, clusters)).values() for p in ps])
     groups = []
-    for found in per_shard(out, shards, _dups).values():
-        groups += found
+    if out.exists(schema.DEDUP_DIR):  # a run with the dedup stage: its removed groups
+        for found in per_shard(out, shards, _dups).values():
+            groups += found
     groups = sorted(groups, key=lambda g: -g.n_removed)[:6]
 
     wanted: dict[str, tuple[str, set]] = {}

@@ -77,13 +77,13 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
     done = execute(stages, Context(out, shards), checked=True)
     counts = counts_of(done, len(shards))
     out.remove(schema.STAGING_DIR)
-    embed = next((s for s in stages if s.name == "embed"), None)
+    # the stage that made the embeddings: embed, or one that provides its outputs (import)
+    embed = next((s for s in stages if s.name == "embed" or "embed" in s.provides), None)
     fields = {"config": config or {}, "ray": runtime.connection(), "counts": counts}
-    if embed is None and hasattr(stages[0], "model_id"):  # embeddings imported, not computed
-        fields["model_id"] = stages[0].model_id
     if embed is not None:
-        fields |= {"model_id": embed.model_id, "random_init": not embed.embed.pretrained,
-                   "embed_fingerprint": done.fingerprints[embed.label]}
+        fields |= {"model_id": embed.model_id, "embed_fingerprint": done.fingerprints[embed.label]}
+        if embed.name == "embed":
+            fields["random_init"] = not embed.embed.pretrained
     if "write" in done.stats:
         fields["bands"] = done.stats["write"].bands
     elif out.exists(schema.PRUNED_DIR):  # a scores-only run over an output an earlier run wrote shards to

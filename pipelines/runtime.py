@@ -8,6 +8,7 @@ number of shards.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -40,8 +41,6 @@ def quiet_ray_data() -> None:
     """Ray Data's INFO lines (execution plans, per-operator progress logs when stdout is not a
     terminal) and its issue detector's memory advice stay in Ray's session log files, off the
     console; its progress bars and warnings still show."""
-    import logging
-
     from ray.data import DataContext
 
     for handler in logging.getLogger("ray.data").handlers:
@@ -213,20 +212,21 @@ def map_reduce(fn: Callable, items: Iterable, reduce_fn: Callable, *, fan_in: in
     bar = tqdm_ray.tqdm(total=len(queue), desc=desc) if desc else None
     running: list = []  # map and reduce tasks not finished
     ready: list = []  # finished results not reduced yet (left in the object store)
-    kinds: dict = {}
+    maps: set = set()  # the map tasks among `running` (the bar counts those)
     try:
         while queue or running or len(ready) > 1:
             while queue and len(running) < limit():
-                ref = mapper.remote(queue.popleft())
-                kinds[ref] = "map"
-                running.append(ref)
+                running.append(mapper.remote(queue.popleft()))
+                maps.add(running[-1])
             if len(ready) >= fan_in or (len(ready) > 1 and not queue and not running):
                 batch, ready = ready[:fan_in], ready[fan_in:]
                 running.append(reducer.remote(reduce_fn, batch))
                 continue
             done, running = ray.wait(running, num_returns=1, fetch_local=False)
-            if bar and kinds.pop(done[0], None) == "map":
-                bar.update(1)
+            if done[0] in maps:
+                maps.discard(done[0])
+                if bar:
+                    bar.update(1)
             ready += done
         return ray.get(ready[0])
     finally:

@@ -77,6 +77,7 @@ class Stage(ABC):
     # stages whose outputs this one also makes (an import of precomputed embeddings makes what
     # embed makes): a later stage's `requires` is met by either
     provides: ClassVar[tuple[str, ...]] = ()
+    reads_tars: ClassVar[bool] = False  # reads the job's input tar shards (a run without `input` cannot have it)
 
     def input_shards(self) -> Optional[dict[str, str]]:
         """The units of work when this stage brings its own input (the first stage only), as shard

@@ -85,7 +85,7 @@ def test_clip_retrieval_layout_with_uids_to_a_datacomp_subset(pipeline_run, tmp_
 def test_a_run_without_tar_input_must_start_with_import_and_cannot_write(tmp_path):
     with pytest.raises(ConfigError, match="missing config key 'input'"):
         validate_config({"output": str(tmp_path)})
-    with pytest.raises(ConfigError, match="'stages'.*write stage copies tar shards"):
+    with pytest.raises(ConfigError, match="'stages'.*the write stage reads tar shards"):
         validate_config({"output": str(tmp_path), "stages": ["import", "prototypes", "assign", "select", "write"],
                          "import_embeddings": {"path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="missing config key 'import_embeddings.path'"):

@@ -78,9 +78,10 @@ class RunConfig(JobConfig):
     def _has_input(self):
         if self.input is None and STAGES.get(self.stages[0]).input_shards is Stage.input_shards:
             raise PydanticCustomError("missing", "missing", {"key": "input"})
-        if self.input is None and "write" in self.stages:
-            raise PydanticCustomError("no_tars", "the write stage copies tar shards: give `input`, or leave "
-                                                  "'write' out of the stages", {"key": "stages"})
+        tars = [name for name in self.stages if STAGES.get(name).reads_tars]
+        if self.input is None and tars:
+            raise PydanticCustomError("no_tars", f"the {tars[0]} stage reads tar shards: give `input`, or leave "
+                                                  f"'{tars[0]}' out of the stages", {"key": "stages"})
         return self
 
     def stage_list(self) -> list[Stage]:

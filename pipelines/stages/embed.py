@@ -171,6 +171,7 @@ class EmbedStage(Stage):
     """Every shard's embeddings, in `embeddings/` (of the split's own directory in `evaluate`)."""
 
     name = "embed"
+    reads_tars = True
 
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)

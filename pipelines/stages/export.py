@@ -6,6 +6,7 @@ distance, cluster, band), stamped with this stage's fingerprint. With `export.fo
 `datacomp`, the driver then gathers the uids into DataComp's subset file
 (`export/datacomp_subset.npy`: sorted `u8,u8` pairs, its resharder's `--subset-file`).
 
+The uids are parsed in the tasks (staged as .npy); the driver only concatenates and sorts them.
 A shard whose parquet lacks the id column, or whose ids are not 128-bit hex, is recorded with the
 reason in the stage's stats (the manifest), never fatal; a first shard without the column is a
 config error before any task starts, since then every shard would fail alike.
@@ -56,6 +57,7 @@ class ExportTask:
     url: str
     settings: ExportConfig
     fp: str
+    staging: str  # where the task leaves its uids as DataComp pairs (.npy) when that format is asked
 
 
 def shard_metadata(out: OutputDir, shard: str, url: str):
@@ -79,15 +81,12 @@ def export_shard(task: ExportTask) -> dict:
     table = kept_ids(task.shard, scores, metadata, task.settings)
     with task.out.open_atomic(schema.EXPORT_IDS_DIR, schema.shard_file(task.shard)) as f:
         pq.write_table(table.replace_schema_metadata({schema.META_EXPORT_FINGERPRINT: task.fp.encode()}), f)
-    return {"shard": task.shard, "kept": len(table)}
-
-
-def shard_uids(out: OutputDir, id_col: str, shard: str) -> tuple[np.ndarray, int]:
-    """A shard's export file -> (its uids as DataComp pairs, how many ids were not uids)."""
-    with out.open(schema.EXPORT_IDS_DIR, schema.shard_file(shard)) as f:
-        ids = pq.read_table(f, columns=[id_col]).column(id_col).to_pylist()
-    pairs, bad = uid_pairs(ids)
-    return pairs, len(bad)
+    record = {"shard": task.shard, "kept": len(table)}
+    if FORMAT_DATACOMP in task.settings.formats:  # parsed here, in the task: the driver only concatenates
+        pairs, bad = uid_pairs(table.column(task.settings.id_col).to_pylist())
+        task.out.write_bytes(npy_bytes(pairs), task.staging, f"{task.shard}.npy")
+        record["invalid_uids"] = len(bad)
+    return record
 
 
 @STAGES.register
@@ -122,27 +121,28 @@ class ExportStage(Stage):
             if error:
                 raise ConfigError(error)
         out.remove(schema.EXPORT_DIR)  # another selection's ids must not mix with these (cheap to redo)
+        staging = f"{schema.STAGING_DIR}/export-{fp}"
         stats = ExportStats(shards=len(shards))
-        tasks = [ExportTask(out, s, ctx.shards[s], self.export, fp) for s in shards]
+        tasks = [ExportTask(out, s, ctx.shards[s], self.export, fp, staging) for s in shards]
         for rec in run_tasks(export_shard, tasks, desc="export: kept ids"):
             if "error" in rec:
                 stats.shard_failures[rec["shard"]] = rec["error"]
             else:
                 stats.kept += rec["kept"]
+                stats.invalid_uids += rec.get("invalid_uids", 0)
         if self._datacomp():
             if stats.kept > self.export.max_datacomp_rows:
                 raise ConfigError(f"export.max_datacomp_rows: {stats.kept} kept uids, more than "
                                   f"{self.export.max_datacomp_rows} (16 bytes each in one process)")
             parts = []
             for s in shards:
-                if s in stats.shard_failures:
-                    continue
-                pairs, bad = shard_uids(out, self.export.id_col, s)
-                parts.append(pairs)
-                stats.invalid_uids += bad
+                if s not in stats.shard_failures:
+                    with out.open(staging, f"{s}.npy") as f:
+                        parts.append(np.load(f))
             uids = subset_file(parts)
             stats.datacomp_uids = len(uids)
             with out.open_atomic(schema.EXPORT_DIR, DATACOMP_FILE) as f:
                 f.write(npy_bytes(uids))
+            out.remove(staging)
         mark_done(out, schema.EXPORT_DIR, fp, stats.__dict__)
         return stats

@@ -55,9 +55,7 @@ def import_part(task: ImportTask) -> dict:
         raise ValueError(f"{task.url}: embeddings of dimension {vectors.shape[1]}, the others' is {dim}")
     unit, ok = normalized(vectors if vectors.shape[1] else np.full((len(keys), dim), np.nan, np.float32))
     flat = pa.array(unit.astype(np.float16).reshape(-1), pa.float16())
-    emb = pa.FixedSizeListArray.from_arrays(flat, dim)
-    emb = pa.array([v if good else None for v, good in zip(emb.to_pylist(), ok)], pa.list_(pa.float16(), dim)) \
-        if not ok.all() else emb
+    emb = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))  # null where there is no direction
     status = np.where(ok, schema.STATUS_OK, schema.STATUS_BAD_EMBEDDING)
     table = pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array([task.shard] * len(keys), pa.string()),
                                   pa.array(status, pa.string()), emb], schema=schema.embeddings_schema(dim))

@@ -172,17 +172,13 @@ def pass_apply(task: SelectTask) -> ShardSelection:
     return _counts(task.shard, table, ok, keep, band, meta)
 
 
-def count_selected(task: SelectTask) -> ShardSelection:
+def count_selected(out: OutputDir, shard: str) -> ShardSelection:
     """The counts of a scores file already selected with this fingerprint (nothing rewritten)."""
-    table = read_scores(task.out, task.shard, columns=[schema.STATUS, schema.KEEP, schema.BAND])
+    table = read_scores(out, shard, columns=[schema.STATUS, schema.KEEP, schema.BAND])
     ok = table.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK
     keep = table.column(schema.KEEP).to_numpy(zero_copy_only=False)
     band = table.column(schema.BAND).to_numpy(zero_copy_only=False)
-    return _counts(task.shard, table, ok, keep, band, table.schema.metadata or {})
-
-
-def _count_shard(out: OutputDir, shard: str) -> ShardSelection:
-    return count_selected(SelectTask(out, shard, None, None))
+    return _counts(shard, table, ok, keep, band, table.schema.metadata or {})
 
 
 def prototype_count(out: OutputDir) -> int:
@@ -225,7 +221,7 @@ class SelectStage(Stage):
         if pending(ctx.out, ctx.shards, is_done):
             return None
         stats = SelectStats(self.edges())
-        for res in per_shard(ctx.out, ctx.shards, _count_shard).values():
+        for res in per_shard(ctx.out, ctx.shards, count_selected).values():
             stats.add(res)
         return stats
 

@@ -114,6 +114,7 @@ def bands_list(written: list[Written], edges: list[float], n_input_ok: int) -> l
 @dataclass
 class WriteStage(Stage):
     name = "write"
+    reads_tars = True
     requires = ("select",)
 
     write: WriteConfig = field(default_factory=WriteConfig)

@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from prune import schema
@@ -33,16 +34,16 @@ class ExportConfig(Section):
 
 def uid_pairs(uids) -> tuple[np.ndarray, list]:
     """128-bit hex uids -> (DataComp's structured (high, low) uint64 pairs, in input order; the
-    values that are not 32 hex digits, left out and returned so the caller can count them)."""
-    pairs, bad = [], []
-    for uid in uids:
-        try:
-            if not isinstance(uid, str) or len(uid) != 32:
-                raise ValueError
-            pairs.append((int(uid[:16], 16), int(uid[16:], 16)))
-        except ValueError:
-            bad.append(uid)
-    return np.array(pairs, UID_DTYPE), bad
+    values that are not 32 hex digits, left out and returned so the caller can count them).
+    Vectorized: a shard's uids are checked by one regex pass and decoded by one `bytes.fromhex`."""
+    arr = pa.array(uids, pa.string())
+    valid = pc.fill_null(pc.match_substring_regex(arr, r"^[0-9a-fA-F]{32}$"), False).to_numpy(zero_copy_only=False)
+    bad = arr.filter(pa.array(~valid)).to_pylist()
+    hexes = "".join(arr.filter(pa.array(valid)).to_pylist())
+    halves = np.frombuffer(bytes.fromhex(hexes), dtype=">u8").astype(np.uint64).reshape(-1, 2)
+    pairs = np.empty(len(halves), UID_DTYPE)
+    pairs["f0"], pairs["f1"] = halves[:, 0], halves[:, 1]
+    return pairs, bad
 
 
 def subset_file(parts: list[np.ndarray]) -> np.ndarray:

@@ -4,13 +4,13 @@ their nearest, farthest and a random few members."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from prune import schema
+from prune.select.policies import seeded_hash
 
 DIST_EDGES = np.linspace(0.0, 2.0, 2001)  # 1 - cosine lies in [0, 2]; the plot regroups the used range
 PER_KIND = 6  # images per cluster and kind in the grids
@@ -60,10 +60,6 @@ def chosen_clusters(total: np.ndarray, n: int = 8) -> list[int]:
     return [order[i] for i in np.unique(np.linspace(0, len(order) - 1, n).round().astype(int))]
 
 
-def _hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
 @dataclass(frozen=True)
 class Pick:
     """A member shown in a grid: where to read it and how it ranks."""
@@ -90,7 +86,7 @@ def shard_picks(shard: str, scores: pa.Table, clusters: list[int], per_kind: int
         if not len(rows):
             continue
         for kind, rank in (("nearest", dist[rows]), ("farthest", -dist[rows].astype(np.float64)),
-                           ("random", np.array([_hash(str(keys[r])) for r in rows], np.float64))):
+                           ("random", seeded_hash(0, "", keys[rows].astype(str), b"report").astype(np.float64))):
             for i in np.argsort(rank, kind="stable")[:per_kind]:
                 r = rows[i]
                 picks.append(Pick(c, kind, float(rank[i]), shard, str(keys[r]), float(dist[r]), bool(keep[r])))
