@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prune import schema
-from prune.io.storage import InputError, is_local, split_url
+from prune.io.storage import InputError, _unstrip, split_url
 from prune.settings import NonEmptyStr, Section
 
 FORMAT_PARQUET, FORMAT_CLIP_RETRIEVAL = "parquet", "clip_retrieval"
@@ -47,10 +47,10 @@ def list_parts(cfg: ImportConfig) -> dict[str, str]:
         for path in fs.glob(posixpath.join(root, "img_emb", "img_emb_*.npy")):
             m = _NPY.search(path)
             if m:
-                found[f"{int(m.group(1)):05d}"] = path if is_local(fs) else fs.unstrip_protocol(path)
+                found[f"{int(m.group(1)):05d}"] = _unstrip(fs, path)
     else:
         paths = sorted(p for p in fs.glob(posixpath.join(root, "*.parquet")) if not posixpath.basename(p).startswith("_"))
-        found = {f"{i:05d}": p if is_local(fs) else fs.unstrip_protocol(p) for i, p in enumerate(paths)}
+        found = {f"{i:05d}": _unstrip(fs, p) for i, p in enumerate(paths)}
     if not found:
         layout = "img_emb/img_emb_N.npy" if cfg.format == FORMAT_CLIP_RETRIEVAL else "*.parquet"
         raise InputError(f"import_embeddings.path {cfg.path}: no {layout} there (format {cfg.format})")
