@@ -80,13 +80,23 @@ def execute(stages: list[Stage], ctx: Context, checked: bool = False) -> Execute
         if not reused:
             how = runtime.ensure()  # Ray starts with the first stage that has work
             sctx.ray = sctx.ray or how
-            stats = stage.run(sctx)
+            with runtime.stage_progress(stage.label):
+                stats = stage.run(sctx)
         label = stage.label
         done.stats[label], done.fingerprints[label], done.reused[label] = stats, sctx.fingerprint, reused
         done.timings_s[label] = round(time.time() - t0, 3)
-        log.info("stage %s: %s in %.1f s", label, "complete, reused" if reused else "done", done.timings_s[label])
+        log.info("stage %s: %s in %.1f s", label, tally(stats, reused, len(sctx.shards)), done.timings_s[label])
         upstream[split] = sctx.fingerprint
     return done
+
+
+def tally(stats, reused: bool, shards: int) -> str:
+    """The console's word on a stage: how many of its shards it computed and how many it reused
+    (a stage's stats say `shards_reused` when it can reuse part of its outputs)."""
+    if not shards:
+        return "complete, reused" if reused else "computed"
+    kept = shards if reused else min(shards, int(getattr(stats, "shards_reused", 0) or 0))
+    return f"{shards - kept} shards computed, {kept} reused"
 
 
 def package_versions() -> dict:

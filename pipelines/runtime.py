@@ -8,6 +8,7 @@ number of shards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -149,6 +150,41 @@ def _remote(fn: Callable, remote_args: dict):
     return ray.remote(**({"num_cpus": 1, "max_retries": 3} | remote_args))(fn)
 
 
+class _StageBar:
+    """One progress bar per stage: each `run_tasks` pass of the stage adds its tasks to the total
+    and names its phase ("select (cut bins)"); no bar at all for a stage that runs no task."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def add(self, desc: str, n: int):
+        from ray.experimental import tqdm_ray
+
+        phase = desc.split(": ", 1)[-1]
+        if self.bar is None:
+            self.bar = tqdm_ray.tqdm(total=0, desc=self.label)
+        self.bar.total += n
+        self.bar.set_description(f"{self.label} ({phase})")
+        return self.bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+_STAGE_BAR: list = []  # the running stage's bar (the executor's `stage_progress`)
+
+
+@contextlib.contextmanager
+def stage_progress(label: str):
+    """Within it, every `run_tasks` with a `desc` advances the stage's single bar."""
+    _STAGE_BAR.append(_StageBar(label))
+    try:
+        yield
+    finally:
+        _STAGE_BAR.pop().close()
+
+
 def run_tasks(
     fn: Callable, items: Iterable, *, max_in_flight: int | None = None, desc: str = "", **remote_args
 ) -> Iterator:
@@ -159,7 +195,8 @@ def run_tasks(
     items = list(items)
     remote = _remote(fn, remote_args)
     limit = _InFlightLimit(max_in_flight)
-    bar = tqdm_ray.tqdm(total=len(items), desc=desc) if desc else None
+    shared = _STAGE_BAR[-1] if _STAGE_BAR and desc else None
+    bar = shared.add(desc, len(items)) if shared else tqdm_ray.tqdm(total=len(items), desc=desc) if desc else None
     pending: deque = deque()
     queue = deque(items)
     try:
@@ -172,7 +209,7 @@ def run_tasks(
                 bar.update(1)
             yield ray.get(done[0])
     finally:
-        if bar:
+        if bar and not shared:
             bar.close()
 
 
@@ -230,7 +267,7 @@ def map_reduce(fn: Callable, items: Iterable, reduce_fn: Callable, *, fan_in: in
             ready += done
         return ray.get(ready[0])
     finally:
-        if bar:
+        if bar and not shared:
             bar.close()
 
 

@@ -129,6 +129,8 @@ def test_installed_demo_runs_from_any_directory_on_a_cpu_only_ray(tmp_path):
     assert ran.startswith(os.path.join(tmp_path, "venv")) and ran.endswith("pipelines/shipped/models/fmnist-simclr")
     assert sorted(os.listdir(work)) == ["out", "shards"]  # nothing written beside the output
     assert "faiss.loader" not in res.stderr and "streaming_executor" not in res.stderr  # a quiet console
+    assert "core_worker" not in res.stderr and "Token authentication" not in res.stderr  # Ray's noise too
+    assert "stage embed: 3 shards computed, 0 reused in" in res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["counts"]
     assert f"300 samples in 3 shards -> kept {c['kept']}, pruned {c['pruned']}, failed 0" in res.stdout
@@ -145,6 +147,7 @@ def test_installed_demo_runs_from_any_directory_on_a_cpu_only_ray(tmp_path):
     second = json.loads((out / "manifest.json").read_text())
     assert again.returncode == 0 and second["ray"] == "not started" and all(s["reused"] for s in second["stages"].values())
     assert second["counts"] == c and (out / "report.html").exists()
+    assert "stage embed: 0 shards computed, 3 reused in" in again.stderr
 
 
 def test_print_config_is_the_resolved_config_and_reads_back(tmp_path):

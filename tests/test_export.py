@@ -35,10 +35,13 @@ def _input_uids(shards_dir) -> dict[tuple[str, str], str]:
 def test_kept_uids_exported_as_parquet_and_datacomp_subset(pipeline_run, run_copy, shards_dir):
     manifest = run(_config(pipeline_run, run_copy, **{"export.id_col": "uid", "export.formats": ["parquet", "datacomp"]}))
     stats = manifest["stages"]["export"]
-    assert manifest["stages"]["select"]["reused"] and not stats["reused"]
+    assert manifest["stages"]["prototypes"]["reused"] and not stats["reused"]
     scores = read_scores(run_copy).to_pylist()
     kept = {(r["shard"], r["key"]) for r in scores if r["keep"]}
     uids = _input_uids(shards_dir)
+    # the scores carry the chosen id (joined on key): null only where a shard has no parquet
+    assert all(r["uid"] == uids.get((r["shard"], r["key"])) for r in scores)
+    assert sum(r["uid"] is not None for r in scores) == len(uids) > 0
     good = {s for s, _ in uids}
     # every kept sample of a shard with a uid column is exported once, with its own uid and url
     rows = pq.read_table(run_copy / schema.EXPORT_IDS_DIR).to_pylist()

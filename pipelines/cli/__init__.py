@@ -47,6 +47,10 @@ def _console(verbose: bool) -> None:
     logging.getLogger("ssl_prune").setLevel(logging.INFO)
     if verbose:
         os.environ["SSL_PRUNE_VERBOSE"] = "1"  # pipelines.runtime.VERBOSE_ENV (not imported: Ray would load)
+    else:
+        from .noise import hide_ray_noise
+
+        hide_ray_noise()
 
 
 def _printed(cfg) -> bool:

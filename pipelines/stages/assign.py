@@ -21,6 +21,7 @@ import ray
 from prune import schema
 from prune.cluster.kmeans import Assigner, prototype_distance
 from prune.cluster.settings import KMeansConfig
+from prune.io.exports import ExportConfig, id_column
 from prune.io.storage import OutputDir
 from prune.io.tables import (
     empty_selection,
@@ -28,7 +29,9 @@ from prune.io.tables import (
     load_centroids,
     ok_matrix,
     read_embeddings,
+    shard_metadata,
 )
+from prune.settings import ConfigError
 
 from ..pending import pending, stamped
 from ..stage import STAGES, Context, Resources, Stage
@@ -47,16 +50,17 @@ def assigned_with(out: OutputDir, shard: str, fp: str) -> bool:
 class AssignShards:
     """Ray Data worker: holds the centroids; per shard, writes the assignment scores file."""
 
-    def __init__(self, out: OutputDir, centroids: np.ndarray, fp: str):
+    def __init__(self, out: OutputDir, centroids: np.ndarray, fp: str, id_col: str = schema.KEY):
         self.out = out  # the OutputDir itself: it pickles with its storage options (a URL would not)
         self.assigner = Assigner(centroids)
         self.fp = fp
+        self.id_col = id_col
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.assign_one(str(s)) for s in batch[schema.SHARD]]
+        results = [self.assign_one(str(s), str(u)) for s, u in zip(batch[schema.SHARD], batch["url"])]
         return {"shard": np.array([s for s, _ in results]), "reused": np.array([r for _, r in results])}
 
-    def assign_one(self, shard: str) -> tuple[str, bool]:
+    def assign_one(self, shard: str, url: str = "") -> tuple[str, bool]:
         if assigned_with(self.out, shard, self.fp):
             return shard, True
         table = read_embeddings(self.out, shard)
@@ -79,6 +83,9 @@ class AssignShards:
         if schema.META_SHARD_ERROR in src_meta:
             meta[schema.META_SHARD_ERROR] = src_meta[schema.META_SHARD_ERROR]
         scores = empty_selection(table, cluster, distance, ok).replace_schema_metadata(meta)
+        if self.id_col != schema.KEY:  # the id users join on (export.id_col, e.g. DataComp's uid)
+            ids = id_column(scores.column(schema.KEY).combine_chunks(), shard_metadata(self.out, shard, url), self.id_col)
+            scores = scores.append_column(self.id_col, ids)
         with self.out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
             pq.write_table(scores, f)
         return shard, False
@@ -91,9 +98,17 @@ class AssignStage(Stage):
     requires = ("prototypes",)
 
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)  # only assign_concurrency: placement
+    export: ExportConfig = field(default_factory=ExportConfig)  # only id_col: scores carry that id
 
-    def identity(self, ctx: Context) -> None:
-        return None  # the scores' cluster and distance are a function of the centroids alone
+    def setup(self) -> None:
+        if self.export.id_col != schema.KEY and self.export.id_col in schema.SCORES_SCHEMA.names:
+            raise ConfigError(f"export.id_col {self.export.id_col!r} is a column scores already have; "
+                              f"name the input's id column (e.g. uid)")
+
+    def identity(self, ctx: Context) -> Optional[tuple]:
+        # the scores' cluster and distance are a function of the centroids alone; an id column
+        # other than the key is carried from the input's metadata
+        return None if self.export.id_col == schema.KEY else (("id_col", self.export.id_col),)
 
     def resources(self, ctx: Context) -> Resources:
         return Resources(num_cpus=1)
@@ -106,9 +121,10 @@ class AssignStage(Stage):
 
     def run(self, ctx: Context) -> AssignStats:
         centroids = load_centroids(ctx.out)
-        ds = ray.data.from_items([{schema.SHARD: s} for s in sorted(ctx.shards)], override_num_blocks=max(1, len(ctx.shards)))
+        ds = ray.data.from_items([{schema.SHARD: s, "url": u} for s, u in sorted(ctx.shards.items())],
+                                 override_num_blocks=max(1, len(ctx.shards)))
         ds = ds.map_batches(
-            AssignShards, fn_constructor_args=(ctx.out, centroids, ctx.fingerprint), batch_size=1,
+            AssignShards, fn_constructor_args=(ctx.out, centroids, ctx.fingerprint, self.export.id_col), batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=self.kmeans.assign_concurrency), **self.resources(ctx).ray_args(),
         )
         stats = AssignStats(0, 0)

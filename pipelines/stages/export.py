@@ -31,9 +31,8 @@ from prune.io.exports import (
     subset_file,
     uid_pairs,
 )
-from prune.io.shards import read_sibling_metadata
 from prune.io.storage import OutputDir
-from prune.io.tables import npy_bytes, read_scores
+from prune.io.tables import npy_bytes, read_scores, shard_metadata
 from prune.settings import ConfigError
 
 from ..pending import mark_done, marked_stats, pending, stamped
@@ -58,16 +57,6 @@ class ExportTask:
     settings: ExportConfig
     fp: str
     staging: str  # where the task leaves its uids as DataComp pairs (.npy) when that format is asked
-
-
-def shard_metadata(out: OutputDir, shard: str, url: str):
-    """The sample metadata of a unit of work: img2dataset's parquet beside the tar, or what the
-    import stage carried from precomputed embeddings (imported/NNNNN.parquet); None: neither."""
-    metadata = read_sibling_metadata(url)
-    if metadata is None and out.exists(schema.IMPORTED_DIR, schema.shard_file(shard)):
-        with out.open(schema.IMPORTED_DIR, schema.shard_file(shard)) as f:
-            metadata = pq.read_table(f)
-    return metadata
 
 
 def export_shard(task: ExportTask) -> dict:

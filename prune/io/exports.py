@@ -59,6 +59,15 @@ def missing_id_col(shard: str, metadata: pa.Table | None, id_col: str) -> str | 
     return f"export.id_col {id_col!r} is not a column of shard {shard}'s parquet ({have})"
 
 
+def id_column(keys: pa.Array, metadata: pa.Table | None, id_col: str) -> pa.Array:
+    """Each key's `id_col` value from the shard's metadata, in the keys' order (the first row of
+    a key that appears twice); null where the metadata has no row, or no such column."""
+    if metadata is None or id_col not in metadata.column_names:
+        return pa.nulls(len(keys), pa.string())
+    where = pc.index_in(keys.cast(pa.string()), value_set=metadata.column(schema.KEY).cast(pa.string()))
+    return metadata.column(id_col).combine_chunks().take(where)
+
+
 def kept_ids(shard: str, scores: pa.Table, metadata: pa.Table | None, cfg: ExportConfig) -> pa.Table:
     """One input shard's kept samples: key, shard, the id column and the carried columns (from
     the img2dataset parquet beside the tar, joined on key), with distance, cluster and band."""

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prune import schema
+from prune.io.shards import read_sibling_metadata
 from prune.io.storage import OutputDir
 
 
@@ -79,3 +80,13 @@ def empty_selection(table: pa.Table, cluster, distance, ok) -> pa.Table:
         },
         schema=schema.SCORES_SCHEMA,
     )
+
+
+def shard_metadata(out: OutputDir, shard: str, url: str):
+    """The sample metadata of a unit of work: img2dataset's parquet beside the tar, or what the
+    import stage carried from precomputed embeddings (imported/NNNNN.parquet); None: neither."""
+    metadata = read_sibling_metadata(url)
+    if metadata is None and out.exists(schema.IMPORTED_DIR, schema.shard_file(shard)):
+        with out.open(schema.IMPORTED_DIR, schema.shard_file(shard)) as f:
+            metadata = pq.read_table(f)
+    return metadata
