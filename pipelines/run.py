@@ -60,7 +60,8 @@ def run_stages(
     t_start = time.time()
     preflight(stages)
     out = OutputDir(output)  # its store is reachable (an fsspec driver is installed) before anything runs
-    own = stages[0].input_shards()  # a first stage that brings its own units of work (import)
+    # a first stage that brings its own units of work (import), unless the run names its input
+    own = stages[0].input_shards() if not input_spec else None
     shards = own if own is not None else resolve_shards(input_spec)
     out.makedirs()
     with output_lock(out):

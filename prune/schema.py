@@ -24,6 +24,7 @@ STATUS_UNSAFE_NAME = "unsafe_member_name"
 STATUS_DUPLICATE_KEY = "duplicate_key"
 STATUS_BAD_NAME = "non_utf8_member_name"
 STATUS_BAD_EMBEDDING = "invalid_embedding"  # NaN/inf from the model: no nearest prototype
+STATUS_NO_IMPORTED = "no_imported_embedding"  # import joined to tar shards: no embedding has the key
 FAILURE_STATUSES = (
     STATUS_NO_IMAGE,
     STATUS_EMPTY,
@@ -34,6 +35,7 @@ FAILURE_STATUSES = (
     STATUS_DUPLICATE_KEY,
     STATUS_BAD_NAME,
     STATUS_BAD_EMBEDDING,
+    STATUS_NO_IMPORTED,
 )
 
 # Samples a curation stage removed (not failures: they were read and embedded fine). Selection

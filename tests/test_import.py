@@ -3,6 +3,8 @@ metadata) start a run at prototypes, with no tar shards at all; scores and id ex
 
 from __future__ import annotations
 
+import tarfile
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,9 +14,10 @@ from pipelines.cli import run
 from pipelines.cli.config import validate_config
 from prune import schema
 from prune.io.exports import DATACOMP_FILE
+from prune.io.key_ranges import KeyRanges, KeysSayNoShard
 from prune.settings import ConfigError
 
-from .conftest import read_scores
+from .conftest import read_scores, small_config
 
 STAGES = ["import", "prototypes", "assign", "select", "export"]
 
@@ -90,3 +93,74 @@ def test_a_run_without_tar_input_must_start_with_import_and_cannot_write(tmp_pat
                          "import_embeddings": {"path": str(tmp_path)}})
     with pytest.raises(ConfigError, match="missing config key 'import_embeddings.path'"):
         run(validate_config({"output": str(tmp_path / "o"), "stages": STAGES}))
+
+
+def test_clip_retrieval_parts_join_back_to_the_tar_shards_and_write_copies_them(pipeline_run, shards_dir, tmp_path):
+    """With `input` too, rows from parts cut anyhow land in their own shard's embeddings file, in
+    the tar's order; keys no part has fail with their reason; write copies the kept samples."""
+    src = pq.read_table(pipeline_run["out"] / schema.EMBEDDINGS_DIR)
+    keys, vec = _source(pipeline_run)
+    ok = np.isfinite(vec).all(axis=1)
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(np.flatnonzero(ok))  # across shards, in no shard's order
+    dropped = {keys[i] for i in rows[:5]}
+    rows = rows[5:]
+    root = tmp_path / "clip"
+    (root / "img_emb").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    stray = ["zzzz-not-in-any-shard", "0"]  # in no shard's key range
+    for part, chunk in enumerate(np.array_split(rows, 3)):
+        part_keys = [keys[i] for i in chunk] + (stray if part == 1 else [])
+        part_vec = np.concatenate([vec[chunk], np.ones((2 if part == 1 else 0, vec.shape[1]), np.float32)])
+        np.save(root / "img_emb" / f"img_emb_{part}.npy", part_vec.astype(np.float16))
+        pq.write_table(pa.table({"key": part_keys, "url": [f"https://x.invalid/{k}" for k in part_keys]}),
+                       root / "metadata" / f"metadata_{part}.parquet")
+    out = tmp_path / "out"
+    cfg = small_config(shards_dir["dir"], out, stages=["import", "prototypes", "assign", "select", "write"],
+                       import_embeddings={"path": str(root), "format": "clip_retrieval"})
+    manifest = run(validate_config(cfg))
+    stats = manifest["stages"]["import"]
+    assert stats["joined"] and stats["unmatched"] == 2 and stats["missing"] >= len(dropped)
+    got = pq.read_table(out / schema.EMBEDDINGS_DIR)
+    # every shard the embed stage read: the same keys in the same order, the same vectors
+    assert got.column(schema.KEY).to_pylist() == src.column(schema.KEY).to_pylist()
+    assert got.column(schema.SHARD).to_pylist() == src.column(schema.SHARD).to_pylist()
+    status = got.column(schema.STATUS).to_pylist()
+    for k, s, s_src in zip(keys, status, src.column(schema.STATUS).to_pylist()):
+        if k in dropped:
+            assert s == schema.STATUS_NO_IMPORTED
+        elif s_src == schema.STATUS_OK:
+            assert s == schema.STATUS_OK
+        else:  # failed in the embed stage: the tar's own reason, or no embedding was ever computed
+            assert s in (s_src, schema.STATUS_NO_IMPORTED)
+    emb = got.column(schema.EMBEDDING).to_pylist()
+    for i in np.flatnonzero(ok):
+        if keys[i] not in dropped:
+            assert np.allclose(np.asarray(emb[i], np.float32), vec[i], atol=2e-3)
+    c = manifest["counts"]
+    assert c["input_samples"] == pipeline_run["manifest"]["counts"]["input_samples"]
+    assert c["failed_by_reason"][schema.STATUS_NO_IMPORTED] == stats["missing"]
+    assert c["shard_failures"] == pipeline_run["manifest"]["counts"]["shard_failures"]  # the same bad shards
+    # the kept samples, copied from the tars
+    kept = {r[schema.KEY] for r in read_scores(out).to_pylist() if r[schema.KEEP]}
+    written = set()
+    for tar in sorted((out / schema.PRUNED_DIR).glob("*.tar")):
+        with tarfile.open(tar) as t:
+            written |= {m.name.split(".", 1)[0] for m in t.getmembers()}
+    assert written == kept and len(kept) == c["kept"] > 0
+    assert (out / schema.IMPORTED_DIR).exists()  # url carried per input shard, for export
+    assert not list((out / schema.STAGING_DIR).glob("import-*"))
+
+
+def test_key_ranges_route_each_key_to_every_shard_whose_range_holds_it():
+    ranges = KeyRanges.of({"00000": ("000000000", "000000009"), "00001": ("000010000", "000010009"),
+                           "00004": ("000000000", "000000005")})  # a copy of part of shard 00000
+    keys = ["000010003", "000000002", "zzz", "000000007", "0"]
+    rows, shard = ranges.route(keys)
+    pairs = sorted((keys[r], ranges.shards[s]) for r, s in zip(rows, shard))
+    assert pairs == [("000000002", "00000"), ("000000002", "00004"), ("000000007", "00000"), ("000010003", "00001")]
+    assert list(shard) == sorted(shard)  # grouped by shard: one row group each when staged
+    # ids that say nothing of their shard (every range spans them all) are refused, not broadcast
+    spread = KeyRanges.of({f"{i:05d}": ("a", "z") for i in range(10)})
+    with pytest.raises(KeysSayNoShard, match="keys must say their shard"):
+        spread.route(["b", "c", "d"])

@@ -6,6 +6,9 @@ so `stages=[import, prototypes, assign, select, export]` needs no tar shards at 
 id exports work without them (the columns it carries, e.g. url and uid, go to `imported/` for
 export). Per part a task writes `embeddings/NNNNN.parquet` (unit-norm float16; a row with NaN/inf
 or zero norm gets status `invalid_embedding`) stamped with this stage's fingerprint.
+
+With `input` as well, the units of work are the tar shards and the rows are joined back to them by
+key (import_join.py), so `write` can copy the kept samples.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import ray
 import pyarrow.parquet as pq
 
 from prune import schema
 from prune.io.embeddings_in import ImportConfig, list_parts, normalized, probe_dim, read_part
-from prune.io.storage import OutputDir
+from prune.io.key_ranges import KeyRanges, KeysSayNoShard
+from prune.io.storage import InputError, OutputDir
 from prune.settings import ConfigError
 
 from ..pending import mark_done, marked_stats, pending, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
+from .import_join import AlignTask, KeysTask, RouteTask, align_shard, route_part, shard_range
 
 
 @dataclass
@@ -34,6 +40,10 @@ class ImportStats:
     samples: int = 0
     invalid: int = 0  # rows with no direction (NaN/inf or zero norm)
     dim: int = 0
+    joined: bool = False  # rows joined back to the input's tar shards by key
+    missing: int = 0  # joined: tar samples no imported row has the key of
+    unmatched: int = 0  # joined: imported rows no tar sample has the key of (or a second row of one)
+    shard_failures: dict = field(default_factory=dict)  # joined: shard -> why its tar gave no sample
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,11 @@ class ImportStage(Stage):
         return ImportStats(**recorded)
 
     def run(self, ctx: Context) -> ImportStats:
+        parts = list_parts(self.import_embeddings)
+        if ctx.shards != parts:  # the run's input: tar shards to join the rows back to
+            stats = self.join(ctx, parts)
+            mark_done(ctx.out, schema.EMBEDDINGS_DIR, ctx.fingerprint, stats.__dict__)
+            return stats
         dim = probe_dim(self.import_embeddings, ctx.shards)
         tasks = [ImportTask(ctx.out, s, url, self.import_embeddings, ctx.fingerprint, self.model_id, dim)
                  for s, url in sorted(ctx.shards.items())]
@@ -108,4 +123,44 @@ class ImportStage(Stage):
             stats.invalid += rec["invalid"]
             stats.dim = stats.dim or rec["dim"]
         mark_done(ctx.out, schema.EMBEDDINGS_DIR, ctx.fingerprint, stats.__dict__)
+        return stats
+
+    def join(self, ctx: Context, parts: dict[str, str]) -> ImportStats:
+        """The three passes of import_join.py: key ranges, rows routed by range, aligned per shard."""
+        dim = probe_dim(self.import_embeddings, parts)
+        stats = ImportStats(parts=len(parts), dim=dim, joined=True)
+        ranges = {}
+        staging = f"{schema.STAGING_DIR}/import-{ctx.fingerprint}"
+        listed = [KeysTask(ctx.out, s, u, staging) for s, u in sorted(ctx.shards.items())]
+        for rec in run_tasks(shard_range, listed, desc="import: keys"):
+            if "error" in rec:
+                stats.shard_failures[rec["shard"]] = rec["error"]
+            else:
+                ranges[rec["shard"]] = (rec["first"], rec["last"])
+        index = KeyRanges.of(ranges)
+        shared = ray.put(index)
+        by_shard: dict[int, list] = {}
+        routed = [RouteTask(ctx.out, p, url, self.import_embeddings, shared, staging) for p, url in sorted(parts.items())]
+        try:
+            routed_parts = list(run_tasks(route_part, routed, desc="import: route rows"))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, KeysSayNoShard):
+                raise InputError(f"import_embeddings with input: {exc.cause}") from None
+            raise
+        imported_rows = 0
+        for rec in routed_parts:
+            imported_rows += rec["rows"]
+            for i in rec["shards"]:
+                by_shard.setdefault(i, []).append(rec["part"])
+        position = {s: i for i, s in enumerate(index.shards)}
+        aligned = [AlignTask(ctx.out, s, position.get(s, -1), url, tuple(sorted(by_shard.get(position.get(s, -1), []))),
+                             staging, ctx.fingerprint, self.model_id, dim, stats.shard_failures.get(s, ""))
+                   for s, url in sorted(ctx.shards.items())]
+        for rec in run_tasks(align_shard, aligned, desc="import: align to shards"):
+            stats.samples += rec["samples"]
+            stats.invalid += rec["invalid"]
+            stats.missing += rec["missing"]
+            imported_rows -= rec["matched"]
+        stats.unmatched = imported_rows
+        ctx.out.remove(staging)
         return stats
