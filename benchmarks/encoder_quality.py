@@ -7,11 +7,17 @@ process; raw pixels are the same images decoded to their native size, grayscale,
 
     .venv/bin/python benchmarks/encoder_quality.py --encoder models/fmnist-simclr \\
         --train demo/fmnist/train --test demo/fmnist/test
+
+`--curve OUT` scores every checkpoint a `train-encoder` run kept under OUT/ray_train/ (k-NN and,
+with --probe, the linear probe) and prints accuracy against epochs: does longer training pay?
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import os
 import time
 
 import numpy as np
@@ -50,6 +56,35 @@ def embed_all(embedder, crops: np.ndarray, batch: int = 512) -> np.ndarray:
     return np.concatenate([embedder.embed(crops[i : i + batch]) for i in range(0, len(crops), batch)])
 
 
+def checkpoints(run_dir: str) -> list[tuple[int, float, str]]:
+    """(epoch, loss, directory) of every end-of-epoch checkpoint of a train-encoder output."""
+    found = []
+    for d in glob.glob(os.path.join(run_dir, "ray_train", "*", "checkpoint_*")):
+        with open(os.path.join(d, "train_state.json")) as f:
+            state = json.load(f)
+        if state.get("epoch_done") and state["history"]:
+            found.append((state["epoch"] + 1, state["history"][-1]["loss"], d))
+    return sorted(found)
+
+
+def curve(args) -> None:
+    first = checkpoints(args.curve)
+    if not first:
+        raise SystemExit(f"no end-of-epoch checkpoint under {args.curve}/ray_train/")
+    spec = make_embedder(EmbedConfig(backend="local", pretrained=first[0][2], precision="fp32")).preprocess
+    tr_crops, _, tr_y = load(args.train, spec, args.raw_size)
+    te_crops, _, te_y = load(args.test, spec, args.raw_size)
+    print(f"| epoch | loss | k-NN (cosine, k={args.k}) |" + (" linear probe |" if args.probe else ""))
+    print("| ---: | ---: | ---: |" + (" ---: |" if args.probe else ""))
+    for epoch, loss, d in first:
+        embedder = make_embedder(EmbedConfig(backend="local", pretrained=d, precision="fp32"))
+        tr_f, te_f = embed_all(embedder, tr_crops), embed_all(embedder, te_crops)
+        row = f"| {epoch} | {loss:.3f} | {accuracy(knn_predict(tr_f, tr_y, te_f, args.k), te_y):.2%} |"
+        if args.probe:
+            row += f" {accuracy(linear_probe(tr_f, tr_y, te_f), te_y):.2%} |"
+        print(row, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoder", default="models/fmnist-simclr")
@@ -57,7 +92,11 @@ def main() -> None:
     p.add_argument("--test", default="demo/fmnist/test")
     p.add_argument("--raw-size", type=int, default=28)
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--curve", help="a train-encoder output directory: score each kept checkpoint")
+    p.add_argument("--probe", action="store_true", help="with --curve: the linear probe too (slower)")
     args = p.parse_args()
+    if args.curve:
+        return curve(args)
 
     t0 = time.time()
     embedder = make_embedder(EmbedConfig(backend="local", pretrained=args.encoder, precision="fp32"))

@@ -175,6 +175,17 @@ class _StageBar:
 _STAGE_BAR: list = []  # the running stage's bar (the executor's `stage_progress`)
 
 
+def _progress(desc: str, n: int):
+    """(bar, whether it is the running stage's own) for a pass of `n` tasks; no bar without `desc`."""
+    from ray.experimental import tqdm_ray
+
+    if not desc:
+        return None, False
+    if _STAGE_BAR:
+        return _STAGE_BAR[-1].add(desc, n), True
+    return tqdm_ray.tqdm(total=n, desc=desc), False
+
+
 @contextlib.contextmanager
 def stage_progress(label: str):
     """Within it, every `run_tasks` with a `desc` advances the stage's single bar."""
@@ -189,14 +200,11 @@ def run_tasks(
     fn: Callable, items: Iterable, *, max_in_flight: int | None = None, desc: str = "", **remote_args
 ) -> Iterator:
     """Run `fn(item)` as Ray tasks, a bounded number at once; yield results in order done."""
-    from ray.experimental import tqdm_ray
-
     ensure()
     items = list(items)
     remote = _remote(fn, remote_args)
     limit = _InFlightLimit(max_in_flight)
-    shared = _STAGE_BAR[-1] if _STAGE_BAR and desc else None
-    bar = shared.add(desc, len(items)) if shared else tqdm_ray.tqdm(total=len(items), desc=desc) if desc else None
+    bar, shared = _progress(desc, len(items))
     pending: deque = deque()
     queue = deque(items)
     try:
@@ -238,15 +246,13 @@ def map_reduce(fn: Callable, items: Iterable, reduce_fn: Callable, *, fan_in: in
     `fan_in` finished results are folded by a task into one, until one is left, and only that one
     reaches the driver. `reduce_fn` must fold an iterator of results into one of the same kind, and
     give the same answer in any grouping (exact sums, as Lloyd's fixed-point statistics)."""
-    from ray.experimental import tqdm_ray
-
     ensure()
     mapper, reducer = _remote(fn, remote_args), _remote(_reduce_task, remote_args)
     limit = _InFlightLimit(max_in_flight)
     queue = deque(items)
     if not queue:
         raise ValueError("map_reduce over no items")
-    bar = tqdm_ray.tqdm(total=len(queue), desc=desc) if desc else None
+    bar, shared = _progress(desc, len(queue))
     running: list = []  # map and reduce tasks not finished
     ready: list = []  # finished results not reduced yet (left in the object store)
     maps: set = set()  # the map tasks among `running` (the bar counts those)

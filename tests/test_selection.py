@@ -12,13 +12,14 @@ import pytest
 
 from prune.select import cuts as selection
 from prune.select.cuts import (
+    CutStats,
     HistogramSpec,
     band_edges,
     boundary_values,
-    finalize_cuts,
-    histogram,
-    merge_boundary_values,
+    exact_cuts,
     plan_cuts,
+    refinement_histogram,
+    sparse_histogram,
 )
 from prune.select.policies import priorities
 
@@ -42,8 +43,10 @@ def make_shards(n_shards=5, per_shard=(300, 900), k=6, seed=0, dist=None):
     return shards
 
 
-def select_like_the_pipeline(shards, policy, f, step, seed=0, balanced=False, k=6, spec=None):
-    """The select stage's passes, without Ray. Returns per-shard (prio, groups, keep, band, pct)."""
+def select_like_the_pipeline(shards, policy, f, step, seed=0, balanced=False, k=6, spec=None, limit=16, refine=True,
+                             stats=None):
+    """The select stage's passes, without Ray. Returns per-shard (prio, groups, keep, band, pct).
+    `limit`: priorities per cut the last pass may return (small here, so refinement runs)."""
     spec = spec or HistogramSpec.for_groups(k if balanced else 1)
     edges = band_edges(f, step)
     loaded = []
@@ -52,12 +55,12 @@ def select_like_the_pipeline(shards, policy, f, step, seed=0, balanced=False, k=
         prio = priorities(policy, sh["distance"].astype(np.float64), sh["shard"], list(sh["keys"]), seed)
         groups = sh["cluster"].astype(np.int64) if balanced else np.zeros(len(prio), np.int64)
         loaded.append((prio, groups))
-    hist = np.zeros((spec.n_groups, spec.bins), np.int64)
-    for prio, groups in loaded:
-        hist += histogram(prio, groups, spec)
-    plan = plan_cuts(hist, spec, edges)
-    values = merge_boundary_values([boundary_values(prio, groups, plan) for prio, groups in loaded])
-    cuts = finalize_cuts(plan, values)
+    cuts, hist = exact_cuts(
+        spec, edges, [sparse_histogram(p, g, spec) for p, g in loaded],
+        lambda window: [boundary_values(p, g, window) for p, g in loaded],
+        refine=(lambda step: [refinement_histogram(p, g, step) for p, g in loaded]) if refine else None,
+        limit=limit, stats=stats,
+    )
     out = []
     for prio, groups in loaded:
         keep, band, pct = cuts.apply(prio, groups, hist)
@@ -104,16 +107,42 @@ def test_equals_brute_force_global_sort(policy, balanced, f, step):
 
 
 @pytest.mark.parametrize("bits", [6, 8])
-def test_exact_with_coarse_histograms(bits):
-    """Few bins means big cut bins: pass 2 must still find the exact cut inside them."""
+@pytest.mark.parametrize("refine", [False, True])
+def test_exact_with_coarse_histograms(bits, refine):
+    """Few bins means big cut bins: the last pass must still find the exact cut inside them,
+    whether it reads whole bins or the refinement passes narrowed them first."""
     shards = make_shards(n_shards=7, seed=11)
     for balanced in (False, True):
         spec = HistogramSpec(6 if balanced else 1, bits)
-        res, edges, hist = select_like_the_pipeline(shards, "hard", 0.6, 0.2, balanced=balanced, spec=spec)
+        res, edges, hist = select_like_the_pipeline(shards, "hard", 0.6, 0.2, balanced=balanced, spec=spec,
+                                                    refine=refine)
         assert hist.max() > 40  # the bins really hold many samples each
         prio, groups, band = concat(res, "prio"), concat(res, "groups"), concat(res, "band")
         for b, edge in enumerate(edges):
             assert np.array_equal((band >= 0) & (band <= b), brute_force_top(prio, groups, edge))
+
+
+@pytest.mark.parametrize("limit", [1, 8, 64])
+def test_bunched_distances_return_a_bounded_number_of_priorities(limit):
+    """Distances bunched in a narrow range put most of a cluster in a few top-bit bins, so reading
+    whole cut bins would return a large share of all priorities (issue 12: a third at LAION's k).
+    Refinement passes narrow each cut's bin until the last pass returns at most `limit` per cut."""
+    def bunched(rng, n):
+        return (0.30 + 0.002 * rng.standard_normal(n)).astype(np.float32)
+
+    shards = make_shards(n_shards=6, per_shard=(900, 1100), k=3, seed=5, dist=bunched)
+    n = sum(len(s["keys"]) for s in shards)
+    spec = HistogramSpec(3, HistogramSpec.for_groups(40_000).bits)  # the bins per group at LAION's k
+    whole, refined = CutStats(), CutStats()
+    for stats, refine in ((whole, False), (refined, True)):
+        res, edges, _ = select_like_the_pipeline(shards, "hard", 0.7, 0.1, balanced=True, spec=spec, limit=limit,
+                                                 refine=refine, stats=stats)
+        prio, groups, band = concat(res, "prio"), concat(res, "groups"), concat(res, "band")
+        for b, edge in enumerate(edges):
+            assert np.array_equal((band >= 0) & (band <= b), brute_force_top(prio, groups, edge)), (refine, b)
+    cuts_made = 3 * len(edges)
+    assert whole.refine_passes == 0 and whole.boundary_values > n / 4  # whole bins: a large share
+    assert 1 <= refined.refine_passes <= 4 and refined.boundary_values <= limit * cuts_made
 
 
 def test_global_count_and_balanced_fractions():
@@ -313,9 +342,10 @@ def test_cuts_are_monotone_over_edges():
     spec = HistogramSpec.for_groups(6)
     edges = band_edges(0.9, 0.1)
     loaded = [(priorities("hard", s["distance"], s["shard"], s["keys"], 0), s["cluster"].astype(np.int64)) for s in shards]
-    hist = sum(histogram(p, g, spec) for p, g in loaded)
+    cuts, hist = exact_cuts(spec, edges, [sparse_histogram(p, g, spec) for p, g in loaded],
+                            lambda window: [boundary_values(p, g, window) for p, g in loaded],
+                            refine=lambda step: [refinement_histogram(p, g, step) for p, g in loaded])
     plan = plan_cuts(hist, spec, edges)
-    cuts = finalize_cuts(plan, merge_boundary_values([boundary_values(p, g, plan) for p, g in loaded]))
     assert (np.diff(plan.n_keep, axis=1) >= 0).all()
     assert (np.diff(cuts.cut.astype(np.float64), axis=1) <= 0).all()
     assert isinstance(cuts, selection.Cuts)

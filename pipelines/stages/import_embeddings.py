@@ -31,7 +31,7 @@ from prune.settings import ConfigError
 from ..pending import mark_done, marked_stats, pending, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
-from .import_join import AlignTask, KeysTask, RouteTask, align_shard, route_part, shard_range
+from ..import_join import AlignTask, KeysTask, RouteTask, align_shard, route_part, shard_range
 
 
 @dataclass

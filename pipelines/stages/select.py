@@ -62,6 +62,8 @@ class SelectStats:
     removed: dict = field(default_factory=dict)  # removal status -> samples a curation stage removed
     kept_per_band: dict = field(default_factory=dict)
     shard_failures: dict = field(default_factory=dict)  # shard -> why it yielded no sample
+    refine_passes: int = 0  # passes that narrowed the cut bins (prune/select/cuts.py)
+    boundary_values: int = 0  # priorities the last pass returned to the driver (at most limit per cut)
 
     def add(self, s: ShardSelection) -> None:
         self.samples, self.kept, self.pruned = self.samples + s.samples, self.kept + s.kept, self.pruned + s.pruned
@@ -79,7 +81,7 @@ class SelectTask:
     select: SelectConfig
     policy: type[Policy]  # resolved on the driver, where every policy is registered
     fp: str = ""
-    payload: object = None  # pass 1: the HistogramSpec; pass 2: the CutPlan; pass 3: (Cuts, histogram)
+    payload: object = None  # histograms: the HistogramSpec; refine: a Refinement; cut bins: the Window; apply: (Cuts, histogram)
     upstream: frozenset = frozenset()  # fingerprints of the stages before select
     strata: object = None  # for a policy that uses strata: the groups' CCS strata (an ObjectRef)
 
@@ -130,6 +132,12 @@ def pass_histogram(task: SelectTask):
     dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
     ids, inverse = np.unique(groups, return_inverse=True)
     return cuts.sparse_histogram(prio, groups, task.payload), (ids, np.bincount(inverse, weights=dist, minlength=len(ids)))
+
+
+def pass_refine(task: SelectTask):
+    """A refinement pass: counts of the next bits inside the cut bins still too full."""
+    _, _, prio, groups = _load(task)
+    return cuts.refinement_histogram(prio, groups, resolve(task.payload))
 
 
 def pass_boundary(task: SelectTask):
@@ -241,12 +249,15 @@ class SelectStage(Stage):
             centroids = load_centroids(ctx.out) if self.select.balanced and self.select.budget == "dbp" else None
             return self.select.make_budget().allocate(sizes, edges, ClusterStats(sizes, sums, centroids), self.select.seed)
 
+        cost = cuts.CutStats()
         found, hist = cuts.exact_cuts(
             spec, edges, histograms(),
-            lambda plan: run_tasks(pass_boundary, self.tasks(ctx, ray.put(plan), strata), desc="select: cut bins"),
+            lambda window: run_tasks(pass_boundary, self.tasks(ctx, ray.put(window), strata), desc="select: cut bins"),
             n_keep,
+            refine=lambda step: run_tasks(pass_refine, self.tasks(ctx, ray.put(step), strata), desc="select: refine bins"),
+            stats=cost,
         )
-        stats = SelectStats(edges)
+        stats = SelectStats(edges, refine_passes=cost.refine_passes, boundary_values=cost.boundary_values)
         shared = ray.put((found, hist))  # shipped once, not per task
         for res in run_tasks(pass_apply, self.tasks(ctx, shared, strata), desc="select: apply"):
             stats.add(res)

@@ -106,7 +106,8 @@ def select_bands(
 
     found, hist = cuts.exact_cuts(
         spec, edges, (cuts.sparse_histogram(p, g, spec) for _, p, g in blocks),
-        lambda plan: (cuts.boundary_values(p, g, plan) for _, p, g in blocks), n_keep,
+        lambda window: (cuts.boundary_values(p, g, window) for _, p, g in blocks), n_keep,
+        refine=lambda step: (cuts.refinement_histogram(p, g, step) for _, p, g in blocks),
     )
     band = np.full(len(keys), -1, np.int32)
     for rows, prio, groups in blocks:

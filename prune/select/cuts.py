@@ -3,10 +3,15 @@
 Every sample has one uint64 priority (prune/select/policies.py: larger = kept first). A group is
 the whole set, or one cluster when `balanced`.
 
-Selection is exact with bounded memory, in two light passes over the shards:
+Selection is exact with bounded memory, in light passes over the shards:
   1. each shard returns a histogram of its priorities' top bits per group; summed on the driver;
-  2. for every (group, edge) the driver finds the bin the cut falls in, each shard returns
-     only the priorities inside those bins, and the exact cut is read off them.
+  2. for every (group, edge) the driver finds the bin the cut falls in (a `Window`). Where such a
+     bin still holds more than `limit` priorities (distances bunch up: a bin of a 10k-member
+     cluster can hold thousands), each shard returns a histogram of the next bits inside the
+     open bins only, and the driver narrows the window; repeated until every cut's bin is small
+     (one or two passes at LAION's k), a radix select over the shards;
+  3. each shard returns only the priorities inside the final bins (at most `limit` per cut), and
+     the exact cut is read off them.
 Edges are the keep fractions of the distance bands (0.1, 0.2, ..., f): a sample's band is
 the first edge whose cut it clears, so the pruned shards of bands 0..b are exactly the
 selection at that smaller fraction.
@@ -76,11 +81,6 @@ class CutPlan:
     cut_bin: np.ndarray  # [G, E], -1 where nothing is kept
     need_in_bin: np.ndarray  # [G, E]: how many of the cut bin's largest priorities are kept
 
-    def cut_cells(self) -> np.ndarray:
-        """Sorted flat indices (group * bins + bin) of every bin a cut falls in."""
-        g, e = np.nonzero(self.cut_bin >= 0)
-        return np.unique(g.astype(np.int64) * self.spec.bins + self.cut_bin[g, e])
-
 
 def plan_cuts(hist: np.ndarray, spec: HistogramSpec, edges: list[float], n_keep: np.ndarray | None = None) -> CutPlan:
     """From the summed histogram, the bin each edge's cut falls in for every group. `n_keep`
@@ -105,14 +105,134 @@ def plan_cuts(hist: np.ndarray, spec: HistogramSpec, edges: list[float], n_keep:
     return CutPlan(spec, edges, n_keep, cut_bin, need)
 
 
-def boundary_values(prio: np.ndarray, groups: np.ndarray, plan: CutPlan) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 2, per shard: (cell, priority) of the samples that fall in a cut bin of their group.
+DEFAULT_LIMIT = 64  # priorities per cut that the last pass may return, at most (unless a bin cannot split)
+MAX_COUNTERS = 1 << 24  # counters of a refinement pass's summed histogram
 
-    Two flat arrays, vectorized over all groups, whatever k is.
+
+def _cell_keys(groups: np.ndarray, prio: np.ndarray, shift: int) -> np.ndarray:
+    """One uint64 per (group, prio >> shift): the group in the bits the shifted priority leaves."""
+    return (groups.astype(np.uint64) << np.uint64(64 - shift)) | (prio >> np.uint64(shift))
+
+
+@dataclass
+class Window:
+    """Where each (group, edge) cut still lies: among group g's priorities p with
+    p >> shift[g, e] == prefix[g, e] (count[g, e] of them) it is the need[g, e]-th largest."""
+
+    active: np.ndarray  # [G, E] bool: the group keeps something at the edge
+    shift: np.ndarray  # [G, E] int64
+    prefix: np.ndarray  # [G, E] uint64
+    count: np.ndarray  # [G, E] int64
+    need: np.ndarray  # [G, E] int64
+
+    @classmethod
+    def from_plan(cls, plan: CutPlan, hist: np.ndarray) -> "Window":
+        active = plan.cut_bin >= 0
+        g = np.arange(hist.shape[0])[:, None]
+        count = np.where(active, hist[g, np.maximum(plan.cut_bin, 0)], 0)
+        shift = np.full(active.shape, 64 - plan.spec.bits, np.int64)
+        return cls(active, shift, np.maximum(plan.cut_bin, 0).astype(np.uint64), count.astype(np.int64),
+                   plan.need_in_bin.copy())
+
+    def cells(self, mask: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """The distinct bins of the cuts in `mask`, as levels (offset of their ids, shift, sorted keys)."""
+        levels, offset = [], 0
+        g_all = np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape)
+        for shift in np.unique(self.shift[mask]):
+            at = mask & (self.shift == shift)
+            keys = np.unique((g_all[at].astype(np.uint64) << np.uint64(64 - int(shift))) | self.prefix[at])
+            levels.append((offset, int(shift), keys))
+            offset += len(keys)
+        return levels
+
+    def cell_ids(self, mask: np.ndarray, levels) -> np.ndarray:
+        """[G, E] id of each masked cut's bin among `levels` (-1 elsewhere)."""
+        ids = np.full(mask.shape, -1, np.int64)
+        g_all = np.broadcast_to(np.arange(mask.shape[0])[:, None], mask.shape)
+        for offset, shift, keys in levels:
+            at = mask & (self.shift == shift)
+            key = (g_all[at].astype(np.uint64) << np.uint64(64 - shift)) | self.prefix[at]
+            ids[at] = offset + np.searchsorted(keys, key)
+        return ids
+
+
+def group_bits(n_groups: int) -> int:
+    return max(1, int(n_groups).bit_length())
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """One refinement pass: the open bins (levels, as `Window.cells`) and how many bits to split them by."""
+
+    levels: list
+    bits: int
+
+
+def next_refinement(window: Window, limit: int = DEFAULT_LIMIT) -> tuple[Refinement, np.ndarray] | None:
+    """The pass that splits every cut bin still holding more than `limit` priorities (with bits
+    left to split: the group needs its own bits of the key), and the cuts it concerns; None: done."""
+    gbits = group_bits(window.active.shape[0])
+    open_ = window.active & (window.count > limit) & (window.shift - 1 >= gbits)
+    if not open_.any():
+        return None
+    levels = window.cells(open_)
+    n_cells = sum(len(k) for _, _, k in levels)
+    bits = int(min(16, max(1, math.floor(math.log2(MAX_COUNTERS / n_cells)))))
+    bits = min(bits, int(window.shift[open_].min()) - gbits)
+    return Refinement(levels, bits), open_
+
+
+def _locate(prio: np.ndarray, groups: np.ndarray, levels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, bin id, the bin's shift) of the samples that fall in one of the levels' bins."""
+    rows, ids, shifts = [], [], []
+    for offset, shift, keys in levels:
+        if not len(keys):
+            continue
+        key = _cell_keys(groups, prio, shift)
+        pos = np.minimum(np.searchsorted(keys, key), len(keys) - 1)
+        hit = np.flatnonzero(keys[pos] == key)
+        rows.append(hit)
+        ids.append(offset + pos[hit])
+        shifts.append(np.full(len(hit), shift, np.int64))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(ids), np.concatenate(shifts)
+
+
+def refinement_histogram(prio: np.ndarray, groups: np.ndarray, step: Refinement) -> tuple[np.ndarray, np.ndarray]:
+    """A refinement pass, per shard: sparse counts of (open bin, next `step.bits` bits)."""
+    rows, ids, shifts = _locate(prio, groups, step.levels)
+    sub = (prio[rows] >> (shifts - step.bits).astype(np.uint64)) & np.uint64((1 << step.bits) - 1)
+    return np.unique(ids * (1 << step.bits) + sub.astype(np.int64), return_counts=True)
+
+
+def narrowed(window: Window, step: Refinement, open_: np.ndarray, parts: Iterable) -> Window:
+    """The window after a refinement pass: each open cut moves into the sub-bin its need falls in."""
+    n_cells, width = sum(len(k) for _, _, k in step.levels), 1 << step.bits
+    hist = np.zeros(n_cells * width, np.int64)
+    for idx, counts in parts:
+        np.add.at(hist, idx, counts)
+    hist = hist.reshape(n_cells, width)
+    above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # above[c, b]: count in sub-bins >= b
+    ids = window.cell_ids(open_, step.levels)[open_]
+    need = window.need[open_]
+    b = (above[ids] >= need[:, None]).sum(axis=1) - 1  # the highest sub-bin with enough at or above it
+    strictly = np.where(b + 1 < width, above[ids, np.minimum(b + 1, width - 1)], 0)
+    out = Window(window.active, window.shift.copy(), window.prefix.copy(), window.count.copy(), window.need.copy())
+    out.need[open_] = need - strictly
+    out.count[open_] = hist[ids, b]
+    out.prefix[open_] = (window.prefix[open_] << np.uint64(step.bits)) | b.astype(np.uint64)
+    out.shift[open_] = window.shift[open_] - step.bits
+    return out
+
+
+def boundary_values(prio: np.ndarray, groups: np.ndarray, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """The last pass, per shard: (bin id, priority) of the samples that fall in a cut's final bin.
+
+    Two flat arrays, vectorized over all groups, whatever k is; bin ids as `Window.cells(active)`.
     """
-    cells = groups.astype(np.int64) * plan.spec.bins + plan.spec.bin_of(prio)
-    inside = np.isin(cells, plan.cut_cells())
-    return cells[inside], prio[inside]
+    rows, ids, _ = _locate(prio, groups, window.cells(window.active))
+    return ids, prio[rows]
 
 
 def merge_boundary_values(parts) -> tuple[np.ndarray, np.ndarray]:
@@ -141,18 +261,15 @@ class Cuts:
         return keep, band, percentile(prio, g, hist_total, self.plan.spec)
 
 
-def finalize_cuts(plan: CutPlan, merged: tuple[np.ndarray, np.ndarray]) -> Cuts:
-    """Each cut is the need_in_bin-th largest priority of its cell."""
+def finalize_cuts(plan: CutPlan, window: Window, merged: tuple[np.ndarray, np.ndarray]) -> Cuts:
+    """Each cut is the need-th largest priority of its final bin."""
     cells, values = merged
-    G, E = plan.cut_bin.shape
-    cut = np.zeros((G, E), np.uint64)
-    any_kept = plan.cut_bin >= 0
-    g, e = np.nonzero(any_kept)
-    if len(g):
-        cell = g.astype(np.int64) * plan.spec.bins + plan.cut_bin[g, e]
+    cut = np.zeros(window.active.shape, np.uint64)
+    if window.active.any():
+        cell = window.cell_ids(window.active, window.cells(window.active))[window.active]
         end = np.searchsorted(cells, cell, side="right")  # values ascend within a cell
-        cut[g, e] = values[end - plan.need_in_bin[g, e]]
-    return Cuts(plan, cut, any_kept)
+        cut[window.active] = values[end - window.need[window.active]]
+    return Cuts(plan, cut, window.active)
 
 
 def percentile(prio: np.ndarray, groups: np.ndarray, hist: np.ndarray, spec: HistogramSpec) -> np.ndarray:
@@ -171,19 +288,37 @@ def percentile(prio: np.ndarray, groups: np.ndarray, hist: np.ndarray, spec: His
     return np.clip(pos / np.maximum(totals[groups], 1.0), 0.0, 1.0)
 
 
-def exact_cuts(
-    spec: HistogramSpec, edges: list[float], histograms: Iterable, boundaries: Callable[[CutPlan], Iterable],
-    n_keep: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[Cuts, np.ndarray]:
-    """The two passes, over blocks mapped however the caller likes -> (exact cuts, summed histogram).
+@dataclass
+class CutStats:
+    """What finding the cuts cost: refinement passes, and priorities the last pass returned."""
 
-    `histograms` yields each block's `sparse_histogram`; `boundaries(plan)` yields each block's
-    `boundary_values` for that plan; `n_keep(group sizes)` gives the keep counts [G, E] (a budget's;
-    default floor(f * n_g + 0.5)). The select stage maps blocks to Ray tasks over scores files,
-    `evaluate` maps them over arrays in memory: both get the same cuts from the same code.
+    refine_passes: int = 0
+    boundary_values: int = 0
+
+
+def exact_cuts(
+    spec: HistogramSpec, edges: list[float], histograms: Iterable, boundaries: Callable[[Window], Iterable],
+    n_keep: Callable[[np.ndarray], np.ndarray] | None = None,
+    refine: Callable[[Refinement], Iterable] | None = None, limit: int = DEFAULT_LIMIT, stats: CutStats | None = None,
+) -> tuple[Cuts, np.ndarray]:
+    """The passes, over blocks mapped however the caller likes -> (exact cuts, summed histogram).
+
+    `histograms` yields each block's `sparse_histogram`; `refine(step)` each block's
+    `refinement_histogram` (None: no refinement, the last pass returns whole bins);
+    `boundaries(window)` each block's `boundary_values`; `n_keep(group sizes)` gives the keep
+    counts [G, E] (a budget's; default floor(f * n_g + 0.5)). The select stage maps blocks to Ray
+    tasks over scores files, `evaluate` maps them over arrays in memory: the same cuts, the same code.
     """
+    stats = stats if stats is not None else CutStats()
     hist = np.zeros((spec.n_groups, spec.bins), np.int64)
     for sparse in histograms:
         add_sparse(hist, sparse)
     plan = plan_cuts(hist, spec, edges, None if n_keep is None else n_keep(hist.sum(axis=1)))
-    return finalize_cuts(plan, merge_boundary_values(boundaries(plan))), hist
+    window = Window.from_plan(plan, hist)
+    while refine is not None and (found := next_refinement(window, limit)) is not None:
+        step, open_ = found
+        window = narrowed(window, step, open_, refine(step))
+        stats.refine_passes += 1
+    merged = merge_boundary_values(boundaries(window))
+    stats.boundary_values = len(merged[1])
+    return finalize_cuts(plan, window, merged), hist

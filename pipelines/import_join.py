@@ -67,7 +67,7 @@ class RouteTask:
 
 def route_part(task: RouteTask) -> dict:
     """One embeddings part -> its rows staged by shard; -> {part, shards: [index...], rows, dim}."""
-    from ..runtime import resolve
+    from .runtime import resolve
 
     ranges: KeyRanges = resolve(task.ranges)
     keys, vectors, carried = read_part(task.settings, task.url)
