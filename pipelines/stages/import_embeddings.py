@@ -19,8 +19,8 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import ray
 import pyarrow.parquet as pq
+import ray
 
 from prune import schema
 from prune.io.embeddings_in import ImportConfig, list_parts, normalized, probe_dim, read_part
@@ -28,10 +28,10 @@ from prune.io.key_ranges import KeyRanges, KeysSayNoShard
 from prune.io.storage import InputError, OutputDir
 from prune.settings import ConfigError
 
+from ..import_join import AlignTask, KeysTask, RouteTask, align_shard, route_part, shard_range
 from ..pending import mark_done, marked_stats, pending, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
-from ..import_join import AlignTask, KeysTask, RouteTask, align_shard, route_part, shard_range
 
 
 @dataclass
