@@ -354,3 +354,20 @@ def test_large_k_is_vectorized():
     small = sizes[:5_000]  # the neighbour search is all pairs: dbp at a smaller k
     got = DBP().allocate(small, fractions, random_stats(rng, small, d=16), 0)
     np.testing.assert_array_equal(got.sum(axis=0), edge_budgets(small, fractions))
+
+
+def test_distance_sums_reduce_to_the_same_value_in_any_grouping():
+    """The select stage adds per-shard distance sums in reduce tasks, in whatever order they
+    finish: in fixed point the dbp budget's inputs are the same for every grouping."""
+    from prune.select.budgets import dense_sums, distance_sums
+    from prune.select.cuts import fold_sparse
+
+    rng = np.random.default_rng(3)
+    blocks = [(rng.integers(0, 5, 1000), rng.uniform(0, 2, 1000).astype(np.float32)) for _ in range(9)]
+    parts = [distance_sums(g, d) for g, d in blocks]
+    flat = fold_sparse(parts)
+    nested = fold_sparse([fold_sparse(parts[:2]), fold_sparse(parts[7:] + parts[2:4]), fold_sparse(parts[4:7])])
+    assert np.array_equal(flat[0], nested[0]) and np.array_equal(flat[1], nested[1])
+    exact = np.bincount(np.concatenate([g for g, _ in blocks]),
+                        weights=np.concatenate([d for _, d in blocks]).astype(np.float64), minlength=5)
+    assert np.allclose(dense_sums(flat, 5), exact, rtol=0, atol=1e-5)

@@ -28,13 +28,13 @@ from prune.io.settings import WriteConfig
 from prune.io.storage import OutputDir
 from prune.io.tables import load_centroids, read_scores
 from prune.select import cuts
-from prune.select.budgets import ClusterStats
+from prune.select.budgets import ClusterStats, dense_sums, distance_sums
 from prune.select.policies import Policy, block_priorities, policy_class, selection_groups
 from prune.select.settings import SelectConfig, select_settings
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
 from ..pending import pending, per_shard, stamped
-from ..runtime import resolve, run_tasks
+from ..runtime import map_reduce, resolve, run_tasks
 from ..stage import STAGES, Context, Stage
 
 
@@ -126,12 +126,17 @@ def pass_strata(task: SelectTask):
 
 
 def pass_histogram(task: SelectTask):
-    """-> (sparse histogram of the priorities, (groups, their members' distance sums)): the sums are
-    what a budget that weighs clusters by their spread (dbp) needs."""
+    """-> (sparse histogram of the priorities, sparse per-group distance sums): the sums are what
+    a budget that weighs clusters by their spread (dbp) needs."""
     table, ok, prio, groups = _load(task)
-    dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
-    ids, inverse = np.unique(groups, return_inverse=True)
-    return cuts.sparse_histogram(prio, groups, task.payload), (ids, np.bincount(inverse, weights=dist, minlength=len(ids)))
+    dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok]
+    return cuts.sparse_histogram(prio, groups, task.payload), distance_sums(groups, dist)
+
+
+def fold_histograms(parts) -> tuple:
+    """The reduce of `pass_histogram`'s results, in tasks: one pair reaches the driver."""
+    parts = list(parts)
+    return cuts.fold_sparse(h for h, _ in parts), cuts.fold_sparse(s for _, s in parts)
 
 
 def pass_refine(task: SelectTask):
@@ -220,8 +225,7 @@ class SelectStage(Stage):
         if not policy_class(self.select.policy).uses_strata:
             return None
         hist = np.zeros((n_groups, DIST_BINS), np.int64)
-        for idx, counts in run_tasks(pass_strata, self.tasks(ctx), desc="select: strata"):
-            np.add.at(hist.reshape(-1), idx, counts)
+        cuts.add_sparse(hist, map_reduce(pass_strata, self.tasks(ctx), cuts.fold_sparse, desc="select: strata"))
         return ray.put(plan_strata(hist, self.select.strata, self.select.drop_hardest))
 
     def complete(self, ctx: Context) -> Optional[SelectStats]:
@@ -237,13 +241,11 @@ class SelectStage(Stage):
         k = prototype_count(ctx.out)
         spec = cuts.HistogramSpec.for_groups(k if self.select.balanced else 1)
         edges = self.edges()
-        sums = np.zeros(spec.n_groups)
         strata = self.strata(ctx, spec.n_groups)
-
-        def histograms():
-            for sparse, (ids, s) in run_tasks(pass_histogram, self.tasks(ctx, spec, strata), desc="select: histograms"):
-                np.add.at(sums, ids, s)
-                yield sparse
+        # every per-shard aggregate is reduced in tasks: the driver gets one result per pass
+        hist_sparse, sums_sparse = map_reduce(pass_histogram, self.tasks(ctx, spec, strata), fold_histograms,
+                                              desc="select: histograms")
+        sums = dense_sums(sums_sparse, spec.n_groups)
 
         def n_keep(sizes: np.ndarray) -> np.ndarray:
             centroids = load_centroids(ctx.out) if self.select.balanced and self.select.budget == "dbp" else None
@@ -251,10 +253,11 @@ class SelectStage(Stage):
 
         cost = cuts.CutStats()
         found, hist = cuts.exact_cuts(
-            spec, edges, histograms(),
+            spec, edges, [hist_sparse],
             lambda window: run_tasks(pass_boundary, self.tasks(ctx, ray.put(window), strata), desc="select: cut bins"),
             n_keep,
-            refine=lambda step: run_tasks(pass_refine, self.tasks(ctx, ray.put(step), strata), desc="select: refine bins"),
+            refine=lambda step: [map_reduce(pass_refine, self.tasks(ctx, ray.put(step), strata), cuts.fold_sparse,
+                                            desc="select: refine bins")],
             stats=cost,
         )
         stats = SelectStats(edges, refine_passes=cost.refine_passes, boundary_values=cost.boundary_values)

@@ -28,7 +28,7 @@ from prune.evaluate.layout import (
     fraction_label,
 )
 from prune.select import cuts
-from prune.select.budgets import ClusterStats, divisor_allocations
+from prune.select.budgets import ClusterStats, dense_sums, distance_sums, divisor_allocations
 from prune.select.policies import block_priorities, policy_class, selection_groups
 from prune.select.settings import SelectConfig
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
@@ -99,7 +99,7 @@ def select_bands(
         blocks.append((rows, prio, groups))
     edges = sorted(float(f) for f in keep_fractions)
     groups_all = np.asarray(cluster, np.int64) if balanced else np.zeros(len(keys), np.int64)
-    sums = np.bincount(groups_all, weights=np.asarray(distance, np.float64), minlength=spec.n_groups)
+    sums = dense_sums(distance_sums(groups_all, distance), spec.n_groups)  # as the select stage adds them
 
     def n_keep(sizes):
         return settings.make_budget().allocate(sizes, edges, ClusterStats(sizes, sums, centroids), seed)

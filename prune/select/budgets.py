@@ -163,6 +163,26 @@ def divisor_allocation(weights, caps, budget: int, floors=None, order=None) -> n
     return divisor_allocations(weights, caps, [budget], floors, order)[:, 0]
 
 
+SUM_SCALE = 2.0**32  # distance sums in fixed point: integers add exactly, in any order and grouping
+
+
+def distance_sums(groups: np.ndarray, distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One block's per-group sums of distance, sparse (group ids, int64 sums of distance × 2^32
+    rounded): blocks reduced in any grouping give the same sums, so the same budgets."""
+    ids, inverse = np.unique(np.asarray(groups, np.int64), return_inverse=True)
+    out = np.zeros(len(ids), np.int64)
+    np.add.at(out, inverse, np.round(np.asarray(distance, np.float64) * SUM_SCALE).astype(np.int64))
+    return ids, out
+
+
+def dense_sums(sparse: tuple[np.ndarray, np.ndarray], n_groups: int) -> np.ndarray:
+    """`distance_sums` (summed over blocks) -> float64 [n_groups] for `ClusterStats`."""
+    ids, fixed = sparse
+    sums = np.zeros(n_groups)
+    sums[ids] = fixed / SUM_SCALE
+    return sums
+
+
 @dataclass(frozen=True)
 class ClusterStats:
     """What budgets may need of the clusters (cluster c at index c)."""

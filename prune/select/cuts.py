@@ -65,6 +65,21 @@ def sparse_histogram(prio: np.ndarray, groups: np.ndarray, spec: HistogramSpec) 
     return np.unique(flat, return_counts=True)
 
 
+def fold_sparse(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several blocks' sparse counts added into one (exact in any grouping: a reduce in tasks)."""
+    parts = list(parts)
+    idx = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64)
+    counts = np.concatenate([c for _, c in parts]) if parts else np.zeros(0, np.int64)
+    keys, inverse = np.unique(idx, return_inverse=True)
+    return keys, _sum_int(inverse, counts, len(keys))
+
+
+def _sum_int(inverse: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, np.int64)
+    np.add.at(out, inverse, np.asarray(values, np.int64))
+    return out
+
+
 def add_sparse(hist: np.ndarray, sparse: tuple[np.ndarray, np.ndarray]) -> None:
     """Add a shard's sparse histogram into the driver's dense [n_groups, bins] sum, in place."""
     idx, counts = sparse
