@@ -398,14 +398,18 @@ def test_pipeline_refines_and_logs_iterations(ray_cluster, run_copy, tmp_path):
     second = tmp_path / "second"
     shutil.copytree(run_copy, second)
     (second / "prototypes" / "kmeans.json").unlink()  # force a refit
-    # this time the sample fit runs in a Ray task (on 1 thread, as faiss does in this module)
-    cfg2 = validate_config(cfg.model_dump() | {"output": str(second)} | {"kmeans": cfg.kmeans.model_dump() | {"fit_num_cpus": 1}})
+    # this time the sample fit runs in a Ray task (on 1 thread, as faiss does in this module), and
+    # every pass re-reads Parquet where the first run kept its blocks in the object store
+    assert meta["refine_cache"] is True  # small: cached by default
+    cfg2 = validate_config(cfg.model_dump() | {"output": str(second)} | {"kmeans": cfg.kmeans.model_dump() | {
+        "fit_num_cpus": 1, "refine_cache": False}})
     stage = PrototypesStage.from_config(cfg2)
     ctx = Context(OutputDir(str(second)), resolve_shards(cfg2.input))
     ctx.fingerprint = stage_fingerprint(stage, manifest["embed_fingerprint"], ctx)
     assert stage.complete(ctx) is None  # kmeans.json gone: the stage refits, it does not reuse
     meta2 = stage.run(ctx).kmeans
     assert stage.complete(ctx) is not None and meta2["refine"]["log"] == [e | {"seconds": e2["seconds"]} for e, e2 in zip(refine["log"], meta2["refine"]["log"])]
+    assert meta2["refine_cache"] is False
     np.testing.assert_array_equal(np.load(second / "prototypes" / "centroids.npy"), centroids)
 
 

@@ -114,21 +114,44 @@ def refine_memory(k: int, d: int, block_rows: int | None = None) -> int:
 REDUCE_FAN_IN = 8  # refine results one reduce task folds (each holds a k x d int64 total and one part)
 
 
+CACHE_SHARE = 0.25  # refine_cache=None: cache when the float32 blocks fit in this share of the object store
+
+
 @dataclass(frozen=True)
 class RefineTask:
     out: OutputDir
     blocks: list  # (block id, shard) pairs: the block id is the shard's position, the candidates' tie-break
     centroids: object  # an ObjectRef shared by every task of the pass (or the array itself)
+    cached: object = None  # an ObjectRef of `load_blocks`' output for these blocks; None: read Parquet
+
+
+def load_block(out: OutputDir, shard: str) -> np.ndarray:
+    """One shard's ok, finite embeddings as float32 (NaN rows have no nearest centroid, as in the sample)."""
+    _, x = ok_matrix(read_embeddings(out, shard, columns=[schema.STATUS, schema.EMBEDDING]))
+    return x[np.isfinite(x).all(axis=1)]
+
+
+def load_blocks(task: RefineTask) -> list:
+    """A refine task's blocks, read once and kept in the object store for every pass."""
+    return [load_block(task.out, shard) for _, shard in task.blocks]
+
+
+def use_cache(kc: KMeansConfig, n_rows: int, d: int) -> bool:
+    if kc.refine_cache is not None:
+        return kc.refine_cache
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return n_rows * d * 4 <= CACHE_SHARE * store
 
 
 def refine_all(
     kc: KMeansConfig, out: OutputDir, shards: list[str], centroids: np.ndarray, meta: dict,
-    on_iteration=None, block_rows: int | None = None,
+    on_iteration=None, block_rows: int | None = None, n_rows: int | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Distributed Lloyd over every ok embedding of `shards` (sorted), from the sample fit's centroids.
 
     `on_iteration(log_entry)` is called after each update (progress, benchmarks). `block_rows`: the
-    ok rows of the largest shard (default `DEFAULT_BLOCK_ROWS`), for the tasks' memory reservation."""
+    ok rows of the largest shard (default `DEFAULT_BLOCK_ROWS`), for the tasks' memory reservation;
+    `n_rows`: all ok rows, to decide whether the blocks stay cached (`kmeans.refine_cache`)."""
     g = kc.refine_shards_per_task
     blocks = list(enumerate(shards))
     groups = [blocks[i : i + g] for i in range(0, len(blocks), g)]
@@ -141,10 +164,16 @@ def refine_all(
             memory / 1e9, *centroids.shape, largest / 1e9,
         )
     passes = itertools.count(1)
+    cached = [None] * len(groups)
+    if use_cache(kc, n_rows if n_rows is not None else len(shards) * DEFAULT_BLOCK_ROWS, centroids.shape[1]):
+        # read once: later passes take the float32 blocks from the object store, zero-copy (a block
+        # lost with its node is rebuilt by Ray from the task that made it)
+        cached = submit_bounded(load_blocks, [RefineTask(out, grp, None) for grp in groups])
+    meta = meta | {"refine_cache": cached[0] is not None} if groups else meta
 
     def map_blocks(c: np.ndarray):
         ref = ray.put(c)  # shipped once per iteration, shared by every task
-        tasks = [RefineTask(out, grp, ref) for grp in groups]
+        tasks = [RefineTask(out, grp, ref, cache) for grp, cache in zip(groups, cached)]
         # the k x d sums are folded in tasks: one result per pass reaches the driver, whatever the
         # number of tasks (exact fixed-point sums: the same centroids in any grouping)
         total = map_reduce(refine_blocks, tasks, lloyd.reduce_stats, fan_in=REDUCE_FAN_IN,
@@ -162,9 +191,9 @@ def refine_blocks(task: RefineTask) -> lloyd.BlockStats:
     c = resolve(task.centroids)
     index = lloyd.centroid_index(c)
     total = None
-    for block_id, shard in task.blocks:
-        _, x = ok_matrix(read_embeddings(task.out, shard, columns=[schema.STATUS, schema.EMBEDDING]))
-        x = x[np.isfinite(x).all(axis=1)]  # as the sample: a NaN row has no nearest centroid
+    blocks = resolve(task.cached) if task.cached is not None else None
+    for i, (block_id, shard) in enumerate(task.blocks):
+        x = blocks[i] if blocks is not None else load_block(task.out, shard)
         part = lloyd.block_stats(x, c, block_id=block_id, index=index)
         del x
         # block_stats returns fresh arrays, owned here: the total is added into without a copy
@@ -209,7 +238,7 @@ class PrototypesStage(Stage):
         centroids, meta = fit_sample(kc, tasks, k)
         if kc.refine_iters:
             centroids, meta = refine_all(kc, out, [s for s in sorted(ctx.shards) if counts[s]], centroids, meta,
-                                         block_rows=max(counts.values()))
+                                         block_rows=max(counts.values()), n_rows=n_ok)
         meta |= {"fingerprint": ctx.fingerprint, "n_ok_total": n_ok, "k_default_used": kc.k is None}
         # the metadata (with the fingerprint) is removed first and written last: a crash between
         # the two writes must not leave another run's metadata vouching for these centroids

@@ -22,11 +22,14 @@ class KMeansConfig(Section):
     refine_iters: int = Field(0, ge=0)  # Lloyd passes over all embeddings after the sample fit (0: off)
     refine_tol: float = Field(1e-4, ge=0.0)  # stop when the objective changes by at most this, relatively
     refine_shards_per_task: int = Field(1, ge=1)  # shards one refinement task reduces before returning
+    # keep each refine task's embeddings in Ray's object store (float32) across passes instead of
+    # re-reading Parquet every pass; None: when they take at most a quarter of the object store
+    refine_cache: Optional[bool] = None
     assign_concurrency: int = Field(2, ge=1)
 
 
 # settings that only place work: the exact reduce makes the centroids independent of them
-PLACEMENT_ONLY = {"assign_concurrency", "refine_shards_per_task"}
+PLACEMENT_ONLY = {"assign_concurrency", "refine_shards_per_task", "refine_cache"}
 
 
 def kmeans_settings(k: KMeansConfig) -> dict:
