@@ -59,7 +59,7 @@ def embed_all(embedder, crops: np.ndarray, batch: int = 512) -> np.ndarray:
 def checkpoints(run_dir: str) -> list[tuple[int, float, str]]:
     """(epoch, loss, directory) of every end-of-epoch checkpoint of a train-encoder output."""
     found = []
-    for d in glob.glob(os.path.join(run_dir, "ray_train", "*", "checkpoint_*")):
+    for d in glob.glob(os.path.join(run_dir, "ray_train", "*", "checkpoint_*/")):
         with open(os.path.join(d, "train_state.json")) as f:
             state = json.load(f)
         if state.get("epoch_done") and state["history"]:
@@ -68,7 +68,7 @@ def checkpoints(run_dir: str) -> list[tuple[int, float, str]]:
 
 
 def curve(args) -> None:
-    first = checkpoints(args.curve)
+    first = [c for c in checkpoints(args.curve) if not args.epochs or c[0] in args.epochs]
     if not first:
         raise SystemExit(f"no end-of-epoch checkpoint under {args.curve}/ray_train/")
     spec = make_embedder(EmbedConfig(backend="local", pretrained=first[0][2], precision="fp32")).preprocess
@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--curve", help="a train-encoder output directory: score each kept checkpoint")
     p.add_argument("--probe", action="store_true", help="with --curve: the linear probe too (slower)")
+    p.add_argument("--epochs", type=int, nargs="*", help="with --curve: only these epochs (default: every one kept)")
     args = p.parse_args()
     if args.curve:
         return curve(args)
