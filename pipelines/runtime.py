@@ -65,6 +65,8 @@ def connect(cfg: RayConfig) -> str:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         address = cfg.address or os.environ["RAY_ADDRESS"]
         ray.init(address=address, **quiet)
+        if address == "local":
+            _reap_with_this_process()
         return f"address:{address}"
     running = live_local_cluster()
     if running:
@@ -76,7 +78,20 @@ def connect(cfg: RayConfig) -> str:
     if cfg.object_store_memory:
         extra["object_store_memory"] = cfg.object_store_memory
     ray.init(address="local", include_dashboard=False, **quiet, **extra)
+    _reap_with_this_process()
     return "local"
+
+
+_REAPERS: list = []  # held for the life of the process: their pipes close when it ends
+
+
+def _reap_with_this_process() -> None:
+    """The local Ray just started dies with this driver, even a killed one (pipelines/reaper.py)."""
+    from . import reaper
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        _REAPERS.append(reaper.watch(node.get_session_dir_path()))
 
 
 _LAZY: dict = {}  # the RayConfig a job deferred its connection with, and how it connected

@@ -1,0 +1,179 @@
+"""Faults at every stage: worker nodes lost during refinement, assign and write; a driver killed
+at a random moment, then run again. Outputs must equal an undisturbed run's, and a killed driver
+must leave no Ray process of its own behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import ray
+import yaml
+
+from prune import schema
+
+from .conftest import REPO, assert_same_results, small_config, subprocess_env
+
+RUN_TIMEOUT_S = 300
+
+
+def _actor_nodes(class_part: str) -> set[str]:
+    return {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+            if class_part in a["ActorClassName"] and a["State"] == "ALIVE"}
+
+
+def test_worker_lost_between_refine_passes_rebuilds_the_cached_blocks(pipeline_run, local_cluster):
+    """Refinement keeps every task's blocks in the object stores of the nodes that read them. A
+    worker node is killed after the first pass: the later passes need its blocks, which Ray
+    rebuilds from the tasks that made them. The centroids equal an in-process reduce's, bit for bit."""
+    from pipelines.stages.prototypes import RefineTask, ShardTask, count_ok, refine_all, refine_blocks
+    from prune.cluster import lloyd
+    from prune.cluster.settings import KMeansConfig
+    from prune.io.storage import OutputDir
+    from prune.io.tables import load_centroids
+
+    cluster, workers = local_cluster({"num_cpus": 0}, [{"num_cpus": 1}] * 3)
+    out = OutputDir(str(pipeline_run["out"]))
+    shards = sorted(p.name[: -len(".parquet")] for p in (pipeline_run["out"] / "embeddings").glob("*.parquet"))
+    shards = [s for s in shards if count_ok(ShardTask(out, s))[1]]
+    c0 = np.roll(load_centroids(out), 1, axis=1)  # off the fit: every pass has work to do
+    kc = KMeansConfig(refine_iters=4, refine_tol=0.0, refine_cache=True)
+    killed = []
+
+    def after_pass(entry):
+        if not killed:
+            cluster.remove_node(workers[0], allow_graceful=False)
+            killed.append(entry["iteration"])
+
+    ours, meta = refine_all(kc, out, shards, c0, {}, on_iteration=after_pass)
+    assert killed == [0] and meta["refine_cache"]  # after the first pass (iterations count from 0) and meta["refine"]["iterations"] == 4
+
+    def one_by_one(c):
+        return (refine_blocks(RefineTask(out, [(i, s)], c)) for i, s in enumerate(shards))
+
+    reference, _ = lloyd.refine(c0, one_by_one, 4, 0.0)
+    np.testing.assert_array_equal(ours, reference)
+
+
+def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_cluster, tmp_path):
+    """Driver alone on the head; three 1-CPU workers. The node holding the assign actor is killed
+    while assign runs, another once write has finished a fragment."""
+    cluster, workers = local_cluster({"num_cpus": 0}, [{"num_cpus": 1}] * 3)
+    out = tmp_path / "out"
+    shutil.copytree(pipeline_run["out"], out)
+    for stale in ("scores", "pruned", "manifest.json", "prototypes"):  # embeddings reused; the rest made again
+        shutil.rmtree(out / stale, ignore_errors=True) if stale != "manifest.json" else (out / stale).unlink()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small_config(shards_dir["dir"], out)))
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config)], cwd=REPO,
+                                # unbuffered: a progress bar's redraw (\r, no newline) reaches the log at once
+                                env=subprocess_env(PYTHONPATH=REPO, RAY_ADDRESS=cluster.address, PYTHONUNBUFFERED="1"),
+                                stdout=log, stderr=subprocess.STDOUT)
+    alive = list(workers)
+    killed: dict[str, str] = {}  # stage -> the log's last stage line when its node was killed
+
+    def kill(stage: str, node_ids=None) -> None:
+        victim = next((w for w in alive if node_ids is None or w.node_id in node_ids), None)
+        if victim is not None:
+            cluster.remove_node(victim, allow_graceful=False)
+            alive.remove(victim)
+            killed[stage] = log_path.read_text()
+
+    try:
+        deadline = time.time() + RUN_TIMEOUT_S
+        while proc.poll() is None and time.time() < deadline:
+            text = log_path.read_text()
+            if "assign" not in killed and "stage prototypes:" in text and _actor_nodes("AssignShards"):
+                kill("assign", _actor_nodes("AssignShards"))
+            elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/done/*.json"):
+                kill("write")
+            time.sleep(0.05)
+    finally:
+        hung = proc.poll() is None
+        if hung:
+            proc.kill()
+        proc.wait()
+    tail = log_path.read_text()[-6000:]
+    assert not hung, f"the run did not finish in {RUN_TIMEOUT_S}s after {sorted(killed)} were hit:\n{tail}"
+    assert proc.returncode == 0, f"the run failed after nodes were lost during {sorted(killed)}:\n{tail}"
+    assert set(killed) == {"assign", "write"}, f"only {sorted(killed)} were hit:\n{tail}"
+    for stage, text in killed.items():  # each kill fell inside its stage: it had not reported its end
+        assert f"stage {stage}:" not in text, f"the {stage} node was killed after the stage ended"
+    assert_same_results(out, pipeline_run["out"])
+    assert not os.path.exists(f"{out}/{schema.STAGING_DIR}")
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc: a child's parent is the 4th field of its stat)."""
+    children: dict[int, list[int]] = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # a zombie is dead, only not reaped yet
+            children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    found, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    left = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    left.add(pid)
+        except OSError:
+            continue
+    return left
+
+
+@pytest.mark.parametrize("seed", [0])
+def test_driver_killed_at_a_random_moment_then_run_again(pipeline_run, shards_dir, tmp_path, seed):
+    """`ssl-prune run` with its own local Ray, SIGKILLed at a random moment of its run: none of the
+    Ray processes it started outlives it, the re-run takes over its lock and the outputs equal the
+    undisturbed run's."""
+    out = tmp_path / "out"
+    config = tmp_path / "run.yaml"
+    # a Ray of its own (not a cluster another test left on this machine)
+    config.write_text(yaml.safe_dump(small_config(shards_dir["dir"], out) | {"ray": {"address": "local"}}))
+    env = subprocess_env(PYTHONPATH=REPO)
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(config)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    delay = random.Random(seed).uniform(4.0, 20.0)  # Ray up, inside embed or a later stage
+    try:
+        proc.wait(timeout=delay)
+        pytest.skip(f"the run ended in under {delay:.1f}s")
+    except subprocess.TimeoutExpired:
+        mine = _descendants(proc.pid)  # the raylet, GCS and workers it started
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert len(mine) >= 3, f"the driver had started only {len(mine)} processes: was Ray up?"
+    deadline = time.time() + 15  # Ray's agents alone would wait about a minute on the dead GCS
+    while time.time() < deadline and _alive(mine):
+        time.sleep(0.5)
+    left = _alive(mine)
+    assert not left, f"Ray processes outlived the killed driver: {sorted(left)}"
+    assert not (out / schema.MANIFEST).exists()  # it never finished
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert_same_results(out, pipeline_run["out"])
+    assert not os.path.exists(f"{out}/{schema.STAGING_DIR}")
