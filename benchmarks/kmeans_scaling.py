@@ -98,13 +98,14 @@ def prepare(n: int, d: int, k: int, root: str) -> dict:
     shards = write_shards(out, x)
     sample = x[np.random.default_rng(1).choice(n, n // 10, replace=False)]
     c0, _ = fit_spherical_kmeans(sample, k, niter=10, seed=0)
-    return {"n": n, "x": x, "out": out, "shards": shards, "c0": c0, "wall": [], "cpu": [], "cached_wall": [],
+    return {"n": n, "x": x, "out": out, "shards": shards, "c0": c0, "shards_per_task": 1, "wall": [], "cpu": [], "cached_wall": [],
             "cached_cpu": [], "faiss_wall": [], "faiss_cpu": []}
 
 
 def run_ours(case: dict, iters: int, cache: bool) -> tuple[np.ndarray, dict]:
     """The pipeline's refinement; per-iteration wall and CPU seconds (but the first's) appended."""
-    kc = KMeansConfig(refine_iters=iters, refine_tol=0.0, refine_shards_per_task=1, refine_cache=cache)
+    kc = KMeansConfig(refine_iters=iters, refine_tol=0.0, refine_shards_per_task=case["shards_per_task"],
+                      refine_cache=cache)
     last = [cpu_seconds()]
     prefix = "cached_" if cache else ""
     seen = [0]
@@ -156,6 +157,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=6, help="iterations of the objective runs")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds over all sizes, 3 iterations each")
     ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--shards-per-task", type=int, default=1, help="kmeans.refine_shards_per_task")
     ap.add_argument("--save", default=None, help="also write the table to this file")
     args = ap.parse_args()
 
@@ -164,7 +166,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     root = tempfile.mkdtemp(prefix="kmeans_scaling_")
     try:
-        cases = [prepare(n, args.dim, args.k, root) for n in args.sizes]
+        cases = [prepare(n, args.dim, args.k, root) | {"shards_per_task": args.shards_per_task} for n in args.sizes]
         rows = [objectives(c, args.iters, own_init=c is cases[-1]) for c in cases]
         for _ in range(args.rounds):  # sizes interleaved: a busy spell on the machine hits them all
             for c in cases:
@@ -194,7 +196,8 @@ def report(rows: list[dict], args, load_before: float, load_after: float) -> str
 
     lines = [
         f"spherical k-means, d={args.dim}, k={args.k}, from the same sample-fit centroids, {args.num_cpus} CPUs. "
-        f"Ours: the pipeline's refinement, Ray tasks (1 CPU each) over {SHARD_ROWS:,}-row Parquet shards on "
+        f"Ours: the pipeline's refinement, Ray tasks (1 CPU each, {args.shards_per_task} shard(s) per task) over "
+        f"{SHARD_ROWS:,}-row Parquet shards on "
         f"local disk, re-read every pass or cached in the object store; faiss: faiss.Kmeans, {args.num_cpus} "
         f"OpenMP threads, data in memory. faiss {faiss.__version__}, ray {ray.__version__}. Load average "
         f"{load_before:.1f} before, {load_after:.1f} after (the machine is shared).",
