@@ -33,6 +33,28 @@ SHARD_INDEX = "__shard"  # staged rows: the index of the input shard a row belon
 VECTOR = "__vector"  # staged rows: the vector as stored (float32), normalized when aligned
 
 
+def write_imported(out: OutputDir, shard: str, url: str, fp: str, model_id: str, keys: pa.Array, unit: np.ndarray,
+                   ok: np.ndarray, status: np.ndarray, carried: pa.Table | None, shard_error: str = "") -> None:
+    """What the import stage makes of one unit of work, joined to a tar or not: embeddings/NNNNN.parquet
+    (unit-norm float16, null where not ok, stamped like the embed stage's) and, when columns are
+    carried, imported/NNNNN.parquet."""
+    dim = unit.shape[1]
+    flat = pa.array(np.where(ok[:, None], unit, 0).astype(np.float16).reshape(-1), pa.float16())
+    table = pa.table({schema.KEY: keys, schema.SHARD: pa.array([shard] * len(keys), pa.string()),
+                      schema.STATUS: pa.array(status, pa.string()),
+                      schema.EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))},
+                     schema=schema.embeddings_schema(dim))
+    if carried is not None and carried.num_columns:
+        with out.open_atomic(schema.IMPORTED_DIR, schema.shard_file(shard)) as f:
+            pq.write_table(carried.add_column(0, schema.KEY, keys), f)
+    meta = {schema.META_EMBED_FINGERPRINT: fp.encode(), schema.META_MODEL_ID: model_id.encode(),
+            schema.META_SOURCE_URL: url.encode()}
+    if shard_error:  # the tar gave no sample: said as the embed stage says it
+        meta[schema.META_SHARD_ERROR] = shard_error.encode()
+    with out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
+        pq.write_table(table.replace_schema_metadata(meta), f)
+
+
 @dataclass(frozen=True)
 class KeysTask:
     out: OutputDir
@@ -74,7 +96,7 @@ def route_part(task: RouteTask) -> dict:
     rows, where = ranges.route(keys)  # grouped by shard; a row may go to more than one
     dim = vectors.shape[1]
     flat = pa.array(vectors[rows].reshape(-1), pa.float32())
-    table = pa.table({schema.KEY: pa.array([keys[i] for i in rows], pa.string()),
+    table = pa.table({schema.KEY: pa.array(keys, pa.string()).take(pa.array(rows)),
                       SHARD_INDEX: pa.array(where, pa.int32()),
                       VECTOR: pa.FixedSizeListArray.from_arrays(flat, max(dim, 1)) if dim else pa.nulls(len(rows))})
     for name in carried.column_names:
@@ -102,12 +124,8 @@ class AlignTask:
 
 def align_shard(task: AlignTask) -> dict:
     """One input shard's embeddings/NNNNN.parquet (and imported/), rows in the tar's key order."""
-    meta = {schema.META_EMBED_FINGERPRINT: task.fp.encode(), schema.META_MODEL_ID: task.model_id.encode(),
-            schema.META_SOURCE_URL: task.url.encode()}
     keys, tar_status = [], np.array([], object)
-    if task.error:
-        meta[schema.META_SHARD_ERROR] = task.error.encode()
-    else:
+    if not task.error:
         with task.out.open(task.staging, "keys", f"{task.shard}.parquet") as f:
             listed = pq.read_table(f)
         keys = listed.column(schema.KEY).to_pylist()
@@ -133,16 +151,7 @@ def align_shard(task: AlignTask) -> dict:
     status = np.where(ok, schema.STATUS_OK, np.where(found, schema.STATUS_BAD_EMBEDDING, schema.STATUS_NO_IMPORTED))
     spoiled = tar_status != schema.STATUS_OK  # the tar's own word first: write could not copy these
     status, ok = np.where(spoiled, tar_status, status), ok & ~spoiled
-    unit[~ok] = 0
-    flat = pa.array(unit.astype(np.float16).reshape(-1), pa.float16())
-    table = pa.table({schema.KEY: pa.array(keys, pa.string()), schema.SHARD: pa.array([task.shard] * n, pa.string()),
-                      schema.STATUS: pa.array(status, pa.string()),
-                      schema.EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))},
-                     schema=schema.embeddings_schema(dim))
-    if carried is not None and carried.num_columns:
-        with task.out.open_atomic(schema.IMPORTED_DIR, schema.shard_file(task.shard)) as f:
-            pq.write_table(carried.add_column(0, schema.KEY, pa.array(keys, pa.string())), f)
-    with task.out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(task.shard)) as f:
-        pq.write_table(table.replace_schema_metadata(meta), f)
+    write_imported(task.out, task.shard, task.url, task.fp, task.model_id, pa.array(keys, pa.string()), unit, ok,
+                   status, carried, task.error)
     return {"samples": n, "matched": int(found.sum()), "invalid": int((status == schema.STATUS_BAD_EMBEDDING).sum()),
             "missing": int((status == schema.STATUS_NO_IMPORTED).sum())}

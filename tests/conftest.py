@@ -13,6 +13,8 @@ import math
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -33,6 +35,27 @@ def subprocess_env(**extra) -> dict:
     """This environment for a child process, without RAY_ADDRESS (it would join whatever Ray that
     names instead of the one the test means), plus `extra`."""
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | extra
+
+
+def watch_cli_run(config, log_path, tick, timeout_s: float, **env) -> tuple[int | None, bool]:
+    """`ssl-prune run CONFIG` in a process of its own (unbuffered: a progress bar's redraw reaches
+    `log_path` at once), `tick()` called every 50 ms while it runs -> (exit code, hung). A run
+    that outlasts `timeout_s` is killed, so nothing of it goes on using Ray after the test."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config)], cwd=REPO,
+                                env=subprocess_env(PYTHONPATH=REPO, PYTHONUNBUFFERED="1", **env), stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout_s
+        while proc.poll() is None and time.time() < deadline:
+            tick()
+            time.sleep(0.05)
+    finally:
+        hung = proc.poll() is None
+        if hung:
+            proc.kill()
+        proc.wait()
+    return proc.returncode, hung
 
 
 def n_keep(f: float, n: int) -> int:

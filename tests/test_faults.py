@@ -20,7 +20,7 @@ import yaml
 
 from prune import schema
 
-from .conftest import REPO, assert_same_results, small_config, subprocess_env
+from .conftest import REPO, assert_same_results, small_config, subprocess_env, watch_cli_run
 
 RUN_TIMEOUT_S = 300
 
@@ -54,7 +54,8 @@ def test_worker_lost_between_refine_passes_rebuilds_the_cached_blocks(pipeline_r
             killed.append(entry["iteration"])
 
     ours, meta = refine_all(kc, out, shards, c0, {}, on_iteration=after_pass)
-    assert killed == [0] and meta["refine_cache"]  # after the first pass (iterations count from 0) and meta["refine"]["iterations"] == 4
+    # killed after the first pass (iterations count from 0), and every pass ran
+    assert killed == [0] and meta["refine_cache"] and meta["refine"]["iterations"] == 4
 
     def one_by_one(c):
         return (refine_blocks(RefineTask(out, [(i, s)], c)) for i, s in enumerate(shards))
@@ -69,18 +70,14 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
     cluster, workers = local_cluster({"num_cpus": 0}, [{"num_cpus": 1}] * 3)
     out = tmp_path / "out"
     shutil.copytree(pipeline_run["out"], out)
-    for stale in ("scores", "pruned", "manifest.json", "prototypes"):  # embeddings reused; the rest made again
-        shutil.rmtree(out / stale, ignore_errors=True) if stale != "manifest.json" else (out / stale).unlink()
+    for stale in ("scores", "pruned", "prototypes"):  # embeddings reused; the rest made again
+        shutil.rmtree(out / stale)
+    (out / schema.MANIFEST).unlink()
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(small_config(shards_dir["dir"], out)))
     log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config)], cwd=REPO,
-                                # unbuffered: a progress bar's redraw (\r, no newline) reaches the log at once
-                                env=subprocess_env(PYTHONPATH=REPO, RAY_ADDRESS=cluster.address, PYTHONUNBUFFERED="1"),
-                                stdout=log, stderr=subprocess.STDOUT)
     alive = list(workers)
-    killed: dict[str, str] = {}  # stage -> the log's last stage line when its node was killed
+    killed: dict[str, str] = {}  # stage -> the log as it was when its node was killed
 
     def kill(stage: str, node_ids=None) -> None:
         victim = next((w for w in alive if node_ids is None or w.node_id in node_ids), None)
@@ -89,23 +86,18 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
             alive.remove(victim)
             killed[stage] = log_path.read_text()
 
-    try:
-        deadline = time.time() + RUN_TIMEOUT_S
-        while proc.poll() is None and time.time() < deadline:
-            text = log_path.read_text()
-            if "assign" not in killed and "stage prototypes:" in text and _actor_nodes("AssignShards"):
-                kill("assign", _actor_nodes("AssignShards"))
-            elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/done/*.json"):
-                kill("write")
-            time.sleep(0.05)
-    finally:
-        hung = proc.poll() is None
-        if hung:
-            proc.kill()
-        proc.wait()
+    def kill_in_assign_then_write() -> None:
+        text = log_path.read_text()
+        if "assign" not in killed and "stage prototypes:" in text and _actor_nodes("AssignShards"):
+            kill("assign", _actor_nodes("AssignShards"))
+        elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/done/*.json"):
+            kill("write")
+
+    returncode, hung = watch_cli_run(config, log_path, kill_in_assign_then_write, RUN_TIMEOUT_S,
+                                     RAY_ADDRESS=cluster.address)
     tail = log_path.read_text()[-6000:]
     assert not hung, f"the run did not finish in {RUN_TIMEOUT_S}s after {sorted(killed)} were hit:\n{tail}"
-    assert proc.returncode == 0, f"the run failed after nodes were lost during {sorted(killed)}:\n{tail}"
+    assert returncode == 0, f"the run failed after nodes were lost during {sorted(killed)}:\n{tail}"
     assert set(killed) == {"assign", "write"}, f"only {sorted(killed)} were hit:\n{tail}"
     for stage, text in killed.items():  # each kill fell inside its stage: it had not reported its end
         assert f"stage {stage}:" not in text, f"the {stage} node was killed after the stage ended"

@@ -7,8 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -18,13 +16,12 @@ import yaml
 from prune import schema
 
 from .conftest import (
-    REPO,
     assert_same_results,
     embed_actor_nodes,
     read_pruned,
     read_scores,
     small_config,
-    subprocess_env,
+    watch_cli_run,
 )
 
 RUN_TIMEOUT_S = 300
@@ -41,29 +38,22 @@ def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, s
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(small_config(shards_dir["dir"], out, **{"embed.shards_per_round": 3})))
     log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config)], cwd=REPO,
-                                env=subprocess_env(PYTHONPATH=REPO, RAY_ADDRESS=cluster.address), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        killed = None
-        deadline = time.time() + RUN_TIMEOUT_S
-        while proc.poll() is None and time.time() < deadline:
-            if killed is None and glob.glob(f"{out}/{schema.EMBEDDINGS_DIR}/*.parquet"):
-                node_id = next((n for n, states in embed_actor_nodes().items() if "ALIVE" in states), None)
-                victim = next((w for w in workers if w.node_id == node_id), None)
-                if victim is not None:
-                    cluster.remove_node(victim, allow_graceful=False)
-                    killed, killed_at = node_id, time.time()
-            time.sleep(0.2)
-    finally:
-        hung = proc.poll() is None
-        if hung:
-            proc.kill()
-        proc.wait()
+    killed, killed_at = None, None
+
+    def kill_the_embed_node() -> None:
+        nonlocal killed, killed_at
+        if killed is None and glob.glob(f"{out}/{schema.EMBEDDINGS_DIR}/*.parquet"):
+            node_id = next((n for n, states in embed_actor_nodes().items() if "ALIVE" in states), None)
+            victim = next((w for w in workers if w.node_id == node_id), None)
+            if victim is not None:
+                cluster.remove_node(victim, allow_graceful=False)
+                killed, killed_at = node_id, time.time()
+
+    returncode, hung = watch_cli_run(config, log_path, kill_the_embed_node, RUN_TIMEOUT_S, RAY_ADDRESS=cluster.address)
     run_log = log_path.read_text()[-6000:]
     if hung:
         pytest.fail(f"the run did not finish in {RUN_TIMEOUT_S}s (node killed: {killed is not None}); killed it. Its log:\n{run_log}")
-    assert proc.returncode == 0, f"the run failed (exit {proc.returncode}) after the node was lost:\n{run_log}"
+    assert returncode == 0, f"the run failed (exit {returncode}) after the node was lost:\n{run_log}"
     assert killed, "the run finished before a node could be killed"
     embed_actors = [a for a in ray._private.state.actors().values() if "EmbedActor" in a["ActorClassName"]]
     print(f"killed node {killed[:8]} {time.time() - killed_at:.1f}s before the run ended; embed actors: "

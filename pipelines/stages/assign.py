@@ -60,7 +60,7 @@ class AssignShards:
         results = [self.assign_one(str(s), str(u)) for s, u in zip(batch[schema.SHARD], batch["url"])]
         return {"shard": np.array([s for s, _ in results]), "reused": np.array([r for _, r in results])}
 
-    def assign_one(self, shard: str, url: str = "") -> tuple[str, bool]:
+    def assign_one(self, shard: str, url: str) -> tuple[str, bool]:
         if assigned_with(self.out, shard, self.fp):
             return shard, True
         table = read_embeddings(self.out, shard)

@@ -19,7 +19,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from prune import schema
@@ -28,7 +27,7 @@ from prune.io.key_ranges import KeyRanges, KeysSayNoShard
 from prune.io.storage import InputError, OutputDir
 from prune.settings import ConfigError
 
-from ..import_join import AlignTask, KeysTask, RouteTask, align_shard, route_part, shard_range
+from ..import_join import AlignTask, KeysTask, RouteTask, align_shard, route_part, shard_range, write_imported
 from ..pending import mark_done, marked_stats, pending, stamped
 from ..runtime import run_tasks
 from ..stage import STAGES, Context, Stage
@@ -64,18 +63,9 @@ def import_part(task: ImportTask) -> dict:
     if vectors.shape[1] not in (0, dim):
         raise ValueError(f"{task.url}: embeddings of dimension {vectors.shape[1]}, the others' is {dim}")
     unit, ok = normalized(vectors if vectors.shape[1] else np.full((len(keys), dim), np.nan, np.float32))
-    flat = pa.array(unit.astype(np.float16).reshape(-1), pa.float16())
-    emb = pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))  # null where there is no direction
     status = np.where(ok, schema.STATUS_OK, schema.STATUS_BAD_EMBEDDING)
-    table = pa.Table.from_arrays([pa.array(keys, pa.string()), pa.array([task.shard] * len(keys), pa.string()),
-                                  pa.array(status, pa.string()), emb], schema=schema.embeddings_schema(dim))
-    if carried.num_columns:
-        with task.out.open_atomic(schema.IMPORTED_DIR, schema.shard_file(task.shard)) as f:
-            pq.write_table(carried.add_column(0, schema.KEY, pa.array(keys, pa.string())), f)
-    meta = {schema.META_EMBED_FINGERPRINT: task.fp.encode(), schema.META_MODEL_ID: task.model_id.encode(),
-            schema.META_SOURCE_URL: task.url.encode()}
-    with task.out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(task.shard)) as f:
-        pq.write_table(table.replace_schema_metadata(meta), f)
+    write_imported(task.out, task.shard, task.url, task.fp, task.model_id, pa.array(keys, pa.string()), unit, ok,
+                   status, carried)
     return {"samples": len(keys), "invalid": int((~ok).sum()), "dim": dim}
 
 

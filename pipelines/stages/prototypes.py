@@ -112,8 +112,6 @@ def refine_memory(k: int, d: int, block_rows: int | None = None) -> int:
 
 
 REDUCE_FAN_IN = 8  # refine results one reduce task folds (each holds a k x d int64 total and one part)
-
-
 CACHE_SHARE = 0.25  # refine_cache=None: cache when the float32 blocks fit in this share of the object store
 
 
@@ -169,7 +167,7 @@ def refine_all(
         # read once: later passes take the float32 blocks from the object store, zero-copy (a block
         # lost with its node is rebuilt by Ray from the task that made it)
         cached = submit_bounded(load_blocks, [RefineTask(out, grp, None) for grp in groups])
-    meta = meta | {"refine_cache": cached[0] is not None} if groups else meta
+    meta = meta | {"refine_cache": any(c is not None for c in cached)}
 
     def map_blocks(c: np.ndarray):
         ref = ray.put(c)  # shipped once per iteration, shared by every task

@@ -23,6 +23,7 @@ from typing import ClassVar
 import faiss
 import numpy as np
 
+from prune.select.cuts import fold_sparse
 from prune.settings import Registry
 
 MAX_CAP = 2**50  # keeps w/j distinct across seats j of a cluster, and j exact in a float64
@@ -168,11 +169,9 @@ SUM_SCALE = 2.0**32  # distance sums in fixed point: integers add exactly, in an
 
 def distance_sums(groups: np.ndarray, distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One block's per-group sums of distance, sparse (group ids, int64 sums of distance × 2^32
-    rounded): blocks reduced in any grouping give the same sums, so the same budgets."""
-    ids, inverse = np.unique(np.asarray(groups, np.int64), return_inverse=True)
-    out = np.zeros(len(ids), np.int64)
-    np.add.at(out, inverse, np.round(np.asarray(distance, np.float64) * SUM_SCALE).astype(np.int64))
-    return ids, out
+    rounded): blocks reduced in any grouping (`cuts.fold_sparse`) give the same sums, so the same budgets."""
+    fixed = np.round(np.asarray(distance, np.float64) * SUM_SCALE).astype(np.int64)
+    return fold_sparse([(np.asarray(groups, np.int64), fixed)])
 
 
 def dense_sums(sparse: tuple[np.ndarray, np.ndarray], n_groups: int) -> np.ndarray:

@@ -71,13 +71,9 @@ def fold_sparse(parts: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndar
     idx = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64)
     counts = np.concatenate([c for _, c in parts]) if parts else np.zeros(0, np.int64)
     keys, inverse = np.unique(idx, return_inverse=True)
-    return keys, _sum_int(inverse, counts, len(keys))
-
-
-def _sum_int(inverse: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n, np.int64)
-    np.add.at(out, inverse, np.asarray(values, np.int64))
-    return out
+    total = np.zeros(len(keys), np.int64)
+    np.add.at(total, inverse, np.asarray(counts, np.int64))
+    return keys, total
 
 
 def add_sparse(hist: np.ndarray, sparse: tuple[np.ndarray, np.ndarray]) -> None:
