@@ -76,7 +76,6 @@ def small_config(input_dir, output_dir, **overrides) -> dict:
             "allow_random_init": True,
             "batch_size": 32,
             "torch_threads": 2,
-            "shards_per_round": 4,
         },
         "kmeans": {"k": 4, "niter": 10, "assign_concurrency": 1},
         "select": {"keep_fraction": 0.6, "policy": "hard", "balanced": True},
@@ -187,12 +186,16 @@ def assert_same_results(out, ref) -> None:
         assert open(f"{out}/pruned/{name}").read() == open(f"{ref}/pruned/{name}").read()
 
 
+def embed_actors() -> dict[str, dict]:
+    """actor id -> state record of every embed actor this cluster has held (dead ones included)."""
+    return {aid: a for aid, a in ray._private.state.actors().items() if "EmbedActor" in a["ActorClassName"]}
+
+
 def embed_actor_nodes() -> dict[str, set[str]]:
     """node id -> states of the embed actors it held in this cluster's life (dead ones included)."""
     nodes: dict[str, set[str]] = {}
-    for actor in ray._private.state.actors().values():
-        if "EmbedActor" in actor["ActorClassName"]:
-            nodes.setdefault(actor["Address"]["NodeID"], set()).add(actor["State"])
+    for actor in embed_actors().values():
+        nodes.setdefault(actor["Address"]["NodeID"], set()).add(actor["State"])
     return nodes
 
 

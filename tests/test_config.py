@@ -229,3 +229,10 @@ def test_fingerprint_sensitive_to_parts_and_order(cfg_file):
     # an unrelated section does not move a fingerprint that does not include it
     assert fingerprint(cfg.select) == fingerprint(other.select)
     assert len(fingerprint(cfg)) == 16 and int(fingerprint(cfg), 16) >= 0
+
+
+def test_a_retired_key_says_why_it_went(cfg_file):
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file, ["embed.shards_per_round=8"])
+    msg = str(err.value)
+    assert "embed" in msg and "shards_per_round is retired" in msg and "remove the key" in msg

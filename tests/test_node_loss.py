@@ -10,7 +10,6 @@ import os
 import time
 
 import pytest
-import ray
 import yaml
 
 from prune import schema
@@ -18,6 +17,7 @@ from prune import schema
 from .conftest import (
     assert_same_results,
     embed_actor_nodes,
+    embed_actors,
     read_pruned,
     read_scores,
     small_config,
@@ -29,14 +29,14 @@ RUN_TIMEOUT_S = 300
 
 def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, shards_dir, local_cluster, tmp_path):
     """Driver alone on the head (0 CPUs); three 1-CPU workers. Once the first embeddings file
-    exists (round 1 of 3 done, round 2 running), the node holding the embed actor is killed.
+    exists (a shard finalized, the others in flight), the node holding the embed actor is killed.
 
     The run is `ssl-prune run` in a process of its own, joined to the cluster: if it hangs it is
     killed and the test fails, and nothing of it goes on using Ray after the cluster is gone."""
     cluster, workers = local_cluster({"num_cpus": 0}, [{"num_cpus": 1}, {"num_cpus": 1}, {"num_cpus": 1}])
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(small_config(shards_dir["dir"], out, **{"embed.shards_per_round": 3})))
+    config.write_text(yaml.safe_dump(small_config(shards_dir["dir"], out)))
     log_path = tmp_path / "run.log"
     killed, killed_at = None, None
 
@@ -55,11 +55,11 @@ def test_node_lost_during_embedding_loses_and_duplicates_nothing(pipeline_run, s
         pytest.fail(f"the run did not finish in {RUN_TIMEOUT_S}s (node killed: {killed is not None}); killed it. Its log:\n{run_log}")
     assert returncode == 0, f"the run failed (exit {returncode}) after the node was lost:\n{run_log}"
     assert killed, "the run finished before a node could be killed"
-    embed_actors = [a for a in ray._private.state.actors().values() if "EmbedActor" in a["ActorClassName"]]
+    actors = list(embed_actors().values())
     print(f"killed node {killed[:8]} {time.time() - killed_at:.1f}s before the run ended; embed actors: "
-          + ", ".join(f"{a['Address']['NodeID'][:8]} {a['State']} restarts={a['NumRestarts']}" for a in embed_actors))
+          + ", ".join(f"{a['Address']['NodeID'][:8]} {a['State']} restarts={a['NumRestarts']}" for a in actors))
     # the actor that was on the lost node did its work elsewhere (restarted, or a new one)
-    assert any(a["Address"]["NodeID"] != killed for a in embed_actors)
+    assert any(a["Address"]["NodeID"] != killed for a in actors)
 
     manifest = json.loads((out / schema.MANIFEST).read_text())
     assert manifest["ray"] == f"address:{cluster.address}"

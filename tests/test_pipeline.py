@@ -19,7 +19,7 @@ from pipelines.cli.config import validate_config
 from prune import schema
 from prune.io.shards import read_shard, split_member_name
 
-from .conftest import pruned_tars, read_scores, small_config, tar_members
+from .conftest import embed_actors, pruned_tars, read_scores, small_config, tar_members
 
 
 def _expected_samples(shards_dir) -> dict[str, list]:
@@ -241,10 +241,13 @@ def test_timm_backend_runs_the_whole_pipeline(pipeline_run, run_copy):
     from pipelines.cli import run
 
     base = pipeline_run["cfg"].input
+    actors_before = set(embed_actors())
     manifest = run(validate_config(small_config(base, run_copy, **{
         "embed.backend": "timm", "embed.model": "vit_tiny_patch16_224", "embed.batch_size": 16})))
     st = manifest["stages"]
     assert st["embed"]["shards_embedded"] == st["embed"]["shards_total"] and not st["prototypes"]["reused"]
+    # every shard went through one actor pool: the model was loaded once (embed.concurrency = 1)
+    assert st["embed"]["shards_total"] > 1 and len(set(embed_actors()) - actors_before) == 1
     assert manifest["model_id"] == "timm:vit_tiny_patch16_224:random-init-seed0"
     assert manifest["counts"]["input_samples"] == pipeline_run["manifest"]["counts"]["input_samples"]
     dim = pq.read_schema(sorted(glob.glob(f"{run_copy}/embeddings/*.parquet"))[0]).field(schema.EMBEDDING).type.list_size

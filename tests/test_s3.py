@@ -327,7 +327,7 @@ def test_finalize_counts_rows_written_twice_once(s3, s3_run):
     import pyarrow as pa
 
     from pipelines.decoding import COUNT, POS
-    from pipelines.stages.embed import Finalized, FinalizeTask, finalize_shard
+    from pipelines.embed_staging import Finalized, FinalizeTask, finalize_shard
 
     src: OutputDir = s3_run["out"]
     shard = sorted(n[: -len(".parquet")] for n in src.listdir(schema.EMBEDDINGS_DIR))[0]

@@ -2,10 +2,9 @@
 
 Ray Data streams rows of image bytes from the tars, decodes them in CPU tasks (so the model
 never waits for JPEG decoding), and feeds uint8 crops to a pool of actors that load the model
-once each. Outputs land in a staging dataset partitioned by shard; a per-shard task then checks
-that every sample of the shard arrived (rows a retried task wrote twice count once) and writes
-`embeddings/NNNNN.parquet` atomically. Shards are processed in rounds, so a crash loses one
-round at most. Complete: every shard's file carries this fingerprint and its input's URL.
+once for the whole run. Outputs are staged per shard and each shard is finalized as soon as all
+of its rows are in (pipelines/embed_staging.py), so a crash loses only the shards in flight.
+Complete: every shard's file carries this fingerprint and its input's URL.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from prune import schema
@@ -33,8 +31,9 @@ from prune.embed.settings import DecodeConfig, EmbedConfig
 from prune.io.storage import OutputDir
 
 from ..decoding import COUNT, POS, ShardInput, decoded_dataset
+from ..embed_staging import STAGE_WRITE_CPUS, FinalizeTask, embeddings_complete, finalize_as_staged, stage_rows
 from ..pending import pending
-from ..runtime import cluster_gpus, run_tasks
+from ..runtime import cluster_gpus
 from ..stage import STAGES, Context, Resources, Stage
 
 
@@ -77,92 +76,8 @@ class EmbedActor:
         })
 
 
-def embeddings_complete(out: OutputDir, shard: str, fp: str, url: str) -> bool:
-    """Made with these settings from this very input file (a same-named shard elsewhere is not it)."""
-    name = schema.shard_file(shard)
-    if not out.exists(schema.EMBEDDINGS_DIR, name):
-        return False
-    with out.open(schema.EMBEDDINGS_DIR, name) as f:
-        meta = pq.read_schema(f).metadata or {}
-    return meta.get(schema.META_EMBED_FINGERPRINT, b"").decode() == fp and meta.get(schema.META_SOURCE_URL, b"").decode() == url
-
-
-def read_staged(out: OutputDir, part_dir: str) -> pa.Table | None:
-    """Every staged file of one shard, concatenated; None if there is none.
-
-    Ray Data names a write task's file by (write id, task index), so a retried task rewrites
-    the same object; a file that is not valid parquet (a write cut short on a store where a
-    close completes the upload) is skipped, and the count check in `finalize_shard` decides
-    whether its rows arrived in another file.
-    """
-    tables = []
-    for rel in out.find(part_dir):
-        if not rel.endswith(".parquet"):
-            continue
-        try:
-            with out.open(part_dir, rel) as f:
-                tables.append(pq.read_table(f))
-        except pa.ArrowInvalid:
-            continue
-    return pa.concat_tables(tables) if tables else None
-
-
 def _embedded(fp: str, urls: dict, out: OutputDir, shard: str) -> bool:
     return embeddings_complete(out, shard, fp, urls[shard])
-
-
-@dataclass(frozen=True)
-class FinalizeTask:
-    out: OutputDir
-    shard: str
-    url: str
-    part_dir: str  # the shard's partition of the staged dataset
-    fp: str
-    model_id: str
-
-
-@dataclass(frozen=True)
-class Finalized:
-    shard: str
-    ok: bool
-    rows: int = 0  # rows written; -1: the file was complete already (a retried task)
-    why: str = ""
-
-
-def finalize_shard(task: FinalizeTask) -> Finalized:
-    """Staged parts of one shard -> embeddings/NNNNN.parquet, if every sample arrived."""
-    out, shard = task.out, task.shard
-    if embeddings_complete(out, shard, task.fp, task.url):  # a retry of a finished task
-        return Finalized(shard, True, -1)
-    table = read_staged(out, task.part_dir)
-    if table is None:
-        return Finalized(shard, False, why="no embedded rows arrived")
-    table = table.sort_by(POS)
-    pos = table.column(POS).to_numpy()
-    pos_unique, first = np.unique(pos, return_index=True)  # a retried task may have re-written rows
-    table = table.take(pa.array(first))
-    meta = {schema.META_EMBED_FINGERPRINT: task.fp.encode(), schema.META_MODEL_ID: task.model_id.encode(),
-            schema.META_SOURCE_URL: task.url.encode()}
-    if len(pos_unique) == 1 and pos_unique[0] == -1:  # the shard itself could not be read
-        meta[schema.META_SHARD_ERROR] = table.column(schema.STATUS)[0].as_py().encode()
-        table = table.slice(0, 0)
-    else:
-        expected = int(table.column(COUNT)[0].as_py())
-        if len(pos_unique) != expected or pos_unique[0] != 0:
-            return Finalized(shard, False, why=f"{len(pos_unique)} of {expected} samples arrived")
-    dim = table.schema.field(schema.EMBEDDING).type.list_size
-    final = pa.table(
-        {
-            schema.KEY: table.column(schema.KEY),
-            schema.SHARD: pa.array([shard] * len(table), pa.string()),
-            schema.STATUS: table.column(schema.STATUS),
-            schema.EMBEDDING: table.column(schema.EMBEDDING),
-        },
-        schema=schema.embeddings_schema(dim),
-    ).replace_schema_metadata(meta)
-    with out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
-        pq.write_table(final, f)
-    return Finalized(shard, True, len(final))
 
 
 @STAGES.register
@@ -233,24 +148,18 @@ class EmbedStage(Stage):
             per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1)
             embed = embed.model_copy(update={"torch_threads": max(1, min(per_node, total // actors))})
         stats.torch_threads = embed.torch_threads
-        per_round = embed.shards_per_round
-        for start in range(0, len(todo), per_round):
-            batch_shards = todo[start : start + per_round]
-            run_dir = f"{schema.STAGING_DIR}/embed-{uuid.uuid4().hex[:12]}"
-            ds = decoded_dataset([ShardInput(s, shards[s]) for s in batch_shards], self.decode,
-                                 list(self.image_extensions), spec)
-            ds = ds.map_batches(
-                EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device), batch_size=embed.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
-            )
-            # the OutputDir's own filesystem: the same endpoint and credentials as every other write
-            # (pyarrow's native S3 client would not read e.g. AWS_ENDPOINT_URL the way botocore does)
-            ds.write_parquet(out.path(run_dir), filesystem=out.arrow_filesystem(), partition_cols=[schema.SHARD])
-            tasks = [FinalizeTask(out, s, shards[s], f"{run_dir}/{schema.SHARD}={s}", ctx.fingerprint, self.model_id)
-                     for s in batch_shards]
-            for res_ in run_tasks(finalize_shard, tasks, desc="embeddings: finalize shards"):
-                if not res_.ok:
-                    raise RuntimeError(f"shard {res_.shard}: {res_.why}")
-                stats.shards_embedded += 1
-            out.remove(run_dir)
+        run_dir = f"{schema.STAGING_DIR}/embed-{uuid.uuid4().hex[:12]}"
+        # one dataset for every shard to embed: one actor pool, so each actor loads the model
+        # once for the whole run; a shard is finalized as soon as all of its rows are staged
+        ds = decoded_dataset([ShardInput(s, shards[s]) for s in todo], self.decode, list(self.image_extensions), spec)
+        ds = ds.map_batches(
+            EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device), batch_size=embed.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
+        )
+        ds = ds.map_batches(stage_rows, fn_args=(out, run_dir), batch_size=None, batch_format="pyarrow",
+                            num_cpus=STAGE_WRITE_CPUS)
+        tasks = {s: FinalizeTask(out, s, shards[s], f"{run_dir}/{schema.SHARD}={s}", ctx.fingerprint, self.model_id)
+                 for s in todo}
+        stats.shards_embedded = finalize_as_staged(ds, tasks)
+        out.remove(run_dir)
         return stats

@@ -30,8 +30,16 @@ class EmbedConfig(Section):
     concurrency: int = Field(1, ge=1)  # embed actors; one GPU each on a GPU cluster
     num_cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: Optional[int] = Field(None, ge=1)  # CPU actors: intra-op threads
-    shards_per_round: int = Field(64, ge=1)  # a crash loses at most one round of embedding
     seed: int = 0  # random-init weights
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_keys(cls, data):
+        if isinstance(data, dict) and "shards_per_round" in data:
+            raise ValueError("shards_per_round is retired: the embed stage now runs every shard through one actor "
+                             "pool (the model loads once) and writes each shard as soon as it is complete, so a "
+                             "crash loses only the shards in flight; remove the key")
+        return data
 
     @model_validator(mode="after")
     def _no_random_init_with_weights(self) -> "EmbedConfig":

@@ -52,18 +52,15 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (posixpath.join(directory, stem) if directory else stem), ext
 
 
-def is_unsafe_member(info: tarfile.TarInfo) -> bool:
-    """A name that would land outside an extraction directory, or a link that could point there."""
-    name = info.name
+def is_unsafe_name(name: str) -> bool:
+    """A member name that would land outside an extraction directory."""
     parts = name.replace("\\", "/").split("/")
-    return (
-        name.startswith("/")
-        or name.startswith("\\")
-        or ".." in parts
-        or (len(name) > 1 and name[1] == ":")
-        or info.issym()
-        or info.islnk()
-    )
+    return name.startswith("/") or name.startswith("\\") or ".." in parts or (len(name) > 1 and name[1] == ":")
+
+
+def is_unsafe_member(info: tarfile.TarInfo) -> bool:
+    """An unsafe name, or a link that could point outside an extraction directory."""
+    return is_unsafe_name(info.name) or info.issym() or info.islnk()
 
 
 class _HeaderRecordingTarInfo(tarfile.TarInfo):

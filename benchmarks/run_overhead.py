@@ -1,0 +1,99 @@
+"""What a whole run costs beyond embedding, and the writer beside `cp`, measured side by side.
+
+On an img2dataset-layout corpus of Fashion-MNIST JPEGs (20,000 samples by default, built with
+`ssl-prune demo-data` when the directory does not exist), each as its own `ssl-prune run demo`
+process, the way a user runs it (Ray started by the run, wall time from process start to exit):
+
+- embed alone: `stages=[embed]` into a fresh output directory;
+- whole run: every stage of configs/demo.yaml into another fresh output directory.
+
+Then `cp -r` of the whole run's pruned shards (tars, parquet and stats) to a directory on the same
+disk, twice (the first warms the page cache, as the writer's reads of the input tars were warm),
+beside the write stage's bytes per second. Prints one table of seconds and ratios.
+
+    .venv/bin/python benchmarks/run_overhead.py [--corpus demo/bench-20k] [--count 20000] [--runs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = os.path.join(os.path.dirname(sys.executable), "ssl-prune")
+
+
+def cli(*args: str) -> float:
+    """Runs `ssl-prune args...`; -> wall seconds (its output is shown only if it fails)."""
+    t = time.perf_counter()
+    done = subprocess.run([BIN, *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"ssl-prune {' '.join(args)} failed:\n{done.stderr[-4000:]}")
+    return time.perf_counter() - t
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def cp_seconds(src: str, work: str) -> float:
+    """`cp -r src` to a fresh directory beside it (the second of two copies: warm reads)."""
+    seconds = 0.0
+    for i in range(2):
+        dst = os.path.join(work, f"cp-{i}")
+        t = time.perf_counter()
+        subprocess.run(["cp", "-r", src, dst], check=True)
+        seconds = time.perf_counter() - t
+        shutil.rmtree(dst)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default="demo/bench-20k")
+    parser.add_argument("--count", type=int, default=20000)
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=1, help="repeats of each run; the fastest counts")
+    args = parser.parse_args()
+    if not os.path.isdir(args.corpus):
+        cli("demo-data", args.corpus, "--count", str(args.count), "--shard-size", str(args.shard_size))
+    work = tempfile.mkdtemp(prefix="ssl-prune-overhead-", dir=os.path.dirname(os.path.abspath(args.corpus)))
+    try:
+        embed_alone, whole, manifest = [], [], {}
+        for r in range(args.runs):
+            out = os.path.join(work, f"embed-{r}")
+            embed_alone.append(cli("run", "demo", f"input={args.corpus}", f"output={out}", "stages=[embed]"))
+            out = os.path.join(work, f"whole-{r}")
+            whole.append(cli("run", "demo", f"input={args.corpus}", f"output={out}"))
+            with open(os.path.join(out, "manifest.json")) as f:
+                manifest = json.load(f)
+        pruned = os.path.join(work, f"whole-{args.runs - 1}", "pruned")
+        n_bytes = dir_bytes(pruned)
+        cp_s = cp_seconds(pruned, work)
+        t = manifest["timings_s"]
+        e, w = min(embed_alone), min(whole)
+        write_rate, cp_rate = n_bytes / t["write"] / 1e6, n_bytes / cp_s / 1e6
+        print(f"corpus {args.corpus}: {manifest['counts']['input_samples']} samples, "
+              f"{manifest['counts']['kept']} kept, {n_bytes / 1e6:.1f} MB of pruned shards; {os.cpu_count()} CPUs")
+        print()
+        print("| measure | seconds | ratio |")
+        print("| --- | ---: | ---: |")
+        print(f"| embed alone (`stages=[embed]`, process wall time) | {e:.1f} | |")
+        print(f"| whole run (process wall time) | {w:.1f} | embed alone / whole = **{e / w:.2f}** |")
+        for stage in ("embed", "prototypes", "assign", "select", "write"):
+            if stage in t:
+                print(f"| - {stage} stage (in the whole run) | {t[stage]:.2f} | {t[stage] / w:.2f} of the run |")
+        print(f"| - outside the stages (start, Ray, manifest, report) | {w - t['total']:.2f} | |")
+        print(f"| write stage: {write_rate:.0f} MB/s; `cp -r` of its output: {cp_rate:.0f} MB/s | {t['write']:.2f} / {cp_s:.2f} "
+              f"| write / cp rate = **{write_rate / cp_rate:.2f}** |")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

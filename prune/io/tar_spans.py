@@ -1,0 +1,165 @@
+"""Where each sample's members lie in a tar, so the writer copies kept samples as raw byte ranges
+(headers included) instead of parsing and re-packing every member in Python.
+
+img2dataset writes plain ustar tars: one 512-byte header per member, then its data. Such a tar is
+walked here header by header (checksum, octal size, name), seeking over the data. Anything else
+(PAX or GNU long-name headers, links, devices, unsafe or non-UTF-8 names, a damaged or cut tar)
+is read by `prune.io.shards.iter_tar_samples` itself, whose TarInfo offsets give the spans, so
+the samples and their statuses are always the reader's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prune import schema
+from prune.io.shards import is_unsafe_name, iter_tar_samples, split_member_name
+
+BLOCK = 512
+ZERO_BLOCK = b"\0" * BLOCK
+END_OF_ARCHIVE = ZERO_BLOCK * 2
+RECORD = 20 * BLOCK  # tar and GNU tar pad an archive to a whole record
+_FILE_TYPES, _DIR_TYPE = (b"0", b"\0"), b"5"
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\0", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+@dataclass(frozen=True)
+class MemberSpan:
+    name: str
+    header_at: int  # the member's first header block (PAX or GNU long-name headers included)
+    data_at: int
+    size: int
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """(offset, length) of the member as stored: headers, data, padding."""
+        return self.header_at, self.data_at - self.header_at + padded(self.size)
+
+
+@dataclass
+class SampleSpans:
+    key: str
+    members: list[MemberSpan] = field(default_factory=list)  # its regular files, in tar order
+    ok: bool = True  # the reader's status is ok (a duplicate key, unsafe name or cut tar is not)
+
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        return [m.span for m in self.members]
+
+    def member(self, extensions) -> MemberSpan | None:
+        """The first member whose extension is in `extensions` (as `TarSample.member`)."""
+        return next((m for m in self.members if split_member_name(m.name)[1].lower() in extensions), None)
+
+
+class CompressedTar(ValueError):
+    """Raw spans of a compressed tar mean nothing: the writer copies uncompressed members."""
+
+
+class _NotPlain(Exception):
+    """Something the header walk leaves to the reader."""
+
+
+def _octal(raw: bytes) -> int:
+    if raw[:1] and raw[0] & 0x80:
+        raise _NotPlain("base-256 number")
+    text = raw.replace(b"\0", b" ").strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise _NotPlain("not an octal number") from None
+
+
+def _plain_samples(f, file_size: int) -> list[SampleSpans]:
+    samples: list[SampleSpans] = []
+    seen: set[str] = set()
+    offset = 0
+    while True:
+        f.seek(offset)
+        header = f.read(BLOCK)
+        if header == ZERO_BLOCK:
+            return samples
+        if len(header) < BLOCK:
+            raise _NotPlain("no end-of-archive block")
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise _NotPlain("bad checksum")
+        kind = header[156:157]
+        if kind not in _FILE_TYPES and kind != _DIR_TYPE:
+            raise _NotPlain(f"member type {kind!r}")
+        raw = header[:100].split(b"\0", 1)[0]
+        if header[257:265] == b"ustar\x0000" and header[345] != 0:  # POSIX ustar's name prefix
+            raw = header[345:500].split(b"\0", 1)[0] + b"/" + raw
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _NotPlain("a name that is not UTF-8") from None
+        if kind == b"\0" and name.endswith("/"):  # an old-style directory, as tarfile reads it
+            kind = _DIR_TYPE
+        size = _octal(header[124:136])
+        if is_unsafe_name(name) or offset + BLOCK + size > file_size:
+            raise _NotPlain("an unsafe name or a member cut short")
+        if kind in _FILE_TYPES:
+            key = split_member_name(name)[0]
+            if not samples or samples[-1].key != key:
+                samples.append(SampleSpans(key, ok=key not in seen))
+                seen.add(key)
+            samples[-1].members.append(MemberSpan(name, offset, offset + BLOCK, size))
+        offset += BLOCK + padded(size)
+
+
+def _reader_samples(f) -> list[SampleSpans]:
+    f.seek(0)
+    return [
+        SampleSpans(s.key, [MemberSpan(i.name, i.offset, i.offset_data, i.size) for i, _ in s.members],
+                    s.status == schema.STATUS_OK)
+        for s in iter_tar_samples(f)
+    ]
+
+
+def sample_spans(f) -> list[SampleSpans]:
+    """Every sample of a seekable tar, in order, with its members' byte spans and whether it is ok.
+    Raises CompressedTar for a compressed one, tarfile.ReadError for one that is no tar."""
+    f.seek(0)
+    if f.read(6).startswith(_COMPRESSED):
+        raise CompressedTar("a compressed tar: pruned shards copy the members of uncompressed tars only")
+    file_size = f.seek(0, 2)
+    try:
+        return _plain_samples(f, file_size)
+    except _NotPlain:
+        return _reader_samples(f)
+
+
+def coalesce(spans) -> list[tuple[int, int]]:
+    """Adjacent (offset, length) spans merged: one read per run of neighbouring members."""
+    merged: list[list[int]] = []
+    for offset, length in spans:
+        if merged and merged[-1][0] + merged[-1][1] == offset:
+            merged[-1][1] += length
+        else:
+            merged.append([offset, length])
+    return [(o, n) for o, n in merged]
+
+
+def copy_spans(src, dst, spans, chunk: int = 8 << 20) -> int:
+    """Copy byte spans of `src` to `dst` (both open files); -> bytes copied."""
+    total = 0
+    for offset, length in coalesce(spans):
+        src.seek(offset)
+        left = length
+        while left:
+            data = src.read(min(chunk, left))
+            if not data:
+                raise EOFError(f"the file ends inside the span {offset}+{length}")
+            dst.write(data)
+            left -= len(data)
+        total += length
+    return total
+
+
+def finish_archive(dst, written: int) -> None:
+    """The end-of-archive blocks, padded to a whole record as tar writes it."""
+    end = written + len(END_OF_ARCHIVE)
+    dst.write(END_OF_ARCHIVE + b"\0" * (-end % RECORD))

@@ -1,0 +1,114 @@
+"""Raw member spans: the header walk agrees with the reader, and copied spans are the members as stored."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import pytest
+
+from prune import schema
+from prune.demo.shards import write_bad_shards, write_demo_shards
+from prune.io.shards import iter_tar_samples
+from prune.io.tar_spans import (
+    RECORD,
+    CompressedTar,
+    _plain_samples,
+    _reader_samples,
+    copy_spans,
+    finish_archive,
+    sample_spans,
+)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spans")
+    good = write_demo_shards(str(root), split="test", count=30, shard_size=15, seed=2)
+    bad = write_bad_shards(str(root), good[0])
+    return {"good": good, "bad": bad, "root": root}
+
+
+def _tar(path, members, fmt=tarfile.GNU_FORMAT) -> str:
+    """A tar of (name, bytes) members in `fmt`."""
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.uname = len(data), 1_700_000_000, "someone"
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _as_reader_sees(path):
+    with open(path, "rb") as f:
+        return [(s.key, s.status == schema.STATUS_OK, [(i.name, d) for i, d in s.members]) for s in iter_tar_samples(f)]
+
+
+def _as_spans_copy(path):
+    """Each sample's members, read back from a tar made of its copied spans alone."""
+    out = []
+    with open(path, "rb") as f:
+        for s in sample_spans(f):
+            buf = io.BytesIO()
+            finish_archive(buf, copy_spans(f, buf, s.spans))
+            buf.seek(0)
+            with tarfile.open(fileobj=buf) as tar:
+                members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+            out.append((s.key, s.ok, members))
+    return out
+
+
+def test_header_walk_matches_the_reader_on_img2dataset_shards(shards):
+    for path in shards["good"]:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            fast, reader = _plain_samples(f, size), _reader_samples(f)
+        assert fast == reader and len(fast) == 15
+        assert all(s.ok and len(s.members) == 3 for s in fast)
+        assert _as_spans_copy(path) == _as_reader_sees(path)
+
+
+@pytest.mark.parametrize("case", ["mixed", "truncated"])
+def test_damaged_shards_keep_the_readers_samples_and_statuses(shards, case):
+    path = shards["bad"][case]["path"]
+    with open(path, "rb") as f:
+        got = [(s.key, s.ok) for s in sample_spans(f)]
+    assert got == [(key, ok) for key, ok, _ in _as_reader_sees(path)]
+    assert any(not ok for _, ok in got)  # the unsafe names / the sample cut short
+
+
+def test_long_names_pax_headers_and_duplicate_keys(tmp_path):
+    long_dir = "d" * 120
+    members = [(f"{long_dir}/a.jpg", b"A" * 700), (f"{long_dir}/a.txt", "é".encode()),
+               ("b.jpg", b"B" * 512), ("b.txt", b"b"), ("b.jpg", b"again"), ("c.jpg", b"")]
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        path = _tar(tmp_path / f"fmt{fmt}.tar", members, fmt)
+        assert _as_spans_copy(path) == _as_reader_sees(path)
+        with open(path, "rb") as f:
+            samples = sample_spans(f)
+        assert [(s.key, s.ok) for s in samples] == [(f"{long_dir}/a", True), ("b", True), ("c", True)]
+    # the second "b.jpg" run is the same key again: the reader's duplicate, not ok
+    path = _tar(tmp_path / "dup.tar", [("b.jpg", b"1"), ("c.jpg", b"2"), ("b.jpg", b"3")])
+    with open(path, "rb") as f:
+        assert [(s.key, s.ok) for s in sample_spans(f)] == [("b", True), ("c", True), ("b", False)]
+
+
+def test_spans_include_the_stored_headers(tmp_path):
+    path = _tar(tmp_path / "one.tar", [("k.jpg", b"x" * 1000), ("k.json", b"{}")])
+    raw = open(path, "rb").read()
+    with open(path, "rb") as f:
+        (sample,) = sample_spans(f)
+    (offset, length), = [(sample.spans[0][0], sum(n for _, n in sample.spans))]
+    assert offset == 0 and raw[:length] == raw[: 512 + 1024 + 512 + 512]  # both headers, data, padding
+    buf = io.BytesIO()
+    finish_archive(buf, copy_spans(open(path, "rb"), buf, sample.spans))
+    assert buf.getvalue()[:length] == raw[:length] and len(buf.getvalue()) % RECORD == 0
+
+
+def test_a_compressed_tar_is_refused_by_name(tmp_path):
+    path = _tar(tmp_path / "plain.tar", [("k.jpg", b"x")])
+    gz = tmp_path / "k.tar"
+    gz.write_bytes(gzip.compress(open(path, "rb").read()))
+    with open(gz, "rb") as f, pytest.raises(CompressedTar, match="compressed"):
+        sample_spans(f)
