@@ -138,7 +138,7 @@ def web_eval(ray_cluster, tmp_path_factory):
                      "dedup": {"eps": 0.02},
                      "seeds": [0, 1], "classifiers": ["linear"], "linear": {"max_iter": 20}},
     }, EvaluateConfig)
-    return {"root": root, "composition": pool.composition, "result": evaluate(cfg)}
+    return {"root": root, "composition": pool.composition, "cfg": cfg, "result": evaluate(cfg)}
 
 
 def test_evaluate_on_a_web_like_pool_reports_what_each_subset_keeps(web_eval):
@@ -165,3 +165,22 @@ def test_evaluate_on_a_web_like_pool_reports_what_each_subset_keeps(web_eval):
     md = open(web_eval["result"].markdown).read()
     assert "Balanced accuracy minus random's, paired by seed" in md and "| capped-stratified |" in md
     assert "## What each subset keeps" in md and "| oracle | 0% / 0% /" in md
+
+
+def test_new_dedup_settings_train_only_the_dedup_rows_again(web_eval):
+    from pipelines.cli import evaluate
+
+    before = {(r[ev.POLICY], r[ev.KEEP_FRACTION], r[ev.SEED]): r
+              for r in ev.read_results_csv(open(web_eval["result"].csv, "rb").read())}
+    cfg = web_eval["cfg"].model_copy(deep=True)
+    cfg.evaluate.dedup.keep = "nearest"
+    again = evaluate(cfg)
+    rows = ev.read_results_csv(open(again.csv, "rb").read())
+    dedup_trainings = [r for r in rows if r[ev.POLICY].startswith(ev.DEDUP_PREFIX) and not r[ev.SHARED_FROM]]
+    assert again.trained_now == len(dedup_trainings) >= 1  # those alone were trained again
+    for r in rows:
+        old = before[(r[ev.POLICY], r[ev.KEEP_FRACTION], r[ev.SEED])]
+        same = r[ev.FINGERPRINT] == old[ev.FINGERPRINT]
+        assert same != r[ev.POLICY].startswith(ev.DEDUP_PREFIX)
+        if same:
+            assert r[ev.TRAIN_SECONDS] == old[ev.TRAIN_SECONDS]  # reused, not trained again

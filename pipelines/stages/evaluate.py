@@ -126,7 +126,11 @@ class ResultRows:
     def row_fingerprint(self, spec: ev.RunSpec) -> str:
         clf_cfg = getattr(self.e, spec.classifier)
         version = (ev.CNN_VERSION,) if spec.classifier == ev.CNN else ()
-        return fingerprint(self.common_fp, spec.classifier, clf_cfg, spec.policy, spec.keep_fraction, spec.seed, *version)
+        # the dedup settings count only in the rows of policies that dedup first: a new eps
+        # trains those again and reuses every other row
+        dedup = (self.e.dedup,) if spec.policy.startswith(ev.DEDUP_PREFIX) else ()
+        return fingerprint(self.common_fp, spec.classifier, clf_cfg, spec.policy, spec.keep_fraction, spec.seed,
+                           *version, *dedup)
 
     def finished_before(self, group: ev.RunGroup) -> dict | None:
         """A previous result for any row of the group (they all share one training)."""
@@ -184,8 +188,6 @@ class EvaluateStage(Stage):
         parts = (ctx.earlier_fingerprints[f"embed:{ev.TRAIN_DIR}"], sorted(train.shards.items()), sorted(test.shards.items()),
                  kmeans_settings(self.kmeans), e.pool_size, e.pool_seed, e.label_field,
                  self.decode.draft, self.decode.max_image_pixels)
-        # the dedup settings count only when a policy uses them (earlier results stay reusable)
-        parts += (e.dedup,) if any(p.startswith(ev.DEDUP_PREFIX) for p in e.policies) else ()
         defaults = type(e)().select_options()
         return parts + ((e.select_options(),) if e.select_options() != defaults else ())
 
