@@ -10,9 +10,9 @@ import functools
 import logging
 
 from prune import schema
-from prune.io.shards import read_shard
-from prune.io.storage import OutputDir
+from prune.io.storage import OutputDir, split_url
 from prune.io.tables import read_scores
+from prune.io.tar_spans import read_member, sample_spans
 from prune.report.html import plots, render
 from prune.report.summary import (
     Counts,
@@ -53,10 +53,12 @@ def _thumbs(wanted: dict, extensions: tuple, out: OutputDir, shard: str) -> dict
     """key -> thumbnail URI of the wanted samples of one input shard (read once)."""
     url, keys = wanted[shard]
     found = {}
-    for sample in read_shard(url, extensions).samples:
-        if sample.key in keys:
-            member = sample.member(extensions)
-            found[sample.key] = thumbnail_uri(member[1]) if member else None
+    fs, path = split_url(url)
+    with fs.open(path, "rb") as f:  # the headers, then only the pictured images' bytes
+        for sample in sample_spans(f):
+            if sample.key in keys and sample.key not in found:
+                member = sample.member(extensions)
+                found[sample.key] = thumbnail_uri(read_member(f, member)) if member else None
     return found
 
 

@@ -15,6 +15,7 @@ from prune.demo.shards import write_bad_shards, write_demo_shards
 from prune.io.shards import split_member_name
 from prune.io.storage import OutputDir
 from prune.io.writer import (
+    STAGING_COLUMNS,
     OutputShard,
     Piece,
     fragment_name,
@@ -59,9 +60,11 @@ def make_kept(keys, rng, keep=0.6):
     return kept
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    """Demo shards + the mixed and truncated bad shards (no sidecar parquet), written as the pipeline does."""
+@pytest.fixture(scope="module", params=[False, True], ids=["ranges-of-the-input", "staged-bytes"])
+def written(tmp_path_factory, request):
+    """Demo shards + the mixed and truncated bad shards (no sidecar parquet), written as the pipeline
+    does: output shards copying ranges of the input tars (local disks), or of staged fragment tars
+    (object storage)."""
     root = tmp_path_factory.mktemp("writer")
     good = write_demo_shards(str(root / "in"), split="test", count=N_INPUT * PER_INPUT, shard_size=PER_INPUT, seed=4)
     bad = write_bad_shards(str(root / "in"), good[0])
@@ -80,7 +83,7 @@ def written(tmp_path_factory):
         if shard == bad["truncated"]["shard"]:
             kept.update(make_kept([bad["truncated"]["truncated_key"]], rng, 1.0))
         kept_by_shard[shard] = kept
-        res = write_fragments(path, shard, kept, out, STAGING)
+        res = write_fragments(path, shard, kept, out, STAGING, stage_bytes=request.param)
         results[shard] = res
         for band, n in res.counts.items():
             counts[(band, shard)] = n
@@ -90,7 +93,7 @@ def written(tmp_path_factory):
     return {
         "root": root, "out": out, "inputs": inputs, "bad": bad, "kept": kept_by_shard,
         "counts": counts, "plans": plans, "results": results,
-        "with_sidecar": {schema.shard_id_of(p) for p in good},
+        "with_sidecar": {schema.shard_id_of(p) for p in good}, "stage_bytes": request.param,
     }
 
 
@@ -206,6 +209,7 @@ def test_parquet_rows_match_tar_and_carry_scores(written):
         assert table.column(schema.KEY).to_pylist() == tar_keys  # one row per sample, same order
         for col in schema.SCORE_COLUMNS_IN_PRUNED + (schema.SOURCE_SHARD, "caption"):
             assert col in table.column_names
+        assert not set(STAGING_COLUMNS) & set(table.column_names)  # where the bytes were: staging only
         for row in table.to_pylist():
             score = w["kept"][row[schema.SOURCE_SHARD]][row[schema.KEY]]
             for col in schema.SCORE_COLUMNS_IN_PRUNED:
@@ -226,6 +230,8 @@ def test_sidecar_less_shard_gets_key_and_caption(written):
         frag = pq.read_table(f)
     assert frag.column_names[:2] == [schema.KEY, "caption"]
     assert "url" not in frag.column_names
+    staged = sorted(p.name for p in (w["root"] / "out" / STAGING).rglob("*.tar"))
+    assert bool(staged) == w["stage_bytes"]  # kept bytes staged only when asked to
 
 
 def test_readable_by_webdataset(written):

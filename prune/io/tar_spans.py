@@ -132,6 +132,12 @@ def sample_spans(f) -> list[SampleSpans]:
         return _reader_samples(f)
 
 
+def read_member(f, member: MemberSpan) -> bytes:
+    """One member's data, read from the open tar without touching the rest."""
+    f.seek(member.data_at)
+    return f.read(member.size)
+
+
 def coalesce(spans) -> list[tuple[int, int]]:
     """Adjacent (offset, length) spans merged: one read per run of neighbouring members."""
     merged: list[list[int]] = []

@@ -2,12 +2,11 @@
 
 Two steps keep each input tar read exactly once and the output in band order; bytes move as
 raw ranges (prune/io/tar_spans.py), never member by member:
-  1. `write_fragments`: one pass over an input tar sends each kept sample's members, headers
-     included, to the fragment of its distance band (a tar body plus its metadata rows) under
-     the staging directory;
+  1. `write_fragments`: one pass over an input tar's headers puts each kept sample in the
+     fragment of its distance band: its metadata row and its members' byte spans, in the input
+     tar (local disks) or in a staged fragment tar of the kept members (object storage);
   2. `plan_output_shards` + `write_output_shard`: fragments are concatenated, band by band in
-     input order, and cut into shards of N samples, a slice of a fragment being one byte
-     range. Shards never mix bands, so the shards of bands 0..b (listed in bands.json) are a
+     input order, and cut into shards of N samples, each slice copied as byte ranges. Shards never mix bands, so the shards of bands 0..b (listed in bands.json) are a
      valid selection at that band's keep fraction.
 """
 
@@ -20,10 +19,13 @@ import pyarrow.parquet as pq
 
 from prune import schema
 from prune.io.shards import read_sibling_metadata
-from prune.io.storage import OutputDir, split_url
-from prune.io.tar_spans import SampleSpans, copy_spans, finish_archive, sample_spans
+from prune.io.storage import OutputDir, is_local, split_url
+from prune.io.tar_spans import SampleSpans, copy_spans, finish_archive, read_member, sample_spans
 
-FRAGMENT_END = "_fragment_end"  # staging only: byte offset where each sample ends in its fragment tar
+# staging only, never in the outputs: where each kept sample's members are, in which file
+# ("": the band's fragment tar beside the parquet; else the input tar's URL)
+SPAN_OFFSETS, SPAN_LENGTHS, SPAN_SOURCE = "_span_offsets", "_span_lengths", "_span_source"
+STAGING_COLUMNS = (SPAN_OFFSETS, SPAN_LENGTHS, SPAN_SOURCE)
 
 
 def fragment_name(band: int, shard: str, ext: str) -> str:
@@ -32,10 +34,7 @@ def fragment_name(band: int, shard: str, ext: str) -> str:
 
 def _caption(f, sample: SampleSpans) -> str | None:
     found = sample.member(("txt",))
-    if found is None:
-        return None
-    f.seek(found.data_at)
-    return f.read(found.size).decode("utf-8", "replace")
+    return read_member(f, found).decode("utf-8", "replace") if found else None
 
 
 def metadata_rows(
@@ -67,19 +66,22 @@ class FragmentResult:
 
 
 def write_fragments(
-    tar_url: str, shard: str, kept: dict[str, dict], out: OutputDir, staging: str
+    tar_url: str, shard: str, kept: dict[str, dict], out: OutputDir, staging: str, stage_bytes: bool | None = None
 ) -> FragmentResult:
-    """One input tar -> each kept sample's members, raw, in its band's fragment.
+    """One input tar -> per band, the kept samples' metadata rows and where their bytes are.
 
     `kept` maps key -> {band, cluster, distance, percentile} for the kept samples only. The tar's
-    headers are read once (`sample_spans`); the kept members' bytes are copied as they are
-    stored, headers and padding included. Each fragment's parquet records where every sample
-    ends in the fragment tar, so an output shard copies a slice of it as one byte range.
+    headers are read once (`sample_spans`). Each fragment's parquet gives every sample's member
+    spans (headers and padding included) in a source file: the input tar itself when it is on a
+    local disk (the output shard reads those ranges: the kept bytes move once), or, with
+    `stage_bytes` (the default on object storage: one sequential read per input, no small range
+    reads), a fragment tar of the band's kept members, staged beside the parquet.
     """
     counts: dict[int, int] = {}
     if not kept:
         return FragmentResult(shard, counts)
     fs, path = split_url(tar_url)
+    stage_bytes = not is_local(fs) if stage_bytes is None else stage_bytes
     with fs.open(path, "rb") as f:
         by_band: dict[int, list[SampleSpans]] = {}
         for sample in sample_spans(f):
@@ -88,14 +90,21 @@ def write_fragments(
                 by_band.setdefault(int(info[schema.BAND]), []).append(sample)
         sidecar = read_sibling_metadata(tar_url) if by_band else None
         for band, samples in sorted(by_band.items()):
-            ends, written = [], 0
-            with out.open_atomic(staging, fragment_name(band, shard, "tar")) as fobj:
-                for sample in samples:
-                    written += copy_spans(f, fobj, sample.spans)
-                    ends.append(written)
+            if stage_bytes:
+                spans, written = [], 0
+                with out.open_atomic(staging, fragment_name(band, shard, "tar")) as fobj:
+                    for sample in samples:
+                        n = copy_spans(f, fobj, sample.spans)
+                        spans.append([(written, n)])
+                        written += n
+                source = ""
+            else:
+                spans, source = [s.spans for s in samples], tar_url
             keys = [s.key for s in samples]
             meta = metadata_rows(shard, keys, lambda: [_caption(f, s) for s in samples], kept, sidecar)
-            meta = meta.append_column(FRAGMENT_END, pa.array(ends, pa.int64()))
+            meta = meta.append_column(SPAN_OFFSETS, pa.array([[o for o, _ in sp] for sp in spans], pa.list_(pa.int64())))
+            meta = meta.append_column(SPAN_LENGTHS, pa.array([[n for _, n in sp] for sp in spans], pa.list_(pa.int64())))
+            meta = meta.append_column(SPAN_SOURCE, pa.array([source] * len(keys), pa.string()))
             with out.open_atomic(staging, fragment_name(band, shard, "parquet")) as fobj:
                 pq.write_table(meta, fobj)
             counts[band] = len(samples)
@@ -148,21 +157,28 @@ def plan_output_shards(counts: dict[tuple[int, str], int], per_shard: int) -> li
     return shards
 
 
+def _piece_spans(frag: pa.Table, start: int, stop: int) -> list[tuple[int, int]]:
+    rows = frag.slice(start, stop - start)
+    offsets = rows.column(SPAN_OFFSETS).combine_chunks().flatten().to_numpy()
+    lengths = rows.column(SPAN_LENGTHS).combine_chunks().flatten().to_numpy()
+    return list(zip(offsets.tolist(), lengths.tolist()))
+
+
 def write_output_shard(out: OutputDir, staging: str, target_dir: str, plan: OutputShard) -> int:
     """Concatenate the planned fragment slices into one shard, with its parquet and stats.
 
-    Each slice is one byte range of its fragment tar (`FRAGMENT_END` says where samples end).
-    The tar is written last: a shard whose tar exists is complete, metadata included.
+    Each slice's samples are copied as byte ranges of their source (adjacent ranges merged: a
+    staged fragment's slice is one range). The tar is written last: a shard whose tar exists is
+    complete, metadata included.
     """
     stem = plan.name[: -len(".tar")]
-    tables, ranges = [], []
+    tables, copies = [], []
     for p in plan.pieces:
         with out.open(staging, fragment_name(p.band, p.shard, "parquet")) as f:
             frag = pq.read_table(f)
-        ends = frag.column(FRAGMENT_END).to_pylist()
-        start = ends[p.start - 1] if p.start else 0
-        ranges.append((p, start, ends[p.stop - 1] - start))
-        tables.append(frag.drop_columns([FRAGMENT_END]).slice(p.start, p.stop - p.start))
+        source = frag.column(SPAN_SOURCE)[0].as_py() if len(frag) else ""
+        copies.append((p, source, _piece_spans(frag, p.start, p.stop)))
+        tables.append(frag.drop_columns(list(STAGING_COLUMNS)).slice(p.start, p.stop - p.start))
     table = pa.concat_tables(tables, promote_options="permissive") if tables else pa.table({})
     with out.open_atomic(target_dir, schema.shard_file(stem)) as fobj:
         pq.write_table(table, fobj)
@@ -181,8 +197,13 @@ def write_output_shard(out: OutputDir, staging: str, target_dir: str, plan: Outp
     )
     with out.open_atomic(target_dir, plan.name) as fobj:
         written = 0
-        for p, start, length in ranges:
-            with out.open(staging, fragment_name(p.band, p.shard, "tar")) as f:
-                written += copy_spans(f, fobj, [(start, length)])
+        for p, source, spans in copies:
+            if source:  # the input tar itself
+                fs, path = split_url(source)
+                src = fs.open(path, "rb")
+            else:
+                src = out.open(staging, fragment_name(p.band, p.shard, "tar"))
+            with src:
+                written += copy_spans(src, fobj, spans)
         finish_archive(fobj, written)
     return n
