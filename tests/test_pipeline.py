@@ -181,6 +181,21 @@ def test_rerun_resumes_everything_and_changes_nothing(pipeline_run, run_copy):
     assert read_scores(run_copy).equals(read_scores(pipeline_run["out"]))
 
 
+def test_where_the_writer_reads_bytes_from_changes_no_output(pipeline_run, run_copy):
+    """write.copy_from is placement only: staged fragment tars give the very bytes input ranges gave."""
+    from pipelines.cli import run
+
+    cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy, **{"write.copy_from": "staged"}))
+    assert run(cfg)["stages"]["write"]["reused"]  # same fingerprint: nothing to write again
+    for tar in pruned_tars(run_copy):
+        os.remove(tar)
+    os.remove(f"{run_copy}/pruned/{schema.STAGE_MARKER}")
+    manifest = run(cfg)
+    assert not manifest["stages"]["write"]["reused"]
+    for a, b in zip(pruned_tars(run_copy), pruned_tars(pipeline_run["out"]), strict=True):
+        assert open(a, "rb").read() == open(b, "rb").read()
+
+
 def test_resume_after_a_partial_run_gives_the_same_result(pipeline_run, run_copy):
     """Simulate a crash: manifest gone, some stage outputs missing, write stage half done."""
     from pipelines.cli import run

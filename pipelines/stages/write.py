@@ -20,7 +20,7 @@ from typing import Optional
 import pyarrow.compute as pc
 
 from prune import schema
-from prune.io.settings import WriteConfig
+from prune.io.settings import COPY_FROM_INPUT, COPY_FROM_STAGED, PLACEMENT_ONLY, WriteConfig
 from prune.io.storage import OutputDir
 from prune.io.tables import read_scores
 from prune.io.writer import (
@@ -50,6 +50,7 @@ class FragmentTask:
     shard: str
     url: str
     staging: str
+    stage_bytes: Optional[bool] = None  # None: by the input's storage (write.copy_from: auto)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def fragment_task(task: FragmentTask) -> dict:
         return out.read_json(staging, done_name) | {"ok": n_ok}
     table = table.filter(table.column(schema.KEEP))
     kept = {row[schema.KEY]: row for row in table.select([schema.KEY, *schema.SCORE_COLUMNS_IN_PRUNED]).to_pylist()}
-    result = write_fragments(task.url, shard, kept, out, staging)
+    result = write_fragments(task.url, shard, kept, out, staging, task.stage_bytes)
     record = {"shard": shard, "counts": {str(b): n for b, n in result.counts.items()}, "ok": n_ok}
     if sum(result.counts.values()) != len(kept):
         raise RuntimeError(f"shard {shard}: {len(kept)} samples to keep, {sum(result.counts.values())} found in the tar")
@@ -121,7 +122,8 @@ class WriteStage(Stage):
     select: SelectConfig = field(default_factory=SelectConfig)  # named in bands.json; its edges end the bands
 
     def identity(self, ctx: Context) -> tuple:
-        return (self.write,)  # the selection enters through the upstream fingerprint
+        # the selection enters through the upstream fingerprint; where bytes are read from changes none
+        return (self.write.model_dump(exclude=PLACEMENT_ONLY),)
 
     def complete(self, ctx: Context) -> Optional[WriteStats]:
         if marked_stats(ctx.out, schema.PRUNED_DIR, ctx.fingerprint) is None:
@@ -141,7 +143,8 @@ class WriteStage(Stage):
         # else: an interrupted write of this very selection; its finished shards are kept
         counts: dict[tuple[int, str], int] = {}
         n_input_ok = 0
-        tasks = [FragmentTask(out, s, ctx.shards[s], staging) for s in sorted(ctx.shards)]
+        stage_bytes = {COPY_FROM_INPUT: False, COPY_FROM_STAGED: True}.get(self.write.copy_from)
+        tasks = [FragmentTask(out, s, ctx.shards[s], staging, stage_bytes) for s in sorted(ctx.shards)]
         for rec in run_tasks(fragment_task, tasks, desc="write: fragments"):
             n_input_ok += rec["ok"]
             for band, n in rec["counts"].items():
