@@ -21,6 +21,7 @@ import ray
 
 from prune import schema
 from prune.cluster import lloyd, prototypes
+from prune.cluster.kmeans import l2_normalize
 from prune.cluster.settings import KMeansConfig, kmeans_settings
 from prune.io.storage import OutputDir
 from prune.io.tables import npy_bytes, ok_matrix, read_embeddings
@@ -130,8 +131,8 @@ def load_block(out: OutputDir, shard: str) -> np.ndarray:
 
 
 def load_blocks(task: RefineTask) -> list:
-    """A refine task's blocks, read once and kept in the object store for every pass."""
-    return [load_block(task.out, shard) for _, shard in task.blocks]
+    """A refine task's blocks, read once, normalized once, and kept in the object store for every pass."""
+    return [l2_normalize(load_block(task.out, shard)) for _, shard in task.blocks]
 
 
 def use_cache(kc: KMeansConfig, n_rows: int, d: int) -> bool:
@@ -192,7 +193,7 @@ def refine_blocks(task: RefineTask) -> lloyd.BlockStats:
     blocks = resolve(task.cached) if task.cached is not None else None
     for i, (block_id, shard) in enumerate(task.blocks):
         x = blocks[i] if blocks is not None else load_block(task.out, shard)
-        part = lloyd.block_stats(x, c, block_id=block_id, index=index)
+        part = lloyd.block_stats(x, c, block_id=block_id, index=index, normalized=blocks is not None)
         del x
         # block_stats returns fresh arrays, owned here: the total is added into without a copy
         total = part if total is None else lloyd.combine(total, part, inplace=True)

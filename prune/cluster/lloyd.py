@@ -81,12 +81,15 @@ def block_stats(
     n_candidates: int = CANDIDATES_PER_BLOCK,
     index: Optional[faiss.Index] = None,
     chunk_rows: int = CHUNK_ROWS,
+    normalized: bool = False,
 ) -> BlockStats:
     """Statistics of the block `x` [n, d] (normalized here) against `centroids` [k, d].
 
     Works in chunks of `chunk_rows`, so beyond the block itself it holds one [k, d] float64
     accumulator (which becomes the int64 sums in place) and one chunk's temporaries. `index` lets a
-    worker reuse one faiss index for many blocks.
+    worker reuse one faiss index for many blocks. `normalized`: `x` is `l2_normalize`'s output
+    already (a cached block, normalized once for every pass); normalizing is row by row, so the
+    statistics are the same bits either way.
     """
     k, d = centroids.shape
     index = index if index is not None else centroid_index(centroids)
@@ -95,7 +98,7 @@ def block_stats(
     cos_total = 0.0
     worst = (np.zeros(0, np.float32), np.zeros((0, 2), np.int64), np.zeros((0, d), np.float32), np.zeros(0, np.int64))
     for start in range(0, len(x), chunk_rows):
-        xc = l2_normalize(x[start : start + chunk_rows])
+        xc = x[start : start + chunk_rows] if normalized else l2_normalize(x[start : start + chunk_rows])
         sims, ids = index.search(xc, 1)
         sims, ids = sims[:, 0], ids[:, 0]
         _add_by_cluster(acc, xc, ids)
