@@ -158,6 +158,15 @@ class _InFlightLimit:
         return self.value
 
 
+def batches(items: list, per_cpu: int) -> list[list]:
+    """`items` in consecutive batches, at most `per_cpu` per CPU of the cluster (and one item at
+    least each): light per-item work pays Ray's per-task cost once per batch, not per item."""
+    ensure()
+    n = max(1, per_cpu * int(ray.cluster_resources().get("CPU", 1)))
+    size = max(1, -(-len(items) // n))
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def _remote(fn: Callable, remote_args: dict):
     # A task lost with its worker or node is run again (Ray's system-failure retries, made
     # explicit), possibly after a partial first attempt: every `fn` must be idempotent,

@@ -1,8 +1,9 @@
 """Select stage: exact keep thresholds from per-shard histograms, then `keep`/`band` per sample.
 
-Three light passes over `scores/`, each a set of per-shard tasks: histograms (summed on the
-driver), the priorities inside the cut bins, and the rewrite of each scores file with priority,
-percentile, keep and band. The cut-finding itself is the library's (`cuts.exact_cuts`, which
+Three light passes over `scores/`, each a set of tasks over a few shards each (at most
+`TASKS_PER_CPU` tasks per CPU, so a small run does not pay Ray's per-task cost per shard):
+histograms (reduced in tasks), the priorities inside the cut bins, and the rewrite of each scores
+file with priority, percentile, keep and band. The cut-finding itself is the library's (`cuts.exact_cuts`, which
 `evaluate` calls too); the driver holds histograms and cut-bin values only, never a column of
 every sample.
 
@@ -34,7 +35,7 @@ from prune.select.settings import SelectConfig, select_settings
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
 from ..pending import pending, per_shard, stamped
-from ..runtime import map_reduce, resolve, run_tasks
+from ..runtime import batches, map_reduce, resolve, run_tasks
 from ..stage import STAGES, Context, Stage
 
 
@@ -74,10 +75,13 @@ class SelectStats:
             self.shard_failures[s.shard] = s.shard_error
 
 
+TASKS_PER_CPU = 4  # a pass's tasks: enough to balance the load, few enough that overhead stays small
+
+
 @dataclass(frozen=True)
 class SelectTask:
     out: OutputDir
-    shard: str
+    shards: tuple[str, ...]  # scores files, handled one after the other
     select: SelectConfig
     policy: type[Policy]  # resolved on the driver, where every policy is registered
     fp: str = ""
@@ -98,9 +102,9 @@ def current_statuses(table: pa.Table, upstream: frozenset) -> tuple[np.ndarray, 
     return status, True
 
 
-def _load(task: SelectTask) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+def _load(task: SelectTask, shard: str) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """A scores table (stale removals undone), its ok mask, and the ok rows' priorities and groups."""
-    table = read_scores(task.out, task.shard)
+    table = read_scores(task.out, shard)
     status, undone = current_statuses(table, task.upstream)
     if undone:
         meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != schema.META_CURATED_BY}
@@ -111,26 +115,34 @@ def _load(task: SelectTask) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarra
     dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
     cluster = table.column(schema.CLUSTER).to_numpy()[ok]
     s = task.select
-    prio, groups = block_priorities(task.policy, s.seed, s.balanced, task.shard, keys, dist, cluster,
+    prio, groups = block_priorities(task.policy, s.seed, s.balanced, shard, keys, dist, cluster,
                                     resolve(task.strata))
     return table, ok, prio, groups
 
 
-def pass_strata(task: SelectTask):
-    """Pass 0, for a policy that uses strata: the sparse per-group histogram of the distances."""
-    table = read_scores(task.out, task.shard, columns=[schema.STATUS, schema.CLUSTER, schema.DISTANCE])
+def _strata_histogram(task: SelectTask, shard: str):
+    table = read_scores(task.out, shard, columns=[schema.STATUS, schema.CLUSTER, schema.DISTANCE])
     status, _ = current_statuses(table, task.upstream)
     ok = status == schema.STATUS_OK
     groups = selection_groups(task.select.balanced, table.column(schema.CLUSTER).to_numpy()[ok])
     return sparse_distance_histogram(groups, table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok])
 
 
+def pass_strata(task: SelectTask):
+    """Pass 0, for a policy that uses strata: the sparse per-group histogram of the distances."""
+    return cuts.fold_sparse(_strata_histogram(task, shard) for shard in task.shards)
+
+
+def _histograms(task: SelectTask, shard: str):
+    table, ok, prio, groups = _load(task, shard)
+    dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok]
+    return cuts.sparse_histogram(prio, groups, task.payload), distance_sums(groups, dist)
+
+
 def pass_histogram(task: SelectTask):
     """-> (sparse histogram of the priorities, sparse per-group distance sums): the sums are what
     a budget that weighs clusters by their spread (dbp) needs."""
-    table, ok, prio, groups = _load(task)
-    dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok]
-    return cuts.sparse_histogram(prio, groups, task.payload), distance_sums(groups, dist)
+    return fold_histograms(_histograms(task, shard) for shard in task.shards)
 
 
 def fold_histograms(parts) -> tuple:
@@ -141,13 +153,15 @@ def fold_histograms(parts) -> tuple:
 
 def pass_refine(task: SelectTask):
     """A refinement pass: counts of the next bits inside the cut bins still too full."""
-    _, _, prio, groups = _load(task)
-    return cuts.refinement_histogram(prio, groups, resolve(task.payload))
+    step = resolve(task.payload)
+    return cuts.fold_sparse(cuts.refinement_histogram(*_load(task, shard)[2:], step) for shard in task.shards)
 
 
 def pass_boundary(task: SelectTask):
-    _, _, prio, groups = _load(task)
-    return cuts.boundary_values(prio, groups, resolve(task.payload))
+    """The last pass: the priorities in the cut bins, of every shard of the task at once."""
+    window = resolve(task.payload)
+    parts = [cuts.boundary_values(*_load(task, shard)[2:], window) for shard in task.shards]
+    return np.concatenate([c for c, _ in parts]), np.concatenate([v for _, v in parts])
 
 
 def _counts(shard: str, table: pa.Table, ok, keep, band, meta: dict) -> ShardSelection:
@@ -162,10 +176,14 @@ def _counts(shard: str, table: pa.Table, ok, keep, band, meta: dict) -> ShardSel
     )
 
 
-def pass_apply(task: SelectTask) -> ShardSelection:
-    """Rewrite one scores file with its selection; return its counts for the manifest."""
-    table, ok, prio, groups = _load(task)
+def pass_apply(task: SelectTask) -> list[ShardSelection]:
+    """Rewrite the task's scores files with their selection; return their counts for the manifest."""
     found, hist = resolve(task.payload)
+    return [_apply(task, shard, found, hist) for shard in task.shards]
+
+
+def _apply(task: SelectTask, shard: str, found: cuts.Cuts, hist: np.ndarray) -> ShardSelection:
+    table, ok, prio, groups = _load(task, shard)
     keep_ok, band_ok, pct_ok = found.apply(prio, groups, hist)
     n = len(table)
     prio_all = np.zeros(n, np.uint64)
@@ -180,9 +198,9 @@ def pass_apply(task: SelectTask) -> ShardSelection:
         new = new.set_column(new.schema.get_field_index(schema.PERCENTILE), schema.PERCENTILE, pa.array(pct, pa.float64(), mask=~ok))
         new = new.set_column(new.schema.get_field_index(schema.KEEP), schema.KEEP, pa.array(keep))
         new = new.set_column(new.schema.get_field_index(schema.BAND), schema.BAND, pa.array(band, pa.int32()))
-        with task.out.open_atomic(schema.SCORES_DIR, schema.shard_file(task.shard)) as f:
+        with task.out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
             pq.write_table(new.replace_schema_metadata(meta), f)
-    return _counts(task.shard, table, ok, keep, band, meta)
+    return _counts(shard, table, ok, keep, band, meta)
 
 
 def count_selected(out: OutputDir, shard: str) -> ShardSelection:
@@ -217,8 +235,8 @@ class SelectStage(Stage):
     def tasks(self, ctx: Context, payload=None, strata=None) -> list[SelectTask]:
         policy = policy_class(self.select.policy)
         upstream = frozenset(ctx.earlier_fingerprints.values())
-        return [SelectTask(ctx.out, s, self.select, policy, ctx.fingerprint, payload, upstream, strata)
-                for s in sorted(ctx.shards)]
+        return [SelectTask(ctx.out, tuple(batch), self.select, policy, ctx.fingerprint, payload, upstream, strata)
+                for batch in batches(sorted(ctx.shards), TASKS_PER_CPU)]
 
     def strata(self, ctx: Context, n_groups: int):
         """The groups' CCS strata (an ObjectRef) when the policy uses them, else None."""
@@ -262,6 +280,7 @@ class SelectStage(Stage):
         )
         stats = SelectStats(edges, refine_passes=cost.refine_passes, boundary_values=cost.boundary_values)
         shared = ray.put((found, hist))  # shipped once, not per task
-        for res in run_tasks(pass_apply, self.tasks(ctx, shared, strata), desc="select: apply"):
-            stats.add(res)
+        for results in run_tasks(pass_apply, self.tasks(ctx, shared, strata), desc="select: apply"):
+            for res in results:
+                stats.add(res)
         return stats
