@@ -158,7 +158,10 @@ class _InFlightLimit:
         return self.value
 
 
-def batches(items: list, per_cpu: int) -> list[list]:
+TASKS_PER_CPU = 4  # light passes: enough tasks to balance the load, few enough that Ray's overhead stays small
+
+
+def batches(items: list, per_cpu: int = TASKS_PER_CPU) -> list[list]:
     """`items` in consecutive batches, at most `per_cpu` per CPU of the cluster (and one item at
     least each): light per-item work pays Ray's per-task cost once per batch, not per item."""
     ensure()
@@ -243,6 +246,19 @@ def run_tasks(
     finally:
         if bar and not shared:
             bar.close()
+
+
+def _each(job: tuple) -> list:
+    fn, batch = job
+    return [fn(item) for item in batch]
+
+
+def run_batched(fn: Callable, items: Iterable, *, per_cpu: int = TASKS_PER_CPU, desc: str = "", **remote_args) -> Iterator:
+    """Like `run_tasks`, for light per-item work: each task runs `fn` over a batch of consecutive
+    items (`batches`), and every item's result is yielded, batch by batch as they finish."""
+    jobs = [(fn, batch) for batch in batches(list(items), per_cpu)]
+    for results in run_tasks(_each, jobs, desc=desc, **remote_args):
+        yield from results
 
 
 def submit_bounded(fn: Callable, items: Iterable, *, max_in_flight: int | None = None, **remote_args) -> list:

@@ -50,3 +50,25 @@ def test_map_reduce_folds_in_tasks_and_returns_one_result(ray_cluster):
     got = runtime.map_reduce(_as_list, items, _counted_concat, fan_in=3, max_in_flight=4, num_cpus=0.5)
     assert [v for v in got if v >= 0] == items and got.count(-1) >= 18
     assert runtime.map_reduce(_as_list, [5], _concat_sorted) == [5]  # one item: no reduce at all
+
+
+def _pid_of(x: int) -> tuple[int, int]:
+    import os
+
+    return x, os.getpid()
+
+
+def test_run_batched_runs_few_tasks_and_yields_every_item(ray_cluster):
+    cpus = int(ray.cluster_resources()["CPU"])
+    items = list(range(37))
+    parts = runtime.batches(items, per_cpu=2)
+    assert len(parts) <= 2 * cpus and [x for p in parts for x in p] == items  # consecutive, complete
+    assert runtime.batches([1, 2], per_cpu=8) == [[1], [2]]  # never an empty batch
+    got = list(runtime.run_batched(_pid_of, items, per_cpu=2, num_cpus=0.5))
+    assert sorted(x for x, _ in got) == items
+    # each batch ran in one task: its items share a worker process and come out together, in order
+    position = {x: i for i, (x, _) in enumerate(got)}
+    for part in parts:
+        at = position[part[0]]
+        assert [x for x, _ in got[at : at + len(part)]] == part
+        assert len({pid for _, pid in got[at : at + len(part)]}) == 1

@@ -26,7 +26,7 @@ from prune.cluster.settings import KMeansConfig, kmeans_settings
 from prune.io.storage import OutputDir
 from prune.io.tables import npy_bytes, ok_matrix, read_embeddings
 
-from ..runtime import map_reduce, resolve, run_tasks, submit_bounded
+from ..runtime import map_reduce, resolve, run_batched, submit_bounded
 from ..stage import STAGES, Context, Stage
 
 log = logging.getLogger("ssl_prune")
@@ -72,7 +72,7 @@ def fit_sample(kc: KMeansConfig, tasks: list[SampleTask], k: int) -> tuple[np.nd
     """Draw the sample (one task per shard) and fit on it: on the driver, or in a Ray task with
     `fit_num_cpus` CPUs, whose sample never passes through the driver (it only holds refs)."""
     if kc.fit_num_cpus is None:
-        parts = dict(run_tasks(sample_shard, tasks, desc="prototypes: sample"))
+        parts = dict(run_batched(sample_shard, tasks, desc="prototypes: sample"))
         return prototypes.fit_sample(np.concatenate([parts[s] for s in sorted(parts)]), kc, k)
     check_fit_cpus(kc.fit_num_cpus)
     refs = submit_bounded(sample_shard, tasks)  # tasks are in shard order, so are the refs
@@ -227,7 +227,7 @@ class PrototypesStage(Stage):
 
     def run(self, ctx: Context) -> PrototypesStats:
         out, kc = ctx.out, self.kmeans
-        counts = dict(run_tasks(count_ok, [ShardTask(out, s) for s in ctx.shards], desc="prototypes: count"))
+        counts = dict(run_batched(count_ok, [ShardTask(out, s) for s in ctx.shards], desc="prototypes: count"))
         n_ok = sum(counts.values())
         if n_ok == 0:
             raise RuntimeError("no sample could be embedded: nothing to cluster (see scores for reasons)")

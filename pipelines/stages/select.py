@@ -35,7 +35,7 @@ from prune.select.settings import SelectConfig, select_settings
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
 from ..pending import pending, per_shard, stamped
-from ..runtime import batches, map_reduce, resolve, run_tasks
+from ..runtime import TASKS_PER_CPU, batches, map_reduce, resolve, run_tasks
 from ..stage import STAGES, Context, Stage
 
 
@@ -73,9 +73,6 @@ class SelectStats:
         self.kept_per_band = {int(b): n for b, n in sorted((Counter(self.kept_per_band) + Counter(s.bands)).items())}
         if s.shard_error:
             self.shard_failures[s.shard] = s.shard_error
-
-
-TASKS_PER_CPU = 4  # a pass's tasks: enough to balance the load, few enough that overhead stays small
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from prune.select.cuts import band_edges
 from prune.select.settings import BUDGET_PROPORTIONAL, SelectConfig
 
 from ..pending import mark_done, marked_stats
-from ..runtime import run_tasks
+from ..runtime import run_batched
 from ..stage import STAGES, Context, Stage
 
 
@@ -145,13 +145,13 @@ class WriteStage(Stage):
         n_input_ok = 0
         stage_bytes = {COPY_FROM_INPUT: False, COPY_FROM_STAGED: True}.get(self.write.copy_from)
         tasks = [FragmentTask(out, s, ctx.shards[s], staging, stage_bytes) for s in sorted(ctx.shards)]
-        for rec in run_tasks(fragment_task, tasks, desc="write: fragments"):
+        for rec in run_batched(fragment_task, tasks, desc="write: fragments"):
             n_input_ok += rec["ok"]
             for band, n in rec["counts"].items():
                 counts[(int(band), rec["shard"])] = n
         plans = plan_output_shards(counts, self.write.samples_per_shard)
         written = sorted(
-            run_tasks(output_task, [OutputTask(out, p, staging) for p in plans], desc="write: shards"),
+            run_batched(output_task, [OutputTask(out, p, staging) for p in plans], desc="write: shards"),
             key=lambda w: w.name,
         )
         out.write_json({w.name: w.count for w in written}, schema.PRUNED_DIR, schema.SIZES_FILE)
