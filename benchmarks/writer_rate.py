@@ -24,7 +24,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -33,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from run_overhead import cp_seconds, dir_bytes  # this directory's: the same yardstick
 
 from pipelines.stage import Context
 from pipelines.stages.write import WriteStage
@@ -85,22 +85,6 @@ def make_scores(out: OutputDir, urls: dict[str, str], per_shard: int, keep: floa
         }, schema=schema.SCORES_SCHEMA)
         with out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
             pq.write_table(table, f)
-
-
-def dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-def cp_seconds(src: str, work: str) -> float:
-    """`cp -r` to a fresh directory, the faster of two (warm)."""
-    best = float("inf")
-    for i in range(2):
-        dst = os.path.join(work, f"cp-{i}")
-        t = time.perf_counter()
-        subprocess.run(["cp", "-r", src, dst], check=True)
-        best = min(best, time.perf_counter() - t)
-        shutil.rmtree(dst)
-    return best
 
 
 def write_once(out_root: str, urls: dict[str, str], per_shard: int, keep: float, stage_bytes: bool) -> tuple[float, str]:
