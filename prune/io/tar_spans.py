@@ -10,6 +10,8 @@ the samples and their statuses are always the reader's own.
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass, field
 
 from prune import schema
@@ -149,18 +151,45 @@ def coalesce(spans) -> list[tuple[int, int]]:
     return [(o, n) for o, n in merged]
 
 
+def _fileno(f) -> int | None:
+    try:
+        return f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def _copy_in_kernel(src_fd: int, dst, offset: int, length: int) -> int:
+    """`os.copy_file_range` from `src_fd` at `offset` to `dst`'s position (as `cp` does: the bytes
+    never pass through Python); -> bytes copied, short only where the kernel declined the rest."""
+    dst.flush()  # what `dst` buffered goes first; the kernel then writes at the descriptor's position
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src_fd, dst.fileno(), length - done, offset + done)
+        except OSError:  # another file system, or a kernel without it: the caller reads and writes
+            return done
+        if n == 0:
+            raise EOFError(f"the file ends inside the span {offset}+{length}")
+        done += n
+    return done
+
+
 def copy_spans(src, dst, spans, chunk: int = 8 << 20) -> int:
-    """Copy byte spans of `src` to `dst` (both open files); -> bytes copied."""
+    """Copy byte spans of `src` to `dst` (both open files); -> bytes copied. Local files are
+    copied by the kernel (`copy_file_range`); others through a buffer of `chunk` bytes."""
     total = 0
+    src_fd = _fileno(src) if hasattr(os, "copy_file_range") and _fileno(dst) is not None else None
     for offset, length in coalesce(spans):
-        src.seek(offset)
-        left = length
-        while left:
-            data = src.read(min(chunk, left))
-            if not data:
-                raise EOFError(f"the file ends inside the span {offset}+{length}")
-            dst.write(data)
-            left -= len(data)
+        done = _copy_in_kernel(src_fd, dst, offset, length) if src_fd is not None else 0
+        if done < length:
+            src.seek(offset + done)
+            left = length - done
+            while left:
+                data = src.read(min(chunk, left))
+                if not data:
+                    raise EOFError(f"the file ends inside the span {offset}+{length}")
+                dst.write(data)
+                left -= len(data)
         total += length
     return total
 
