@@ -23,7 +23,7 @@ from prune import schema
 from prune.io.storage import OutputDir
 
 from .decoding import COUNT, POS
-from .runtime import _progress, _remote, run_tasks
+from .runtime import progress_bar, remote_fn, run_tasks
 
 ARRIVED = "_arrived"  # rows of one shard in one staged file (internal)
 STAGE_WRITE_CPUS = 0.25  # a staging write is light; its own resources also keep it out of the actors
@@ -149,8 +149,8 @@ class ShardArrivals:
 def finalize_as_staged(ds, tasks: dict[str, FinalizeTask], desc: str = "embeddings: finalize shards") -> int:
     """Stream `ds` (rows from `stage_rows`), finalizing each shard as soon as its rows are in;
     -> shards written. Raises if a shard is incomplete once the whole dataset has run."""
-    remote = _remote(finalize_shard, {})
-    bar, shared = _progress(desc, len(tasks))
+    remote = remote_fn(finalize_shard, {})
+    bar, shared = progress_bar(desc, len(tasks))
     arrivals, running, retry, written = ShardArrivals(), {}, [], 0
 
     def collect(timeout: float | None) -> None:

@@ -170,7 +170,7 @@ def batches(items: list, per_cpu: int = TASKS_PER_CPU) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _remote(fn: Callable, remote_args: dict):
+def remote_fn(fn: Callable, remote_args: dict):
     # A task lost with its worker or node is run again (Ray's system-failure retries, made
     # explicit), possibly after a partial first attempt: every `fn` must be idempotent,
     # writing its outputs atomically, or skipping what an earlier attempt finished.
@@ -202,7 +202,7 @@ class _StageBar:
 _STAGE_BAR: list = []  # the running stage's bar (the executor's `stage_progress`)
 
 
-def _progress(desc: str, n: int):
+def progress_bar(desc: str, n: int):
     """(bar, whether it is the running stage's own) for a pass of `n` tasks; no bar without `desc`."""
     from ray.experimental import tqdm_ray
 
@@ -229,9 +229,9 @@ def run_tasks(
     """Run `fn(item)` as Ray tasks, a bounded number at once; yield results in order done."""
     ensure()
     items = list(items)
-    remote = _remote(fn, remote_args)
+    remote = remote_fn(fn, remote_args)
     limit = _InFlightLimit(max_in_flight)
-    bar, shared = _progress(desc, len(items))
+    bar, shared = progress_bar(desc, len(items))
     pending: deque = deque()
     queue = deque(items)
     try:
@@ -264,7 +264,7 @@ def run_batched(fn: Callable, items: Iterable, *, per_cpu: int = TASKS_PER_CPU, 
 def submit_bounded(fn: Callable, items: Iterable, *, max_in_flight: int | None = None, **remote_args) -> list:
     """Like `run_tasks`, but returns every task's ref in submission order without fetching any
     result (for results that go on to another task, not to the driver)."""
-    remote = _remote(fn, remote_args)
+    remote = remote_fn(fn, remote_args)
     limit = _InFlightLimit(max_in_flight)
     refs, running = [], []
     for item in items:
@@ -287,12 +287,12 @@ def map_reduce(fn: Callable, items: Iterable, reduce_fn: Callable, *, fan_in: in
     reaches the driver. `reduce_fn` must fold an iterator of results into one of the same kind, and
     give the same answer in any grouping (exact sums, as Lloyd's fixed-point statistics)."""
     ensure()
-    mapper, reducer = _remote(fn, remote_args), _remote(_reduce_task, remote_args)
+    mapper, reducer = remote_fn(fn, remote_args), remote_fn(_reduce_task, remote_args)
     limit = _InFlightLimit(max_in_flight)
     queue = deque(items)
     if not queue:
         raise ValueError("map_reduce over no items")
-    bar, shared = _progress(desc, len(queue))
+    bar, shared = progress_bar(desc, len(queue))
     running: list = []  # map and reduce tasks not finished
     ready: list = []  # finished results not reduced yet (left in the object store)
     maps: set = set()  # the map tasks among `running` (the bar counts those)

@@ -99,8 +99,8 @@ def test_spans_include_the_stored_headers(tmp_path):
     raw = open(path, "rb").read()
     with open(path, "rb") as f:
         (sample,) = sample_spans(f)
-    (offset, length), = [(sample.spans[0][0], sum(n for _, n in sample.spans))]
-    assert offset == 0 and raw[:length] == raw[: 512 + 1024 + 512 + 512]  # both headers, data, padding
+    offset, length = sample.spans[0][0], sum(n for _, n in sample.spans)
+    assert offset == 0 and length == 512 + 1024 + 512 + 512  # both headers, data, padding
     buf = io.BytesIO()
     finish_archive(buf, copy_spans(open(path, "rb"), buf, sample.spans))
     assert buf.getvalue()[:length] == raw[:length] and len(buf.getvalue()) % RECORD == 0

@@ -12,6 +12,7 @@ raw ranges (prune/io/tar_spans.py), never member by member:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -90,14 +91,12 @@ def write_fragments(
                 by_band.setdefault(int(info[schema.BAND]), []).append(sample)
         sidecar = read_sibling_metadata(tar_url) if by_band else None
         for band, samples in sorted(by_band.items()):
-            if stage_bytes:
-                spans, written = [], 0
+            if stage_bytes:  # one copy of every kept span (neighbours merged); each sample is one range after it
                 with out.open_atomic(staging, fragment_name(band, shard, "tar")) as fobj:
-                    for sample in samples:
-                        n = copy_spans(f, fobj, sample.spans)
-                        spans.append([(written, n)])
-                        written += n
-                source = ""
+                    copy_spans(f, fobj, [span for sample in samples for span in sample.spans])
+                sizes = [sum(n for _, n in sample.spans) for sample in samples]
+                ends = itertools.accumulate(sizes)
+                spans, source = [[(end - size, size)] for end, size in zip(ends, sizes)], ""
             else:
                 spans, source = [s.spans for s in samples], tar_url
             keys = [s.key for s in samples]
