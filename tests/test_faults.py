@@ -149,15 +149,20 @@ def test_driver_killed_at_a_random_moment_then_run_again(pipeline_run, shards_di
     env = subprocess_env(PYTHONPATH=REPO)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(config)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    delay = random.Random(seed).uniform(4.0, 20.0)  # Ray up, inside embed or a later stage
-    try:
-        proc.wait(timeout=delay)
-        pytest.skip(f"the run ended in under {delay:.1f}s")
-    except subprocess.TimeoutExpired:
-        mine = _descendants(proc.pid)  # the raylet, GCS and workers it started
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    # a random moment once Ray is up, inside embed or a later stage, but before select has ended,
+    # so the kill always lands before write and the manifest (a faster run must not finish first)
+    delay = random.Random(seed).uniform(4.0, 20.0)
+    start = time.time()
+    while proc.poll() is None and time.time() - start < delay and "stage select:" not in log_path.read_text():
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip(f"the run ended in {time.time() - start:.1f}s, before the kill")
+    mine = _descendants(proc.pid)  # the raylet, GCS and workers it started
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
     assert len(mine) >= 3, f"the driver had started only {len(mine)} processes: was Ray up?"
     deadline = time.time() + 15  # Ray's agents alone would wait about a minute on the dead GCS
     while time.time() < deadline and _alive(mine):
