@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import random
 import tarfile
 
 import pytest
@@ -19,6 +20,7 @@ from prune.io.tar_spans import (
     copy_spans,
     finish_archive,
     sample_spans,
+    scatter_spans,
 )
 
 
@@ -112,3 +114,43 @@ def test_a_compressed_tar_is_refused_by_name(tmp_path):
     gz.write_bytes(gzip.compress(open(path, "rb").read()))
     with open(gz, "rb") as f, pytest.raises(CompressedTar, match="compressed"):
         sample_spans(f)
+
+
+def test_a_file_without_a_descriptor_and_odd_names_walk_as_the_reader_reads(tmp_path):
+    """Local files are walked with pread, other files by seek and read: the same spans; names that
+    may be unsafe ("..", a drive letter, backslashes) or sit in directories still match the reader."""
+    names = ["a.jpg", "..", "c:x.jpg", "x\\..\\y.jpg", "d/e.jpg", "d/e.txt", "f.tar.jpg", "..g.jpg"]
+    path = _tar(tmp_path / "odd.tar", [(name, name.encode()) for name in names])
+    with open(path, "rb") as f:
+        local = sample_spans(f)
+    in_memory = sample_spans(io.BytesIO(open(path, "rb").read()))  # no fileno: seek and read
+    assert local == in_memory
+    assert [(s.key, s.ok) for s in local] == [(key, ok) for key, ok, _ in _as_reader_sees(path)]
+    assert any(not s.ok for s in local)  # the unsafe ones
+    plain = _tar(tmp_path / "plain.tar", [(name, b"x") for name in ("a.jpg", "d/e.jpg", "f.tar.jpg")])
+    with open(plain, "rb") as f:
+        size = f.seek(0, 2)
+        assert _plain_samples(f, size) == _reader_samples(f)  # safe names stay on the header walk
+    assert sample_spans(io.BytesIO(open(plain, "rb").read())) == _plain_samples(open(plain, "rb"), size)
+
+
+@pytest.mark.parametrize("window,max_gap", [(4096, 512), (1 << 20, 1 << 20)])
+def test_scatter_spans_sends_each_file_its_spans_in_offset_order(tmp_path, window, max_gap):
+    """Spans in any order to several files, in windows (small ones force many, a span larger than a
+    window goes on its own, a wide gap starts a new one): each file gets exactly its spans' bytes."""
+    rng = random.Random(0)
+    raw = bytes(rng.getrandbits(8) for _ in range(200_000))
+    (tmp_path / "src").write_bytes(raw)
+    offsets = sorted(rng.sample(range(0, 190_000, 10), 300))
+    spans = [(o, min(rng.choice([1, 7, 100, 900, 6000]), 200_000 - o)) for o in offsets]
+    spans = [s for i, s in enumerate(spans) if i == len(spans) - 1 or s[0] + s[1] <= spans[i + 1][0]]  # no overlaps
+    routes = [(o, n, rng.choice("abc")) for o, n in spans]
+    rng.shuffle(routes)
+    for src in (open(tmp_path / "src", "rb"), io.BytesIO(raw)):  # pread, and seek + read
+        dsts = {k: io.BytesIO() for k in "abc"}
+        written = scatter_spans(src, routes, dsts, window=window, max_gap=max_gap)
+        for k in "abc":
+            want = b"".join(raw[o : o + n] for o, n, key in sorted(routes) if key == k)
+            assert dsts[k].getvalue() == want and written[k] == len(want)
+    with pytest.raises(EOFError):
+        scatter_spans(io.BytesIO(raw), [(199_990, 20, "a")], {"a": io.BytesIO()})

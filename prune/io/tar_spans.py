@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
 
 from prune import schema
 from prune.io.shards import is_unsafe_name, iter_tar_samples, split_member_name
@@ -29,8 +33,7 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-@dataclass(frozen=True)
-class MemberSpan:
+class MemberSpan(NamedTuple):  # a tuple, not a frozen dataclass: one is made per member walked
     name: str
     header_at: int  # the member's first header block (PAX or GNU long-name headers included)
     data_at: int
@@ -75,19 +78,40 @@ def _octal(raw: bytes) -> int:
         raise _NotPlain("not an octal number") from None
 
 
+def _header_reader(f):
+    """offset -> the 512 bytes there: `os.pread` on a local file's descriptor (no seek, no Python
+    file layers: the walk is one call per member), else seek and read."""
+    fd = _fileno(f)
+    if fd is not None and hasattr(os, "pread"):
+        return lambda offset: os.pread(fd, BLOCK, offset)
+
+    def read(offset: int) -> bytes:
+        f.seek(offset)
+        return f.read(BLOCK)
+    return read
+
+
+_CHECKSUM_FIELD_AS_SPACES = 8 * 32  # the checksum is computed with its own field read as spaces
+# a name without these characters is safe (is_unsafe_name needs one of them): the full check is skipped
+_MAYBE_UNSAFE = re.compile(r"[/\\:]|^\.\.$")
+
+
 def _plain_samples(f, file_size: int) -> list[SampleSpans]:
     samples: list[SampleSpans] = []
     seen: set[str] = set()
+    headers: list[bytes] = []  # checksums are verified for all headers at once, at the end
+    stored: list[int] = []
     offset = 0
+    read = _header_reader(f)
     while True:
-        f.seek(offset)
-        header = f.read(BLOCK)
+        header = read(offset)
         if header == ZERO_BLOCK:
+            _verify_checksums(headers, stored)
             return samples
         if len(header) < BLOCK:
             raise _NotPlain("no end-of-archive block")
-        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise _NotPlain("bad checksum")
+        headers.append(header)
+        stored.append(_octal(header[148:156]))
         kind = header[156:157]
         if kind not in _FILE_TYPES and kind != _DIR_TYPE:
             raise _NotPlain(f"member type {kind!r}")
@@ -101,15 +125,26 @@ def _plain_samples(f, file_size: int) -> list[SampleSpans]:
         if kind == b"\0" and name.endswith("/"):  # an old-style directory, as tarfile reads it
             kind = _DIR_TYPE
         size = _octal(header[124:136])
-        if is_unsafe_name(name) or offset + BLOCK + size > file_size:
+        if offset + BLOCK + size > file_size or (_MAYBE_UNSAFE.search(name) and is_unsafe_name(name)):
             raise _NotPlain("an unsafe name or a member cut short")
         if kind in _FILE_TYPES:
-            key = split_member_name(name)[0]
+            key = split_member_name(name)[0] if "/" in name else name.partition(".")[0]
             if not samples or samples[-1].key != key:
                 samples.append(SampleSpans(key, ok=key not in seen))
                 seen.add(key)
             samples[-1].members.append(MemberSpan(name, offset, offset + BLOCK, size))
         offset += BLOCK + padded(size)
+
+
+def _verify_checksums(headers: list[bytes], stored: list[int]) -> None:
+    """Every header's unsigned checksum (its bytes summed, the checksum field read as spaces) is
+    the one it stores; a damaged header anywhere sends the whole tar to the reader."""
+    if not headers:
+        return
+    blocks = np.frombuffer(b"".join(headers), np.uint8).reshape(len(headers), BLOCK)
+    sums = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + _CHECKSUM_FIELD_AS_SPACES
+    if not np.array_equal(sums, np.asarray(stored, np.int64)):
+        raise _NotPlain("bad checksum")
 
 
 def _reader_samples(f) -> list[SampleSpans]:
@@ -192,6 +227,49 @@ def copy_spans(src, dst, spans, chunk: int = 8 << 20) -> int:
                 left -= len(data)
         total += length
     return total
+
+
+def _read_at(src, offset: int, length: int) -> bytes:
+    fd = _fileno(src)
+    if fd is not None and hasattr(os, "pread"):
+        data = os.pread(fd, length, offset)
+    else:
+        src.seek(offset)
+        data = src.read(length)
+    if len(data) < length:
+        raise EOFError(f"the file ends inside the span {offset}+{length}")
+    return data
+
+
+def scatter_spans(src, routes, dsts: dict, window: int = 8 << 20, max_gap: int = 1 << 20) -> dict:
+    """Copy spans of `src` to several files in one sequential pass: `routes` is (offset, length,
+    dst key) in any order; each `dsts[key]` receives its spans in offset order. Neighbouring spans
+    are read together in windows of up to `window` bytes (a gap over `max_gap` starts a new one),
+    and each window's pieces for one file go out in one write: a few calls per window, not two per
+    member, which is what makes copying many small members cheap. -> bytes written per key."""
+    written = dict.fromkeys(dsts, 0)
+    routes = sorted(routes, key=lambda r: r[0])
+    i = 0
+    while i < len(routes):
+        start = routes[i][0]
+        j, end = i, start
+        while j < len(routes) and routes[j][0] + routes[j][1] - start <= window and routes[j][0] - end <= max_gap:
+            end = routes[j][0] + routes[j][1]
+            j += 1
+        if j == i:  # one span larger than a window: copied on its own
+            offset, length, key = routes[i]
+            written[key] += copy_spans(src, dsts[key], [(offset, length)])
+            i += 1
+            continue
+        data = memoryview(_read_at(src, start, end - start))
+        pieces: dict = {}
+        for offset, length, key in routes[i:j]:
+            pieces.setdefault(key, []).append(data[offset - start : offset - start + length])
+            written[key] += length
+        for key, views in pieces.items():
+            dsts[key].write(b"".join(views))
+        i = j
+    return written
 
 
 def finish_archive(dst, written: int) -> None:

@@ -12,6 +12,7 @@ raw ranges (prune/io/tar_spans.py), never member by member:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from prune import schema
 from prune.io.shards import read_sibling_metadata
 from prune.io.storage import OutputDir, is_local, split_url
-from prune.io.tar_spans import SampleSpans, copy_spans, finish_archive, read_member, sample_spans
+from prune.io.tar_spans import SampleSpans, copy_spans, finish_archive, read_member, sample_spans, scatter_spans
 
 # staging only, never in the outputs: where each kept sample's members are, in which file
 # ("": the band's fragment tar beside the parquet; else the input tar's URL)
@@ -90,10 +91,14 @@ def write_fragments(
             if info is not None and sample.ok:
                 by_band.setdefault(int(info[schema.BAND]), []).append(sample)
         sidecar = read_sibling_metadata(tar_url) if by_band else None
+        if stage_bytes:  # every band's fragment tar in one sequential pass over the input
+            with contextlib.ExitStack() as stack:
+                files = {band: stack.enter_context(out.open_atomic(staging, fragment_name(band, shard, "tar")))
+                         for band in by_band}
+                scatter_spans(f, [(offset, length, band) for band, samples in by_band.items()
+                                  for sample in samples for offset, length in sample.spans], files)
         for band, samples in sorted(by_band.items()):
-            if stage_bytes:  # one copy of every kept span (neighbours merged); each sample is one range after it
-                with out.open_atomic(staging, fragment_name(band, shard, "tar")) as fobj:
-                    copy_spans(f, fobj, [span for sample in samples for span in sample.spans])
+            if stage_bytes:  # the band's samples lie one after another in its fragment tar
                 sizes = [sum(n for _, n in sample.spans) for sample in samples]
                 ends = itertools.accumulate(sizes)
                 spans, source = [[(end - size, size)] for end, size in zip(ends, sizes)], ""
