@@ -121,9 +121,11 @@ def test_unknown_names_list_the_registered_ones(tmp_path):
 # the fingerprints the code before the stage redesign computed for configs/demo.yaml over three
 # shards (and for a variant): outputs made by earlier versions are reused, not recomputed
 SHARDS = {f"{i:05d}": f"/data/shards/{i:05d}.tar" for i in range(3)}
+# (configs/demo.yaml then selected with the balanced hard policy and no dedup: the first overrides)
+OLD_DEMO = ["stages=[embed,prototypes,assign,select,write]", "select.policy=hard", "select.balanced=true"]
 PINNED = [
-    ([], ("b508322b49da8b1b", "56d7a4ceafaf0cd9", "d9d9ae7fbee18c63", "dbb6394a5a854a06")),
-    (["select.policy=random", "select.balanced=false", "kmeans.refine_iters=3", "write.band_step=0.25"],
+    (OLD_DEMO, ("b508322b49da8b1b", "56d7a4ceafaf0cd9", "d9d9ae7fbee18c63", "dbb6394a5a854a06")),
+    (OLD_DEMO[:1] + ["select.policy=random", "select.balanced=false", "kmeans.refine_iters=3", "write.band_step=0.25"],
      ("b508322b49da8b1b", "f72bcacf4df5242e", "c1b46ebbf9098bfa", "81b34fff881daf55")),
 ]
 
