@@ -161,19 +161,22 @@ def run_embedder(tars, embed_cfg: EmbedConfig, batch_size: int) -> dict:
 
 
 def timeline_breakdown() -> dict:
-    """Summed duration and count of every kind of Ray task/actor call (from ray.timeline)."""
+    """Summed duration, count and longest single duration of every kind of Ray task/actor call
+    (from ray.timeline)."""
     import ray
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         events = ray.timeline()
-    agg = collections.defaultdict(lambda: [0.0, 0])
+    agg = collections.defaultdict(lambda: [0.0, 0, 0.0])
     for e in events:
         cat = e.get("cat", "")
         if e.get("ph") == "X" and cat.startswith("task::") and not any(
             s in cat for s in ("_StatsActor", "Autoscaling", "ActorLocationTracker", "get_location")
         ):
-            agg[cat[len("task::"):]][0] += e["dur"] / 1e6
-            agg[cat[len("task::"):]][1] += 1
+            entry = agg[cat[len("task::"):]]
+            entry[0] += e["dur"] / 1e6
+            entry[1] += 1
+            entry[2] = max(entry[2], e["dur"] / 1e6)
     return dict(agg)
 
 
@@ -192,10 +195,11 @@ def run_pipeline(shards_dir: str, out_dir: str, args, threads: int) -> dict:
         decode=DecodeConfig(batch_size=args.batch_size, num_cpus=1),
         embed=EmbedConfig(
             model=args.model, allow_random_init=True, seed=args.seed, precision="auto",
-            batch_size=args.batch_size, concurrency=1,
+            batch_size=args.batch_size, concurrency=args.actors,
             # one actor holding 1 Ray CPU leaves 1 for read/decode tasks; its torch uses every
             # core, since decode of small images needs little and the model needs the rest
-            num_cpus_per_actor=1, torch_threads=threads,
+            # (--actors N: N actors sharing the cores, each with its share of the threads)
+            num_cpus_per_actor=1 / args.actors, torch_threads=max(1, threads // args.actors),
         ),
     )
     t = time.perf_counter()
@@ -215,7 +219,9 @@ def run_pipeline(shards_dir: str, out_dir: str, args, threads: int) -> dict:
     others = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
     tasks = timeline_breakdown()
     ray.shutdown()
-    load = sum(d for name, (d, _) in tasks.items() if "EmbedActor" in name and name.endswith("__init__"))
+    # the actors load the model at the same time: the load's share of the wall time is the longest one
+    load = max((longest for name, (_, _, longest) in tasks.items() if "EmbedActor" in name and name.endswith("__init__")),
+               default=0.0)
     keys, vecs = [], []
     for name in sorted(os.listdir(os.path.join(out_dir, schema.EMBEDDINGS_DIR))):
         table = pq.read_table(os.path.join(out_dir, schema.EMBEDDINGS_DIR, name))
@@ -246,6 +252,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-embedder", action="store_true", help="leave out variant 3 (in-process embedder)")
+    parser.add_argument("--actors", type=int, default=1, help="embed actors in the pipeline variant (embed.concurrency)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), load_avg()
@@ -266,7 +273,8 @@ def main() -> None:
                 run_embedder, tars, base.model_copy(update={"precision": "fp32"}), args.batch_size)
             results["embedder in-process, bf16 weights + autocast (as pipeline)"] = measured(
                 run_embedder, tars, base.model_copy(update={"precision": "bf16"}), args.batch_size)
-        pipe = results["pipeline: embed stage on Ray (1 actor)"] = run_pipeline(
+        actors = f"{args.actors} actor{'s' if args.actors > 1 else ''}, {max(1, args.threads // args.actors)} torch thread(s) each"
+        pipe = results[f"pipeline: embed stage on Ray ({actors})"] = run_pipeline(
             shards_dir, os.path.join(tmp, "out"), args, args.threads)
 
     n = len(naive["keys"])
@@ -299,11 +307,13 @@ def main() -> None:
 
     print(f"\nPipeline detail: Ray start-up {pipe['ray_start']:.1f} s (excluded), embeddings stored as "
           f"{pipe['dtype_stored']}; summed task time from ray.timeline (overlapping, 2 cores):")
-    embed_calls = sum(d for name, (d, _) in pipe["tasks"].items() if "EmbedActor" in name and name.endswith("submit"))
-    for name, (dur, count) in sorted(pipe["tasks"].items(), key=lambda kv: -kv[1][0]):
+    # per actor: the actors embed side by side, each its share of the images
+    embed_calls = sum(d for name, (d, _, _) in pipe["tasks"].items() if "EmbedActor" in name and name.endswith("submit"))
+    embed_calls /= args.actors
+    for name, (dur, count, _) in sorted(pipe["tasks"].items(), key=lambda kv: -kv[1][0]):
         print(f"  {dur:7.1f} s  {count:4d} x  {name}")
     if embed_calls:
-        print(f"  -> the actor's embed calls alone: {n / embed_calls:.1f} img/s; wall minus model load minus embed "
+        print(f"  -> the actors' embed calls alone: {n / embed_calls:.1f} img/s; wall minus model load minus embed "
               f"calls: {pipe['wall'] - pipe['load'] - embed_calls:.1f} s (start-up, pipeline fill/drain, finalize)")
     for name, r in results.items():
         if "decode" in r:

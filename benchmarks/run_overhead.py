@@ -5,7 +5,9 @@ On an img2dataset-layout corpus of Fashion-MNIST JPEGs (20,000 samples by defaul
 process, the way a user runs it (Ray started by the run, wall time from process start to exit):
 
 - embed alone: `stages=[embed]` into a fresh output directory;
-- whole run: every stage of configs/demo.yaml into another fresh output directory.
+- whole run: every stage of configs/demo.yaml (dedup included) into another fresh output directory;
+- the same without the dedup stage (`stages=[embed,prototypes,assign,select,write]`), the stages the
+  issue's first measurement ran.
 
 Then `cp -r` of the whole run's pruned shards (tars, parquet and stats) to a directory on the same
 disk, twice (the first warms the page cache, as the writer's reads of the input tars were warm),
@@ -64,33 +66,39 @@ def main() -> None:
         cli("demo-data", args.corpus, "--count", str(args.count), "--shard-size", str(args.shard_size))
     work = tempfile.mkdtemp(prefix="ssl-prune-overhead-", dir=os.path.dirname(os.path.abspath(args.corpus)))
     try:
-        embed_alone, whole, manifest = [], [], {}
+        no_dedup = "stages=[embed,prototypes,assign,select,write]"
+        variants = {"whole run (configs/demo.yaml, dedup included)": [], "whole run without dedup": []}
+        embed_alone, manifests = [], {}
         for r in range(args.runs):
             out = os.path.join(work, f"embed-{r}")
             embed_alone.append(cli("run", "demo", f"input={args.corpus}", f"output={out}", "stages=[embed]"))
-            out = os.path.join(work, f"whole-{r}")
-            whole.append(cli("run", "demo", f"input={args.corpus}", f"output={out}"))
-            with open(os.path.join(out, "manifest.json")) as f:
-                manifest = json.load(f)
-        pruned = os.path.join(work, f"whole-{args.runs - 1}", "pruned")
-        n_bytes = dir_bytes(pruned)
-        cp_s = cp_seconds(pruned, work)
-        t = manifest["timings_s"]
-        e, w = min(embed_alone), min(whole)
-        write_rate, cp_rate = n_bytes / t["write"] / 1e6, n_bytes / cp_s / 1e6
-        print(f"corpus {args.corpus}: {manifest['counts']['input_samples']} samples, "
-              f"{manifest['counts']['kept']} kept, {n_bytes / 1e6:.1f} MB of pruned shards; {os.cpu_count()} CPUs")
+            for v, (name, times) in enumerate(variants.items()):
+                out = os.path.join(work, f"whole-{v}-{r}")
+                times.append(cli("run", "demo", f"input={args.corpus}", f"output={out}", *([no_dedup] if v else [])))
+                with open(os.path.join(out, "manifest.json")) as f:
+                    manifests[name] = json.load(f)
+        e = min(embed_alone)
+        print(f"corpus {args.corpus}: {manifests[next(iter(variants))]['counts']['input_samples']} samples; "
+              f"{os.cpu_count()} CPUs")
         print()
         print("| measure | seconds | ratio |")
         print("| --- | ---: | ---: |")
         print(f"| embed alone (`stages=[embed]`, process wall time) | {e:.1f} | |")
-        print(f"| whole run (process wall time) | {w:.1f} | embed alone / whole = **{e / w:.2f}** |")
-        for stage in ("embed", "prototypes", "assign", "select", "write"):
-            if stage in t:
-                print(f"| - {stage} stage (in the whole run) | {t[stage]:.2f} | {t[stage] / w:.2f} of the run |")
-        print(f"| - outside the stages (start, Ray, manifest, report) | {w - t['total']:.2f} | |")
-        print(f"| write stage: {write_rate:.0f} MB/s; `cp -r` of its output: {cp_rate:.0f} MB/s | {t['write']:.2f} / {cp_s:.2f} "
-              f"| write / cp rate = **{write_rate / cp_rate:.2f}** |")
+        for v, (name, times) in enumerate(variants.items()):
+            w, manifest = min(times), manifests[name]
+            t = manifest["timings_s"]
+            print(f"| **{name}** (process wall time) | {w:.1f} | embed alone / whole = **{e / w:.2f}** |")
+            for stage in manifest["config"]["stages"]:
+                if stage in t:
+                    print(f"| - {stage} stage | {t[stage]:.2f} | {t[stage] / w:.2f} of the run |")
+            print(f"| - outside the stages (start, Ray, manifest, report) | {w - t['total']:.2f} | |")
+            pruned = os.path.join(work, f"whole-{v}-{args.runs - 1}", "pruned")
+            n_bytes = dir_bytes(pruned)
+            cp_s = cp_seconds(pruned, work)
+            write_rate, cp_rate = n_bytes / t["write"] / 1e6, n_bytes / cp_s / 1e6
+            print(f"| - write stage: {manifest['counts']['kept']} samples, {n_bytes / 1e6:.1f} MB at {write_rate:.0f} MB/s; "
+                  f"`cp -r` of its output: {cp_rate:.0f} MB/s | {t['write']:.2f} / {cp_s:.2f} "
+                  f"| write / cp rate = **{write_rate / cp_rate:.2f}** |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -146,11 +146,15 @@ def test_scatter_spans_sends_each_file_its_spans_in_offset_order(tmp_path, windo
     spans = [s for i, s in enumerate(spans) if i == len(spans) - 1 or s[0] + s[1] <= spans[i + 1][0]]  # no overlaps
     routes = [(o, n, rng.choice("abc")) for o, n in spans]
     rng.shuffle(routes)
-    for src in (open(tmp_path / "src", "rb"), io.BytesIO(raw)):  # pread, and seek + read
-        dsts = {k: io.BytesIO() for k in "abc"}
+    # pread, seek + read, and local files on both sides (the kernel's copy_file_range)
+    for src, to_files in ((open(tmp_path / "src", "rb"), False), (io.BytesIO(raw), False),
+                          (open(tmp_path / "src", "rb"), True)):
+        dsts = {k: open(tmp_path / f"dst-{k}", "w+b") if to_files else io.BytesIO() for k in "abc"}
         written = scatter_spans(src, routes, dsts, window=window, max_gap=max_gap)
         for k in "abc":
             want = b"".join(raw[o : o + n] for o, n, key in sorted(routes) if key == k)
-            assert dsts[k].getvalue() == want and written[k] == len(want)
+            dsts[k].flush()
+            got = (tmp_path / f"dst-{k}").read_bytes() if to_files else dsts[k].getvalue()
+            assert got == want and written[k] == len(want)
     with pytest.raises(EOFError):
         scatter_spans(io.BytesIO(raw), [(199_990, 20, "a")], {"a": io.BytesIO()})
