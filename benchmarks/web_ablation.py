@@ -7,8 +7,9 @@ the labels and kinds (which no policy may see) would do:
 
 - junk removed by the oracle, then dedup+dbp-hard (is junk what is left?);
 - every copy removed by the oracle instead of dedup, then dbp-hard (is dedup's recall the limit?);
-- dedup, then budgets over the classes instead of the clusters (capped-equal over the labels), in
-  the hard order and in random order (is the grouping the limit, or the order?);
+- dedup, then budgets over the classes instead of the clusters (capped-equal over the labels; the
+  junk dedup left is a group of its own), in the hard order and in random order (is the grouping the
+  limit, or the order?);
 - the policy's other orders under the same budgets: dedup+dbp-random, dedup+dbp-stratified,
   dedup+capped-random.
 
@@ -53,25 +54,26 @@ def load_split(cfg: EvaluateConfig, split_dir: str, input_spec: str) -> labels.L
 
 def fit(pool: labels.LabeledSet, cfg: EvaluateConfig) -> tuple:
     """The pool's prototypes and what dedup removes, as `evaluate` computes them (seed-free)."""
-    cluster, distance, _, centroids = subsets.prototypes(pool.embeddings, cfg.kmeans, pool.shards)
+    cluster, distance, meta, centroids = subsets.prototypes(pool.embeddings, cfg.kmeans, pool.shards)
     removed = subsets.near_duplicates(pool.embeddings, distance, cluster, pool.shards, pool.keys, cfg.evaluate.dedup)
-    return cluster, distance, centroids, removed
+    return cluster, distance, centroids, removed, int(meta["k"])
 
 
 def variants(pool: labels.LabeledSet, cfg: EvaluateConfig, fitted: tuple, seed: int) -> dict[str, np.ndarray]:
     """Every variant's bands (`subsets.select_bands`' convention) for one seed."""
-    k = cfg.kmeans.k
-    cluster, distance, centroids, removed = fitted
+    cluster, distance, centroids, removed, k = fitted
+    options = cfg.evaluate.select_options()  # strata, drop_hardest, dbp settings: as evaluate passes them
     junk, copies = pool.kinds == KIND_JUNK, pool.kinds == KIND_COPY
     classes = np.where(pool.labels < 0, pool.labels.max() + 1, pool.labels)  # junk: a group of its own
     n_classes = int(classes.max()) + 1
     common = (pool.shards, pool.keys, seed)
 
     def after(policy, gone, groups=cluster, n_groups=k):
-        return subsets.bands_after_dedup(policy, FRACTIONS, gone, distance, groups, n_groups, *common, centroids)
+        return subsets.bands_after_dedup(policy, FRACTIONS, gone, distance, groups, n_groups, *common, centroids,
+                                         **options)
 
     return {
-        "random": subsets.select_bands("random", FRACTIONS, distance, cluster, k, *common),
+        "random": subsets.select_bands("random", FRACTIONS, distance, cluster, k, *common, **options),
         "dedup+dbp-hard (evaluate's best)": after("dbp-hard", removed),
         "junk removed by the oracle, dedup+dbp-hard": after("dbp-hard", removed | junk),
         "copies removed by the oracle (no dedup), dbp-hard": after("dbp-hard", copies),
@@ -100,6 +102,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="trainings at once, one core each")
     args = ap.parse_args()
     cfg = load_config(args.config, [], EvaluateConfig)
+    if cfg.evaluate.pool_size is not None:
+        raise SystemExit("web_ablation.py uses the whole pool: set evaluate.pool_size to null in the config")
     for split in ("train", "test"):
         if not os.path.isdir(os.path.join(cfg.output, split, "embeddings")):
             raise SystemExit(f"no embeddings in {cfg.output}/{split}/embeddings: run `ssl-prune evaluate {args.config}` first")

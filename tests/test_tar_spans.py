@@ -15,6 +15,7 @@ from prune.io.shards import iter_tar_samples
 from prune.io.tar_spans import (
     RECORD,
     CompressedTar,
+    _NotPlain,
     _plain_samples,
     _reader_samples,
     copy_spans,
@@ -158,3 +159,24 @@ def test_scatter_spans_sends_each_file_its_spans_in_offset_order(tmp_path, windo
             assert got == want and written[k] == len(want)
     with pytest.raises(EOFError):
         scatter_spans(io.BytesIO(raw), [(199_990, 20, "a")], {"a": io.BytesIO()})
+
+
+@pytest.mark.parametrize("size_field", [b"-0001000\0\0\0\0", b"-0010000\0\0\0\0"])
+def test_a_negative_size_goes_to_the_reader_and_ends(tmp_path, size_field):
+    """A damaged size field with a sign (int() would take it) must not make the walk go backwards or
+    stand still: the tar goes to the reader, whatever its checksum says."""
+    path = _tar(tmp_path / "neg.tar", [("a.jpg", b"A" * 700), ("a.txt", b"t"), ("b.jpg", b"B" * 10)])
+    raw = bytearray(open(path, "rb").read())
+    second = 512 + 1024  # the header after a.jpg's 700 bytes of data
+    raw[second + 124 : second + 136] = size_field
+    for fix_checksum in (False, True):
+        if fix_checksum:
+            header = raw[second : second + 512]
+            header[148:156] = b" " * 8
+            raw[second + 148 : second + 156] = b"%06o\0 " % sum(header)
+        (tmp_path / "bad.tar").write_bytes(bytes(raw))
+        with open(tmp_path / "bad.tar", "rb") as f:
+            with pytest.raises(_NotPlain):
+                _plain_samples(f, len(raw))
+            got = sample_spans(f)
+            assert got == _reader_samples(f)

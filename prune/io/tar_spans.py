@@ -72,6 +72,8 @@ def _octal(raw: bytes) -> int:
     if raw[:1] and raw[0] & 0x80:
         raise _NotPlain("base-256 number")
     text = raw.replace(b"\0", b" ").strip()
+    if text[:1] in (b"-", b"+"):  # int() takes a sign; a negative size would walk backwards forever
+        raise _NotPlain("a signed number")
     try:
         return int(text, 8) if text else 0
     except ValueError:
