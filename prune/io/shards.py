@@ -9,6 +9,7 @@ that would escape a directory, a sample without an image, a tar cut short.
 from __future__ import annotations
 
 import posixpath
+import re
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -47,13 +48,22 @@ class ShardReadResult:
 
 def split_member_name(name: str) -> tuple[str, str]:
     """webdataset's key/extension split: key is the path up to the first dot of the base name."""
+    if "/" not in name:  # the common case, called once per member: no path to split
+        stem, _, ext = name.partition(".")
+        return stem, ext
     directory, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return (posixpath.join(directory, stem) if directory else stem), ext
 
 
+# an unsafe name has one of these (a separator, a drive letter's colon) or is ".." itself
+_MAYBE_UNSAFE = re.compile(r"[/\\:]|^\.\.$")
+
+
 def is_unsafe_name(name: str) -> bool:
     """A member name that would land outside an extraction directory."""
+    if not _MAYBE_UNSAFE.search(name):  # the common case, called once per member
+        return False
     parts = name.replace("\\", "/").split("/")
     return name.startswith("/") or name.startswith("\\") or ".." in parts or (len(name) > 1 and name[1] == ":")
 

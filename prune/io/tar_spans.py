@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -80,22 +79,20 @@ def _octal(raw: bytes) -> int:
         raise _NotPlain("not an octal number") from None
 
 
-def _header_reader(f):
-    """offset -> the 512 bytes there: `os.pread` on a local file's descriptor (no seek, no Python
-    file layers: the walk is one call per member), else seek and read."""
+def _positional_reader(f):
+    """(offset, length) -> the bytes there (short at the end of the file): `os.pread` on a local
+    file's descriptor (no seek, no Python file layers: one call per read), else seek and read."""
     fd = _fileno(f)
     if fd is not None and hasattr(os, "pread"):
-        return lambda offset: os.pread(fd, BLOCK, offset)
+        return lambda offset, length: os.pread(fd, length, offset)
 
-    def read(offset: int) -> bytes:
+    def read(offset: int, length: int) -> bytes:
         f.seek(offset)
-        return f.read(BLOCK)
+        return f.read(length)
     return read
 
 
 _CHECKSUM_FIELD_AS_SPACES = 8 * 32  # the checksum is computed with its own field read as spaces
-# a name without these characters is safe (is_unsafe_name needs one of them): the full check is skipped
-_MAYBE_UNSAFE = re.compile(r"[/\\:]|^\.\.$")
 
 
 def _plain_samples(f, file_size: int) -> list[SampleSpans]:
@@ -104,9 +101,9 @@ def _plain_samples(f, file_size: int) -> list[SampleSpans]:
     headers: list[bytes] = []  # checksums are verified for all headers at once, at the end
     stored: list[int] = []
     offset = 0
-    read = _header_reader(f)
+    read = _positional_reader(f)
     while True:
-        header = read(offset)
+        header = read(offset, BLOCK)
         if header == ZERO_BLOCK:
             _verify_checksums(headers, stored)
             return samples
@@ -127,10 +124,10 @@ def _plain_samples(f, file_size: int) -> list[SampleSpans]:
         if kind == b"\0" and name.endswith("/"):  # an old-style directory, as tarfile reads it
             kind = _DIR_TYPE
         size = _octal(header[124:136])
-        if offset + BLOCK + size > file_size or (_MAYBE_UNSAFE.search(name) and is_unsafe_name(name)):
+        if offset + BLOCK + size > file_size or is_unsafe_name(name):
             raise _NotPlain("an unsafe name or a member cut short")
         if kind in _FILE_TYPES:
-            key = split_member_name(name)[0] if "/" in name else name.partition(".")[0]
+            key = split_member_name(name)[0]
             if not samples or samples[-1].key != key:
                 samples.append(SampleSpans(key, ok=key not in seen))
                 seen.add(key)
@@ -231,32 +228,20 @@ def copy_spans(src, dst, spans, chunk: int = 8 << 20) -> int:
     return total
 
 
-def _read_at(src, offset: int, length: int) -> bytes:
-    fd = _fileno(src)
-    if fd is not None and hasattr(os, "pread"):
-        data = os.pread(fd, length, offset)
-    else:
-        src.seek(offset)
-        data = src.read(length)
-    if len(data) < length:
-        raise EOFError(f"the file ends inside the span {offset}+{length}")
-    return data
-
-
 def scatter_spans(src, routes, dsts: dict, window: int = 8 << 20, max_gap: int = 1 << 20) -> dict:
     """Copy spans of `src` to several files in one sequential pass: `routes` is (offset, length,
     dst key) in any order; each `dsts[key]` receives its spans in offset order. Neighbouring spans
     are read together in windows of up to `window` bytes (a gap over `max_gap` starts a new one),
     and each window's pieces for one file go out in one write: a few calls per window, not two per
-    member, which is what makes copying many small members cheap. -> bytes written per key."""
+    member, which is what makes copying many small members cheap (object storage). Between local
+    files the kernel copies each file's spans instead (`copy_spans`). -> bytes written per key."""
     written = dict.fromkeys(dsts, 0)
     routes = sorted(routes, key=lambda r: r[0])
     if hasattr(os, "copy_file_range") and _fileno(src) is not None and all(_fileno(d) is not None for d in dsts.values()):
-        # local files: the kernel copies each file's spans (copy_spans), no byte passes through Python
         for key, dst in dsts.items():
             written[key] += copy_spans(src, dst, [(o, n) for o, n, k in routes if k == key])
         return written
-    i = 0
+    read, i = _positional_reader(src), 0
     while i < len(routes):
         start = routes[i][0]
         j, end = i, start
@@ -268,7 +253,9 @@ def scatter_spans(src, routes, dsts: dict, window: int = 8 << 20, max_gap: int =
             written[key] += copy_spans(src, dsts[key], [(offset, length)])
             i += 1
             continue
-        data = memoryview(_read_at(src, start, end - start))
+        data = memoryview(read(start, end - start))
+        if len(data) < end - start:
+            raise EOFError(f"the file ends inside the spans {start}..{end}")
         pieces: dict = {}
         for offset, length, key in routes[i:j]:
             pieces.setdefault(key, []).append(data[offset - start : offset - start + length])
