@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 import pytest
-import ray
 import yaml
+from ray._private import ray_constants
 
 from prune import schema
 
@@ -25,9 +25,23 @@ from .conftest import REPO, assert_same_results, small_config, subprocess_env, w
 RUN_TIMEOUT_S = 300
 
 
-def _actor_nodes(class_part: str) -> set[str]:
-    return {a["Address"]["NodeID"] for a in ray._private.state.actors().values()
-            if class_part in a["ActorClassName"] and a["State"] == "ALIVE"}
+def _nodes_running(title: str, nodes) -> set[str]:
+    """Ids of the nodes among `nodes` where a worker process is running a task `title` (Ray titles a
+    worker `ray::<function>` while it runs one, `ray::IDLE` otherwise; its parent is its raylet)."""
+    raylets = {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: n.node_id for n in nodes}
+    found = set()
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as f:
+                if not f.read().startswith(f"ray::{title}".encode()):
+                    continue
+            with open(cmdline[: -len("cmdline")] + "stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent in raylets:
+            found.add(raylets[parent])
+    return found
 
 
 def test_worker_lost_between_refine_passes_rebuilds_the_cached_blocks(pipeline_run, local_cluster):
@@ -65,8 +79,8 @@ def test_worker_lost_between_refine_passes_rebuilds_the_cached_blocks(pipeline_r
 
 
 def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_cluster, tmp_path):
-    """Driver alone on the head; three 1-CPU workers. The node holding the assign actor is killed
-    while assign runs, another once write has finished a fragment."""
+    """Driver alone on the head; three 1-CPU workers. The node running an assign task is killed
+    while it runs (the task runs again elsewhere), another once write has finished a fragment."""
     cluster, workers = local_cluster({"num_cpus": 0}, [{"num_cpus": 1}] * 3)
     out = tmp_path / "out"
     shutil.copytree(pipeline_run["out"], out)
@@ -88,8 +102,8 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
 
     def kill_in_assign_then_write() -> None:
         text = log_path.read_text()
-        if "assign" not in killed and "stage prototypes:" in text and _actor_nodes("AssignShards"):
-            kill("assign", _actor_nodes("AssignShards"))
+        if "assign" not in killed and "stage prototypes:" in text and (busy := _nodes_running("_each", alive)):
+            kill("assign", busy)  # after prototypes, the first batched tasks are assign's
         elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/done/*.json"):
             kill("write")
 

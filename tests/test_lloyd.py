@@ -320,16 +320,16 @@ def test_fit_cpus_beyond_every_live_node_is_a_warning_not_an_error(ray_cluster, 
     assert "kmeans.fit_num_cpus=10000" in msg and "waits for a node with 10000 CPUs" in msg and "autoscaler" in msg
 
 
-def test_assign_workers_get_the_output_dir_with_its_storage_options(ray_cluster, tmp_path):
-    """AssignShards used to rebuild OutputDir(url) in the worker, dropping e.g. an S3 endpoint."""
-    from pipelines.stages.assign import AssignShards
+def test_assign_tasks_get_the_output_dir_with_its_storage_options(ray_cluster, tmp_path):
+    """The assign workers once rebuilt OutputDir(url) in the worker, dropping e.g. an S3 endpoint;
+    an AssignTask carries the OutputDir itself through Ray, with its options."""
+    from pipelines.stages.assign import AssignTask
     from prune.io.storage import OutputDir
 
     out = OutputDir(str(tmp_path), auto_mkdir=True)
-    worker = ray.remote(num_cpus=0)(AssignShards).remote(out, np.eye(4, dtype=np.float32), "fp")
-    url, options = ray.get(worker.__ray_call__.remote(lambda self: (self.out.url, self.out.storage_options)))
-    assert url == out.url and options == out.storage_options == {"auto_mkdir": True}
-    ray.kill(worker)
+    task = AssignTask(out, "00000", "x.tar", ray.put(np.eye(4, dtype=np.float32)), "fp")
+    got = ray.get(ray.remote(num_cpus=0)(lambda t: (t.out.url, t.out.storage_options)).remote(task))
+    assert got == (out.url, out.storage_options) and out.storage_options == {"auto_mkdir": True}
 
 
 # --- config and pipeline ------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Assign stage: every sample's nearest prototype and its distance, into `scores/NNNNN.parquet`.
 
-A Ray Data actor pool whose workers each hold the centroids in a faiss inner-product index; per
-shard, a worker writes the scores file (cluster, distance; selection columns not yet decided)
-under a temporary name. Score = 1 - cosine to the nearest centroid. Its outputs are fully
-determined by the prototypes', so its fingerprint is theirs; complete when every scores file
-carries it.
+Batched Ray tasks (`runtime.run_batched`): the centroids go to the object store once, and each
+worker process builds their faiss inner-product index once per run (`_assigner`), then writes
+each of its shards' scores file (cluster, distance; selection columns not yet decided) atomically.
+Plain tasks, not an actor pool: they reuse the warm workers the stages before left, where a pool
+of actors started fresh processes (about 2 s of a 20k-sample run), and a task lost with its node
+is run again by Ray. Score = 1 - cosine to the nearest centroid. Its outputs are fully determined
+by the prototypes', so its fingerprint is theirs; complete when every scores file carries it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from prune.io.tables import (
 from prune.settings import ConfigError
 
 from ..pending import pending, stamped
+from ..runtime import resolve, run_batched
 from ..stage import STAGES, Context, Resources, Stage
 
 
@@ -47,48 +50,58 @@ def assigned_with(out: OutputDir, shard: str, fp: str) -> bool:
     return file_metadata(out, schema.SCORES_DIR, shard).get(schema.META_ASSIGN_FINGERPRINT, b"").decode() == fp
 
 
-class AssignShards:
-    """Ray Data worker: holds the centroids; per shard, writes the assignment scores file."""
+@dataclass(frozen=True)
+class AssignTask:
+    out: OutputDir  # the OutputDir itself: it pickles with its storage options (a URL would not)
+    shard: str
+    url: str
+    centroids: object  # ObjectRef of the float32 [k, d] centroids, put once per run
+    fp: str
+    id_col: str = schema.KEY
 
-    def __init__(self, out: OutputDir, centroids: np.ndarray, fp: str, id_col: str = schema.KEY):
-        self.out = out  # the OutputDir itself: it pickles with its storage options (a URL would not)
-        self.assigner = Assigner(centroids)
-        self.fp = fp
-        self.id_col = id_col
 
-    def __call__(self, batch: dict) -> dict:
-        results = [self.assign_one(str(s), str(u)) for s, u in zip(batch[schema.SHARD], batch["url"])]
-        return {"shard": np.array([s for s, _ in results]), "reused": np.array([r for _, r in results])}
+_ASSIGNERS: dict = {}  # per worker process: the centroid index of the run it last served
 
-    def assign_one(self, shard: str, url: str) -> tuple[str, bool]:
-        if assigned_with(self.out, shard, self.fp):
-            return shard, True
-        table = read_embeddings(self.out, shard)
-        ok, x = ok_matrix(table)
-        n = len(table)
-        cluster = np.full(n, -1, np.int32)
-        distance = np.full(n, np.nan, np.float32)
-        ids, sims = self.assigner(x)
-        cluster[ok], distance[ok] = ids, prototype_distance(sims)
-        invalid = np.zeros(n, bool)
-        invalid[ok] = (ids < 0) | ~np.isfinite(sims) | ~np.isfinite(x).all(axis=1)
-        if invalid.any():  # a model that produced NaN/inf: record it, never score it
-            ok = ok & ~invalid
-            cluster[invalid], distance[invalid] = -1, np.nan
-            status = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
-            status[invalid] = schema.STATUS_BAD_EMBEDDING
-            table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
-        src_meta = table.schema.metadata or {}
-        meta = {schema.META_ASSIGN_FINGERPRINT: self.fp.encode()}
-        if schema.META_SHARD_ERROR in src_meta:
-            meta[schema.META_SHARD_ERROR] = src_meta[schema.META_SHARD_ERROR]
-        scores = empty_selection(table, cluster, distance, ok).replace_schema_metadata(meta)
-        if self.id_col != schema.KEY:  # the id users join on (export.id_col, e.g. DataComp's uid)
-            ids = id_column(scores.column(schema.KEY).combine_chunks(), shard_metadata(self.out, shard, url), self.id_col)
-            scores = scores.append_column(self.id_col, ids)
-        with self.out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
-            pq.write_table(scores, f)
-        return shard, False
+
+def _assigner(task: AssignTask) -> Assigner:
+    """The worker's faiss index of this run's centroids, built on its first shard of the run."""
+    if task.fp not in _ASSIGNERS:
+        _ASSIGNERS.clear()
+        _ASSIGNERS[task.fp] = Assigner(resolve(task.centroids))
+    return _ASSIGNERS[task.fp]
+
+
+def assign_shard(task: AssignTask) -> tuple[str, bool]:
+    """One shard's scores file -> (shard, whether an earlier attempt had already written it)."""
+    out, shard = task.out, task.shard
+    if assigned_with(out, shard, task.fp):
+        return shard, True
+    table = read_embeddings(out, shard)
+    ok, x = ok_matrix(table)
+    n = len(table)
+    cluster = np.full(n, -1, np.int32)
+    distance = np.full(n, np.nan, np.float32)
+    ids, sims = _assigner(task)(x)
+    cluster[ok], distance[ok] = ids, prototype_distance(sims)
+    invalid = np.zeros(n, bool)
+    invalid[ok] = (ids < 0) | ~np.isfinite(sims) | ~np.isfinite(x).all(axis=1)
+    if invalid.any():  # a model that produced NaN/inf: record it, never score it
+        ok = ok & ~invalid
+        cluster[invalid], distance[invalid] = -1, np.nan
+        status = np.asarray(table.column(schema.STATUS).to_pylist(), dtype=object)
+        status[invalid] = schema.STATUS_BAD_EMBEDDING
+        table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
+    src_meta = table.schema.metadata or {}
+    meta = {schema.META_ASSIGN_FINGERPRINT: task.fp.encode()}
+    if schema.META_SHARD_ERROR in src_meta:
+        meta[schema.META_SHARD_ERROR] = src_meta[schema.META_SHARD_ERROR]
+    scores = empty_selection(table, cluster, distance, ok).replace_schema_metadata(meta)
+    if task.id_col != schema.KEY:  # the id users join on (export.id_col, e.g. DataComp's uid)
+        ids = id_column(scores.column(schema.KEY).combine_chunks(), shard_metadata(out, shard, task.url), task.id_col)
+        scores = scores.append_column(task.id_col, ids)
+    with out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
+        pq.write_table(scores, f)
+    return shard, False
 
 
 @STAGES.register
@@ -120,15 +133,12 @@ class AssignStage(Stage):
         return None
 
     def run(self, ctx: Context) -> AssignStats:
-        centroids = load_centroids(ctx.out)
-        ds = ray.data.from_items([{schema.SHARD: s, "url": u} for s, u in sorted(ctx.shards.items())],
-                                 override_num_blocks=max(1, len(ctx.shards)))
-        ds = ds.map_batches(
-            AssignShards, fn_constructor_args=(ctx.out, centroids, ctx.fingerprint, self.export.id_col), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=self.kmeans.assign_concurrency), **self.resources(ctx).ray_args(),
-        )
+        centroids = ray.put(load_centroids(ctx.out))
+        tasks = [AssignTask(ctx.out, shard, url, centroids, ctx.fingerprint, self.export.id_col)
+                 for shard, url in sorted(ctx.shards.items())]
         stats = AssignStats(0, 0)
-        for row in ds.iter_rows():
-            stats.shards_reused += int(row["reused"])
-            stats.shards_assigned += int(not row["reused"])
+        for _, reused in run_batched(assign_shard, tasks, desc="assign: shards",
+                                     max_in_flight=self.kmeans.assign_concurrency, **self.resources(ctx).ray_args()):
+            stats.shards_reused += int(reused)
+            stats.shards_assigned += int(not reused)
         return stats
