@@ -85,7 +85,9 @@ def per_group(groups: np.ndarray, n_keep: np.ndarray, prio: np.ndarray) -> list[
 
 
 def budgets(name: str, groups: np.ndarray, distance: np.ndarray, centroids: np.ndarray, fractions) -> np.ndarray:
-    n_groups = int(groups.max()) + 1
+    """Each group's keep counts under the budget `name`; group g's centroid is centroids[g] (a group
+    dedup emptied keeps its row, with size 0)."""
+    n_groups = len(centroids)
     sizes = np.bincount(groups, minlength=n_groups)
     sums = dense_sums(distance_sums(groups, distance), n_groups)
     return BUDGETS.get(name)().allocate(sizes, fractions, ClusterStats(sizes, sums, centroids), 0)

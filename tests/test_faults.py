@@ -102,8 +102,8 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
 
     def kill_in_assign_then_write() -> None:
         text = log_path.read_text()
-        if "assign" not in killed and "stage prototypes:" in text and (busy := _nodes_running("_each", alive)):
-            kill("assign", busy)  # after prototypes, the first batched tasks are assign's
+        if "assign" not in killed and "stage prototypes:" in text and (busy := _nodes_running("assign_shard", alive)):
+            kill("assign", busy)
         elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/done/*.json"):
             kill("write")
 

@@ -1,11 +1,11 @@
 """Assign stage: every sample's nearest prototype and its distance, into `scores/NNNNN.parquet`.
 
-Batched Ray tasks (`runtime.run_batched`): the centroids go to the object store once, and each
-worker process builds their faiss inner-product index once per run (`_assigner`), then writes
-each of its shards' scores file (cluster, distance; selection columns not yet decided) atomically.
-Plain tasks, not an actor pool: they reuse the warm workers the stages before left, where a pool
-of actors started fresh processes (about 2 s of a 20k-sample run), and a task lost with its node
-is run again by Ray. Score = 1 - cosine to the nearest centroid. Its outputs are fully determined
+One Ray task per shard (`runtime.run_tasks`): the centroids go to the object store once, and each
+task builds their faiss inner-product index (a copy of k x d floats, small beside searching a
+shard) and writes the shard's scores file (cluster, distance; selection columns not yet decided)
+atomically. Plain tasks, not an actor pool: they reuse the warm workers the stages before left,
+where a pool of actors started fresh processes (about 2 s of a 20k-sample run), they keep enough
+demand queued for an autoscaler to add nodes, and a task lost with its node is run again by Ray. Score = 1 - cosine to the nearest centroid. Its outputs are fully determined
 by the prototypes', so its fingerprint is theirs; complete when every scores file carries it.
 """
 
@@ -36,7 +36,7 @@ from prune.io.tables import (
 from prune.settings import ConfigError
 
 from ..pending import pending, stamped
-from ..runtime import resolve, run_batched
+from ..runtime import resolve, run_tasks
 from ..stage import STAGES, Context, Resources, Stage
 
 
@@ -60,17 +60,6 @@ class AssignTask:
     id_col: str = schema.KEY
 
 
-_ASSIGNERS: dict = {}  # per worker process: the centroid index of the run it last served
-
-
-def _assigner(task: AssignTask) -> Assigner:
-    """The worker's faiss index of this run's centroids, built on its first shard of the run."""
-    if task.fp not in _ASSIGNERS:
-        _ASSIGNERS.clear()
-        _ASSIGNERS[task.fp] = Assigner(resolve(task.centroids))
-    return _ASSIGNERS[task.fp]
-
-
 def assign_shard(task: AssignTask) -> tuple[str, bool]:
     """One shard's scores file -> (shard, whether an earlier attempt had already written it)."""
     out, shard = task.out, task.shard
@@ -81,7 +70,7 @@ def assign_shard(task: AssignTask) -> tuple[str, bool]:
     n = len(table)
     cluster = np.full(n, -1, np.int32)
     distance = np.full(n, np.nan, np.float32)
-    ids, sims = _assigner(task)(x)
+    ids, sims = Assigner(resolve(task.centroids))(x)
     cluster[ok], distance[ok] = ids, prototype_distance(sims)
     invalid = np.zeros(n, bool)
     invalid[ok] = (ids < 0) | ~np.isfinite(sims) | ~np.isfinite(x).all(axis=1)
@@ -137,8 +126,8 @@ class AssignStage(Stage):
         tasks = [AssignTask(ctx.out, shard, url, centroids, ctx.fingerprint, self.export.id_col)
                  for shard, url in sorted(ctx.shards.items())]
         stats = AssignStats(0, 0)
-        for _, reused in run_batched(assign_shard, tasks, desc="assign: shards",
-                                     max_in_flight=self.kmeans.assign_concurrency, **self.resources(ctx).ray_args()):
+        for _, reused in run_tasks(assign_shard, tasks, desc="assign: shards",
+                                   max_in_flight=self.kmeans.assign_concurrency, **self.resources(ctx).ray_args()):
             stats.shards_reused += int(reused)
             stats.shards_assigned += int(not reused)
         return stats

@@ -84,8 +84,12 @@ def fit_sample(kc: KMeansConfig, tasks: list[SampleTask], k: int) -> tuple[np.nd
 def _fit_in_task(refs: list, kc: KMeansConfig, k: int) -> tuple[np.ndarray, dict]:
     import faiss
 
+    before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(kc.fit_num_cpus)
-    return prototypes.fit_sample(np.concatenate([x for _, x in ray.get(refs)]), kc, k)
+    try:
+        return prototypes.fit_sample(np.concatenate([x for _, x in ray.get(refs)]), kc, k)
+    finally:  # Ray reuses this worker process for 1-CPU tasks (refine, assign): not with fit_num_cpus threads
+        faiss.omp_set_num_threads(before)
 
 
 def _largest_live_node(resource: str) -> float:

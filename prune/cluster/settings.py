@@ -25,7 +25,7 @@ class KMeansConfig(Section):
     # keep each refine task's embeddings in Ray's object store (float32) across passes instead of
     # re-reading Parquet every pass; None: when they take at most a quarter of the object store
     refine_cache: Optional[bool] = None
-    assign_concurrency: Optional[int] = Field(None, ge=1)  # assign tasks at once; None: twice the cluster's CPUs
+    assign_concurrency: Optional[int] = Field(None, ge=1)  # assign tasks in flight; None: max(64, 2 x the CPUs)
 
 
 # settings that only place work: the exact reduce makes the centroids independent of them
