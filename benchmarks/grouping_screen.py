@@ -188,8 +188,6 @@ def composition_table(screen: Screen, rows: dict[str, list[np.ndarray]]) -> None
 
 def accuracy_table(screen: Screen, cfg: EvaluateConfig, seeds: list[int], workers: int) -> None:
     """The CNN on every candidate's subsets, as web_ablation.py trains them, paired against random."""
-    from concurrent.futures import ProcessPoolExecutor
-
     import web_ablation
 
     from prune.evaluate import labels
@@ -203,21 +201,14 @@ def accuracy_table(screen: Screen, cfg: EvaluateConfig, seeds: list[int], worker
             for f, idx in zip(FRACTIONS, kept):
                 jobs.append((np.sort(idx), seed, cfg.evaluate.cnn))
                 tags.append((name, f, seed))
-    with ProcessPoolExecutor(workers) as ex:
-        results = list(ex.map(web_ablation.train, jobs))
-    base = {(f, s): r for (name, f, s), r in zip(tags, results) if name == "random"}
-    rows: dict = {}
-    for (name, f, s), (bal, worst) in zip(tags, results):
-        rows.setdefault(name, {}).setdefault(f, []).append((100 * (bal - base[(f, s)][0]), 100 * (worst - base[(f, s)][1])))
+    rows = web_ablation.train_paired(jobs, tags, workers)
     print(f"The CNN ({cfg.evaluate.cnn.steps} steps) on each subset: balanced and worst-3-classes accuracy minus "
           f"random's (points, paired by seed, mean ± std over seeds {seeds}):")
     print()
     print("| grouping and policy | 0.3 | 0.5 | worst-3, 0.3 / 0.5 |")
     print("| --- | ---: | ---: | ---: |")
     for name, by_f in rows.items():
-        a = {f: np.array(v) for f, v in by_f.items()}
-        cells = [f"{a[f][:, 0].mean():+.1f} ± {a[f][:, 0].std(ddof=1) if len(a[f]) > 1 else 0:.1f}" for f in FRACTIONS]
-        worst = " / ".join(f"{a[f][:, 1].mean():+.1f}" for f in FRACTIONS)
+        cells, worst, _ = web_ablation.paired_cells(by_f)
         print(f"| {name} | {cells[0]} | {cells[1]} | {worst} |")
 
 

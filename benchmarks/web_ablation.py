@@ -95,6 +95,28 @@ def train(job: tuple) -> tuple[float, float]:
     return result["balanced_accuracy"], result["worst3_accuracy"]
 
 
+def train_paired(jobs: list, tags: list, workers: int) -> dict:
+    """Trains every job (`train`'s argument), `workers` at once; tags are (name, fraction, seed, *extra)
+    with a "random" name among them -> name -> fraction -> [(balanced, worst-3 accuracy minus random's
+    for the same fraction and seed, in points), *extra] per seed."""
+    with ProcessPoolExecutor(workers) as ex:
+        results = list(ex.map(train, jobs))
+    base = {(f, s): r for (name, f, s, *_), r in zip(tags, results) if name == "random"}
+    rows: dict = {}
+    for (name, f, s, *extra), (bal, worst) in zip(tags, results):
+        rows.setdefault(name, {}).setdefault(f, []).append(
+            (100 * (bal - base[(f, s)][0]), 100 * (worst - base[(f, s)][1]), *extra))
+    return rows
+
+
+def paired_cells(by_fraction: dict) -> tuple[list[str], str, dict]:
+    """One row's cells: 'mean ± std' of the balanced difference per fraction, the worst-3 means
+    'a / b', and the per-fraction arrays (columns: balanced, worst-3, extras)."""
+    a = {f: np.array(v) for f, v in by_fraction.items()}
+    cells = [f"{a[f][:, 0].mean():+.1f} ± {a[f][:, 0].std(ddof=1) if len(a[f]) > 1 else 0:.1f}" for f in FRACTIONS]
+    return cells, " / ".join(f"{a[f][:, 1].mean():+.1f}" for f in FRACTIONS), a
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/evaluate_web.yaml")
@@ -121,13 +143,7 @@ def main() -> None:
                 jobs.append((idx, seed, cfg.evaluate.cnn))
                 tags.append((name, fraction, seed, float(np.mean(pool.kinds[idx] == KIND_COPY)),
                              float(np.mean(pool.kinds[idx] == KIND_JUNK))))
-    with ProcessPoolExecutor(args.workers) as ex:
-        results = list(ex.map(train, jobs))
-    base = {(f, s): r for (name, f, s, *_), r in zip(tags, results) if name == "random"}
-    rows: dict = {}
-    for (name, f, s, copies, junk), (bal, worst) in zip(tags, results):
-        rows.setdefault(name, {}).setdefault(f, []).append(
-            (100 * (bal - base[(f, s)][0]), 100 * (worst - base[(f, s)][1]), copies, junk))
+    rows = train_paired(jobs, tags, args.workers)
     print(f"{args.config}: {len(pool)} pool samples, {len(test)} test; k = {cfg.kmeans.k}; dedup eps "
           f"{cfg.evaluate.dedup.eps} keeping {cfg.evaluate.dedup.keep}; CNN {cfg.evaluate.cnn.steps} steps; "
           f"seeds {args.seeds}; {time.perf_counter() - t0:.0f} s")
@@ -138,9 +154,7 @@ def main() -> None:
     print("| variant | 0.3 | 0.5 | worst-3, 0.3 / 0.5 | copies in subset, 0.3 / 0.5 | junk in subset, 0.3 / 0.5 |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, by_f in rows.items():
-        a = {f: np.array(v) for f, v in by_f.items()}
-        cells = [f"{a[f][:, 0].mean():+.1f} ± {a[f][:, 0].std(ddof=1) if len(a[f]) > 1 else 0:.1f}" for f in FRACTIONS]
-        worst = " / ".join(f"{a[f][:, 1].mean():+.1f}" for f in FRACTIONS)
+        cells, worst, a = paired_cells(by_f)
         copies = " / ".join(f"{a[f][:, 2].mean():.1%}" for f in FRACTIONS)
         junk = " / ".join(f"{a[f][:, 3].mean():.1%}" for f in FRACTIONS)
         print(f"| {name} | {cells[0]} | {cells[1]} | {worst} | {copies} | {junk} |")
