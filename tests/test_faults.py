@@ -25,23 +25,46 @@ from .conftest import REPO, assert_same_results, small_config, subprocess_env, w
 RUN_TIMEOUT_S = 300
 
 
-def _nodes_running(title: str, nodes) -> set[str]:
-    """Ids of the nodes among `nodes` where a worker process is running a task `title` (Ray titles a
-    worker `ray::<function>` while it runs one, `ray::IDLE` otherwise; its parent is its raylet)."""
+def _workers_of(nodes) -> dict[int, str]:
+    """pid -> node id of every process whose parent is one of `nodes`' raylets (Ray's workers)."""
     raylets = {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: n.node_id for n in nodes}
-    found = set()
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+    found = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
-            with open(cmdline, "rb") as f:
-                if not f.read().startswith(f"ray::{title}".encode()):
-                    continue
-            with open(cmdline[: -len("cmdline")] + "stat") as f:
+            with open(stat) as f:
                 parent = int(f.read().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
         if parent in raylets:
-            found.add(raylets[parent])
+            found[int(stat.split("/")[2])] = raylets[parent]
     return found
+
+
+def _nodes_running(title: str, workers: dict[int, str]) -> set[str]:
+    """Node ids of the `workers` now running a task `title`: Ray titles a worker `ray::<function>`
+    while it runs one (`ray::IDLE` otherwise)."""
+    busy = set()
+    for pid, node in workers.items():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(f"ray::{title}".encode()):
+                    busy.add(node)
+        except OSError:
+            continue
+    return busy
+
+
+def _catch_running(title: str, nodes, stop, seconds: float = 10.0) -> set[str]:
+    """Watches `nodes`' workers without pausing until one runs a task `title` (tasks of small shards
+    last milliseconds), or `stop()`, or `seconds`: -> the nodes running it then."""
+    deadline = time.monotonic() + seconds
+    workers, rescan = {}, 0.0
+    while time.monotonic() < deadline and not stop():
+        if time.monotonic() >= rescan:  # a task may start a new worker process
+            workers, rescan = _workers_of(nodes), time.monotonic() + 0.05
+        if busy := _nodes_running(title, workers):
+            return busy
+    return set()
 
 
 def test_worker_lost_between_refine_passes_rebuilds_the_cached_blocks(pipeline_run, local_cluster):
@@ -102,8 +125,10 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
 
     def kill_in_assign_then_write() -> None:
         text = log_path.read_text()
-        if "assign" not in killed and "stage prototypes:" in text and (busy := _nodes_running("assign_shard", alive)):
-            kill("assign", busy)
+        if "assign" not in killed and "stage prototypes:" in text and "stage assign:" not in text:
+            busy = _catch_running("assign_shard", alive, lambda: "stage assign:" in log_path.read_text())
+            if busy:
+                kill("assign", busy)
         elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/done/*.json"):
             kill("write")
 
