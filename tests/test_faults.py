@@ -25,19 +25,25 @@ from .conftest import REPO, assert_same_results, small_config, subprocess_env, w
 RUN_TIMEOUT_S = 300
 
 
-def _workers_of(nodes) -> dict[int, str]:
-    """pid -> node id of every process whose parent is one of `nodes`' raylets (Ray's workers)."""
-    raylets = {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: n.node_id for n in nodes}
-    found = {}
+def _live_parents() -> dict[int, int]:
+    """pid -> parent pid of every live process (from /proc: the parent is the 4th field of a stat;
+    a zombie is dead, only not reaped yet, and left out)."""
+    parents = {}
     for stat in glob.glob("/proc/[0-9]*/stat"):
         try:
             with open(stat) as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
             continue
-        if parent in raylets:
-            found[int(stat.split("/")[2])] = raylets[parent]
-    return found
+        if fields[0] != "Z":
+            parents[int(stat.split("/")[2])] = int(fields[1])
+    return parents
+
+
+def _workers_of(nodes) -> dict[int, str]:
+    """pid -> node id of every process whose parent is one of `nodes`' raylets (Ray's workers)."""
+    raylets = {n.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid: n.node_id for n in nodes}
+    return {pid: raylets[parent] for pid, parent in _live_parents().items() if parent in raylets}
 
 
 def _nodes_running(title: str, workers: dict[int, str]) -> set[str]:
@@ -145,16 +151,10 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
 
 
 def _descendants(pid: int) -> set[int]:
-    """Every live process below `pid` (from /proc: a child's parent is the 4th field of its stat)."""
+    """Every live process below `pid`."""
     children: dict[int, list[int]] = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # a zombie is dead, only not reaped yet
-            children.setdefault(int(fields[1]), []).append(int(stat.split("/")[2]))
+    for child, parent in _live_parents().items():
+        children.setdefault(parent, []).append(child)
     found, todo = set(), [pid]
     while todo:
         for c in children.get(todo.pop(), []):

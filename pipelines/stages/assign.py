@@ -5,8 +5,9 @@ task builds their faiss inner-product index (a copy of k x d floats, small besid
 shard) and writes the shard's scores file (cluster, distance; selection columns not yet decided)
 atomically. Plain tasks, not an actor pool: they reuse the warm workers the stages before left,
 where a pool of actors started fresh processes (about 2 s of a 20k-sample run), they keep enough
-demand queued for an autoscaler to add nodes, and a task lost with its node is run again by Ray. Score = 1 - cosine to the nearest centroid. Its outputs are fully determined
-by the prototypes', so its fingerprint is theirs; complete when every scores file carries it.
+demand queued for an autoscaler to add nodes, and a task lost with its node is run again by Ray.
+Score = 1 - cosine to the nearest centroid. Its outputs are fully determined by the prototypes', so
+its fingerprint is theirs; complete when every scores file carries it.
 """
 
 from __future__ import annotations
