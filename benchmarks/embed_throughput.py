@@ -22,7 +22,7 @@ is how many cores other processes used during a variant (non-zero: that row is s
 re-run). Embedding agreement: cosine between each variant's vectors (the pipeline's as
 stored, float16) and the naive fp32 ones, per key.
 
-    .venv/bin/python benchmarks/embed_throughput.py [--images 1000] [--model ViT-B-32] [--batch-size 64]
+    .venv/bin/python benchmarks/embed_throughput.py [--images 1000] [--model ViT-B-32] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=EmbedConfig().batch_size)
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
