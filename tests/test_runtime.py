@@ -72,3 +72,17 @@ def test_run_batched_runs_few_tasks_and_yields_every_item(ray_cluster):
         at = position[part[0]]
         assert [x for x, _ in got[at : at + len(part)]] == part
         assert len({pid for _, pid in got[at : at + len(part)]}) == 1
+
+
+def test_a_process_that_imports_pipelines_freezes_its_heap_at_exit():
+    """Python's last collection skips frozen objects: the exit handler must have run before it.
+    (Exit handlers run last-registered first, so the probe, registered before the import, runs
+    after ours and sees what the final collection will see.)"""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count())); "
+             "print('before', gc.get_freeze_count()); import pipelines")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    counts = dict(line.split() for line in done.stdout.split("\n") if line)
+    assert int(counts["before"]) == 0 and int(counts["frozen"]) > 1_000  # every object alive at exit

@@ -180,3 +180,36 @@ def test_a_negative_size_goes_to_the_reader_and_ends(tmp_path, size_field):
                 _plain_samples(f, len(raw))
             got = sample_spans(f)
             assert got == _reader_samples(f)
+
+
+def test_ustar_prefixes_old_style_directories_and_other_checksum_forms_stay_on_the_walk(tmp_path):
+    """Headers the walk reads for all members at once, in their less usual forms: a POSIX ustar
+    name split into prefix and name, a directory of type NUL whose name ends in "/", a checksum
+    stored as seven digits and a NUL (not six, NUL, space). Walked, not sent to the reader, and
+    read as the reader reads them; one wrong checksum among them still sends the tar to the reader."""
+    long_dir = "d" * 120
+    path = _tar(tmp_path / "ustar.tar", [("a.jpg", b"A" * 600), (f"{long_dir}/b.jpg", b"B"), (f"{long_dir}/b.txt", b"t")],
+                fmt=tarfile.USTAR_FORMAT)
+    raw = bytearray(open(path, "rb").read())
+    assert raw[512 + 1024 + 345] != 0  # the long name went into the ustar prefix
+    old_dir = tarfile.TarInfo("olddir/")
+    old_dir.type = tarfile.DIRTYPE
+    header = bytearray(old_dir.tobuf(tarfile.USTAR_FORMAT))
+    header[156] = 0  # type NUL: a directory only by its trailing "/"
+    with tarfile.open(path) as tar:  # where the end-of-archive blocks start
+        end = max(m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers())
+    raw[end:end] = header
+    for at in (0, end):  # a checksum as seven digits and a NUL
+        block = raw[at : at + 512]
+        block[148:156] = b" " * 8
+        raw[at + 148 : at + 156] = b"%07o\0" % sum(block)
+    (tmp_path / "odd.tar").write_bytes(bytes(raw))
+    with open(tmp_path / "odd.tar", "rb") as f:
+        walked = _plain_samples(f, len(raw))
+        assert walked == _reader_samples(f)
+        assert len(tarfile.open(tmp_path / "odd.tar").getmembers()) == 4  # the old-style directory too
+    assert [s.key for s in walked] == ["a", f"{long_dir}/b"] and [len(s.members) for s in walked] == [1, 2]
+    raw[end + 148 : end + 156] = b"%07o\0" % 1  # a wrong one
+    (tmp_path / "bad.tar").write_bytes(bytes(raw))
+    with open(tmp_path / "bad.tar", "rb") as f, pytest.raises(_NotPlain):
+        _plain_samples(f, len(raw))

@@ -93,56 +93,89 @@ def _positional_reader(f):
 
 
 _CHECKSUM_FIELD_AS_SPACES = 8 * 32  # the checksum is computed with its own field read as spaces
+_USTAR = np.frombuffer(b"ustar\x0000", np.uint8)
+_SLASH, _BACKSLASH, _COLON, _DOT = (ord(c) for c in "/\\:.")
 
 
-def _plain_samples(f, file_size: int) -> list[SampleSpans]:
-    samples: list[SampleSpans] = []
-    seen: set[str] = set()
-    headers: list[bytes] = []  # checksums are verified for all headers at once, at the end
-    stored: list[int] = []
-    offset = 0
+def _headers(f, file_size: int) -> tuple[list[bytes], list[int], list[int]]:
+    """(header, offset, size) of every member up to the end-of-archive block: the only part of the
+    walk that must go header by header (each size says where the next header is), kept to one read,
+    one size field and an append per member; everything else is checked for all headers at once."""
+    headers: list[bytes] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
     read = _positional_reader(f)
+    offset = 0
     while True:
         header = read(offset, BLOCK)
         if header == ZERO_BLOCK:
-            _verify_checksums(headers, stored)
-            return samples
+            return headers, offsets, sizes
         if len(header) < BLOCK:
             raise _NotPlain("no end-of-archive block")
-        headers.append(header)
-        stored.append(_octal(header[148:156]))
-        kind = header[156:157]
-        if kind not in _FILE_TYPES and kind != _DIR_TYPE:
-            raise _NotPlain(f"member type {kind!r}")
-        raw = header[:100].split(b"\0", 1)[0]
-        if header[257:265] == b"ustar\x0000" and header[345] != 0:  # POSIX ustar's name prefix
-            raw = header[345:500].split(b"\0", 1)[0] + b"/" + raw
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _NotPlain("a name that is not UTF-8") from None
-        if kind == b"\0" and name.endswith("/"):  # an old-style directory, as tarfile reads it
-            kind = _DIR_TYPE
         size = _octal(header[124:136])
-        if offset + BLOCK + size > file_size or is_unsafe_name(name):
-            raise _NotPlain("an unsafe name or a member cut short")
-        if kind in _FILE_TYPES:
-            key = split_member_name(name)[0]
-            if not samples or samples[-1].key != key:
-                samples.append(SampleSpans(key, ok=key not in seen))
-                seen.add(key)
-            samples[-1].members.append(MemberSpan(name, offset, offset + BLOCK, size))
+        if offset + BLOCK + size > file_size:
+            raise _NotPlain("a member cut short")
+        headers.append(header)
+        offsets.append(offset)
+        sizes.append(size)
         offset += BLOCK + padded(size)
 
 
-def _verify_checksums(headers: list[bytes], stored: list[int]) -> None:
-    """Every header's unsigned checksum (its bytes summed, the checksum field read as spaces) is
-    the one it stores; a damaged header anywhere sends the whole tar to the reader."""
+def _plain_samples(f, file_size: int) -> list[SampleSpans]:
+    headers, offsets, sizes = _headers(f, file_size)
     if not headers:
-        return
+        return []
     blocks = np.frombuffer(b"".join(headers), np.uint8).reshape(len(headers), BLOCK)
+    _verify_checksums(blocks, headers)
+    kinds = blocks[:, 156]
+    is_file = (kinds == ord("0")) | (kinds == 0)
+    if not np.all(is_file | (kinds == ord("5"))):
+        raise _NotPlain(f"member type {bytes([kinds[~(is_file | (kinds == ord('5')))][0]])!r}")
+    # names end at their first NUL; a POSIX ustar header may put a directory prefix before them
+    lengths = np.where((blocks[:, :100] == 0).any(axis=1), np.argmax(blocks[:, :100] == 0, axis=1), 100)
+    prefixed = np.all(blocks[:, 257:265] == _USTAR, axis=1) & (blocks[:, 345] != 0)
+    raw = [h[:n] for h, n in zip(headers, lengths.tolist())]
+    for i in np.flatnonzero(prefixed).tolist():
+        raw[i] = headers[i][345:500].split(b"\0", 1)[0] + b"/" + raw[i]
+    try:  # names hold no NUL: one decode for all of them
+        names = b"\0".join(raw).decode("utf-8").split("\0")
+    except UnicodeDecodeError:
+        raise _NotPlain("a name that is not UTF-8") from None
+    # only names with a separator or a colon, or ".." itself, can be unsafe; the rest skip the check
+    cols = np.arange(100)
+    odd = ((blocks[:, :100] == _SLASH) | (blocks[:, :100] == _BACKSLASH) | (blocks[:, :100] == _COLON)) & (cols < lengths[:, None])
+    maybe_unsafe = odd.any(axis=1) | prefixed | ((lengths == 2) & (blocks[:, 0] == _DOT) & (blocks[:, 1] == _DOT))
+    if any(is_unsafe_name(names[i]) for i in np.flatnonzero(maybe_unsafe).tolist()):
+        raise _NotPlain("an unsafe name")
+    # an old-style directory (type NUL, name ending in "/") is a directory, as tarfile reads it
+    is_file[[i for i in np.flatnonzero(kinds == 0).tolist() if names[i].endswith("/")]] = False
+    samples: list[SampleSpans] = []
+    seen: set[str] = set()
+    current = None
+    for i in np.flatnonzero(is_file).tolist():
+        name = names[i]
+        key = split_member_name(name)[0]
+        if current is None or current.key != key:
+            current = SampleSpans(key, ok=key not in seen)
+            samples.append(current)
+            seen.add(key)
+        offset = offsets[i]
+        current.members.append(MemberSpan(name, offset, offset + BLOCK, sizes[i]))
+    return samples
+
+
+def _verify_checksums(blocks: np.ndarray, headers: list[bytes]) -> None:
+    """Every header's unsigned checksum (its bytes summed, the checksum field read as spaces) is
+    the one it stores; a damaged header anywhere sends the whole tar to the reader. The stored
+    field is read for all headers at once in the usual form (six octal digits, NUL, space), and
+    one by one otherwise."""
     sums = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + _CHECKSUM_FIELD_AS_SPACES
-    if not np.array_equal(sums, np.asarray(stored, np.int64)):
+    field = blocks[:, 148:156].astype(np.int64)
+    usual = np.all((field[:, :6] >= ord("0")) & (field[:, :6] <= ord("7")), axis=1) & (field[:, 6] == 0) & (field[:, 7] == ord(" "))
+    stored = (field[:, :6] - ord("0")) @ (8 ** np.arange(5, -1, -1, dtype=np.int64))
+    for i in np.flatnonzero(~usual).tolist():
+        stored[i] = _octal(headers[i][148:156])
+    if not np.array_equal(sums, stored):
         raise _NotPlain("bad checksum")
 
 
