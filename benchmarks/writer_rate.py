@@ -14,7 +14,7 @@ write stage (`pipelines.stages.write.WriteStage`, Ray tasks on this machine) wri
 the yardstick: writer rate = pruned bytes / write-stage seconds. Every file is in the page cache
 for both, so this compares CPU work per byte, not the disk.
 
-    .venv/bin/python benchmarks/writer_rate.py [--shards 16] [--per-shard 1000] [--jpg-kb 40] [--keep 0.7]
+    .venv/bin/python benchmarks/writer_rate.py [--shards 16] [--per-shard 1000] [--jpg-kb 40] [--keep 0.7] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=1000)
     parser.add_argument("--jpg-kb", type=float, default=40.0)
     parser.add_argument("--keep", type=float, default=0.7)
+    parser.add_argument("--repeats", type=int, default=3, help="writes of each kind; the fastest counts (as cp's)")
     parser.add_argument("--dir", default=None, help="where to work (default: a temporary directory under /tmp)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="ssl-prune-writer-", dir=args.dir)
@@ -115,13 +116,16 @@ def main() -> None:
         write_once(os.path.join(work, "warm-up"), first, args.per_shard, args.keep, False)
         rows = []
         for stage_bytes in (False, True):
-            seconds, pruned = write_once(os.path.join(work, f"out-{stage_bytes}"), urls, args.per_shard, args.keep, stage_bytes)
+            best = []  # (seconds, pruned directory) of each repeat; the fastest counts
+            for r in range(args.repeats):
+                best.append(write_once(os.path.join(work, f"out-{stage_bytes}-{r}"), urls, args.per_shard, args.keep, stage_bytes))
+            seconds, pruned = min(best)
             n_bytes = dir_bytes(pruned)
             cp = cp_seconds(pruned, work)
             rows.append(("staged bytes" if stage_bytes else "ranges of the input", seconds, n_bytes, cp))
         ray.shutdown()
         print(f"{args.shards} shards x {args.per_shard} samples, {in_bytes / 1e6:.0f} MB of input tars, keep {args.keep}; "
-              f"{os.cpu_count()} CPUs; warm page cache")
+              f"{os.cpu_count()} CPUs; warm page cache; the fastest of {args.repeats} writes of each kind, of 2 copies")
         print()
         print("| writer | pruned MB | write stage s | MB/s | `cp -r` s | cp MB/s | writer / cp rate |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

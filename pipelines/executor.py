@@ -15,7 +15,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Optional
 
 from prune import schema
 from prune.io.storage import OutputDir
@@ -62,9 +62,11 @@ def preflight(stages: list[Stage]) -> None:
         stage.setup()
 
 
-def execute(stages: list[Stage], ctx: Context, checked: bool = False) -> Executed:
+def execute(stages: list[Stage], ctx: Context, checked: bool = False,
+            on_stage_done: Optional[Callable[[str, dict], None]] = None) -> Executed:
     """Run every stage whose outputs are not complete, in order; see the module docstring.
-    `checked`: the caller ran `preflight(stages)` already (before listing its input)."""
+    `checked`: the caller ran `preflight(stages)` already (before listing its input).
+    `on_stage_done(label, stats by label)`: called after each stage, run or reused."""
     if not checked:
         preflight(stages)
     done = Executed()
@@ -87,6 +89,8 @@ def execute(stages: list[Stage], ctx: Context, checked: bool = False) -> Execute
         done.timings_s[label] = round(time.time() - t0, 3)
         log.info("stage %s: %s in %.1f s", label, tally(stats, reused, len(sctx.shards)), done.timings_s[label])
         upstream[split] = sctx.fingerprint
+        if on_stage_done is not None:
+            on_stage_done(label, done.stats)
     return done
 
 

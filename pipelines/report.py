@@ -2,18 +2,25 @@
 `ssl-prune report OUT`. Two passes over the scores and one over the few tars that hold the pictured
 samples, through `pending.per_shard` (on the driver for local outputs, in Ray tasks on object
 stores): what reaches the driver is histograms, per-cluster counts and a few dozen thumbnails.
+
+What the scores, the dedup outputs and the input tars decide (`prepare_report`) is final once the
+selection is: a run prepares it in a thread while the write stage runs (`ReportInAdvance`), and
+only the page itself waits for the manifest.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
+from dataclasses import dataclass
+from typing import Optional
 
 from prune import schema
 from prune.io.storage import OutputDir, split_url
 from prune.io.tables import read_scores
 from prune.io.tar_spans import read_member, sample_spans
-from prune.report.html import plots, render
+from prune.report.html import data_plots, render, timings_plot
 from prune.report.summary import (
     Counts,
     best_picks,
@@ -62,18 +69,25 @@ def _thumbs(wanted: dict, extensions: tuple, out: OutputDir, shard: str) -> dict
     return found
 
 
-def build_report(output: str) -> str:
-    """Write `<output>/report.html` from the run's manifest and outputs; returns its path."""
-    out = OutputDir(output)
-    manifest = out.read_json(schema.MANIFEST)
-    cfg = manifest.get("config", {})
+@dataclass
+class ReportParts:
+    """The page's parts that the scores, dedup outputs and input tars decide."""
+
+    counts: Counts
+    grids: dict  # cluster -> kind -> [(thumbnail URI, distance, kept, key)]
+    duplicates: list  # [((kept URI, key), [(URI, key, similarity)], n_removed)]
+    plot_uris: dict  # the data plots (the stage timings are drawn with the manifest)
+
+
+def prepare_report(out: OutputDir, cfg: dict, k: int) -> ReportParts:
+    """Counts, pictured samples, duplicate groups and data plots of a run whose selection is done
+    (`cfg`: the run's config, for its input and image extensions; `k`: prototypes)."""
     try:
         inputs = resolve_shards(cfg["input"])
     except Exception as exc:  # noqa: BLE001 - the report still shows everything but the pictures
         log.warning("report: input %s not readable (%s): no pictures", cfg.get("input"), exc)
         inputs = {}
     shards = sorted(n.removesuffix(".parquet") for n in out.listdir(schema.SCORES_DIR) if n.endswith(".parquet"))
-    k = int(manifest.get("stages", {}).get("prototypes", {}).get("k") or 0)
     counts = Counts()
     for part in per_shard(out, shards, functools.partial(_counts, k)).values():
         counts = counts.merge(part)
@@ -104,7 +118,53 @@ def build_report(output: str) -> str:
         grids[p.cluster].setdefault(p.kind, []).append((uri(p.shard, p.key), p.distance, p.kept, p.key))
     duplicates = [((uri(g.kept_shard, g.kept_key), g.kept_key), [(uri(s, key), key, sim) for s, key, sim in g.removed],
                    g.n_removed) for g in groups]
-    page = render(manifest, counts, grids, duplicates, plots(counts, manifest.get("timings_s", {})))
+    return ReportParts(counts, grids, duplicates, data_plots(counts))
+
+
+def build_report(output: str, parts: Optional[ReportParts] = None) -> str:
+    """Write `<output>/report.html` from the run's manifest and outputs (`parts`: prepared
+    already, during the run); returns its path."""
+    out = OutputDir(output)
+    manifest = out.read_json(schema.MANIFEST)
+    if parts is None:
+        k = int(manifest.get("stages", {}).get("prototypes", {}).get("k") or 0)
+        parts = prepare_report(out, manifest.get("config", {}), k)
+    page = render(manifest, parts.counts, parts.grids, parts.duplicates,
+                  parts.plot_uris | timings_plot(manifest.get("timings_s", {})))
     with out.open_atomic(REPORT_FILE) as f:
         f.write(page.encode())
     return out.path(REPORT_FILE)
+
+
+class ReportInAdvance:
+    """Prepares a run's report parts in a thread once its selection is done, while the stages
+    after it (write) run: on a small run the report's second would otherwise come after them.
+    A daemon thread: a run that fails later does not wait for it."""
+
+    def __init__(self, out: OutputDir, cfg: dict, after: str = "select"):
+        self.out, self.cfg, self.after = out, cfg, after
+        self._thread: Optional[threading.Thread] = None
+        self._result: list = []  # [ReportParts] or [exception]
+
+    def stage_done(self, label: str, stats: dict) -> None:
+        """The executor's call after each stage (`stats`: every finished stage's, by label)."""
+        if label != self.after or self._thread is not None:
+            return
+        k = int(getattr(stats.get("prototypes"), "k", 0) or 0)
+        self._thread = threading.Thread(target=self._prepare, args=(k,), name="report", daemon=True)
+        self._thread.start()
+
+    def _prepare(self, k: int) -> None:
+        try:
+            self._result.append(prepare_report(self.out, self.cfg, k))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by parts(), in the run's thread
+            self._result.append(exc)
+
+    def parts(self) -> Optional[ReportParts]:
+        """The prepared parts (None: never started); raises what preparing raised."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        if isinstance(self._result[0], BaseException):
+            raise self._result[0]
+        return self._result[0]

@@ -19,7 +19,7 @@ from . import runtime
 from .executor import Executed, execute, preflight, write_manifest
 from .inputs import check_worker_storage, resolve_shards
 from .lock import output_lock
-from .report import build_report
+from .report import ReportInAdvance, build_report
 from .stage import Context, Stage
 
 log = logging.getLogger("ssl_prune")
@@ -75,7 +75,8 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
     if not (is_local(out.fs) and is_local(split_url(first)[0])):
         runtime.ensure()
         check_worker_storage(out, first)
-    done = execute(stages, Context(out, shards), checked=True)
+    report = ReportInAdvance(out, config or {})  # its parts are prepared while the write stage runs
+    done = execute(stages, Context(out, shards), checked=True, on_stage_done=report.stage_done)
     counts = counts_of(done, len(shards))
     out.remove(schema.STAGING_DIR)
     # the stage that made the embeddings: embed, or one that provides its outputs (import)
@@ -93,7 +94,7 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
     manifest = write_manifest(out, done, time.time() - t_start, **fields)
     if "select" in done.stats:  # a view of the finished run: a failure here loses nothing
         try:
-            build_report(output)
+            build_report(output, report.parts())
         except Exception:  # noqa: BLE001
             log.exception("report.html could not be written (the run itself is complete); "
                           "retry with: ssl-prune report %s", output)

@@ -68,7 +68,10 @@ def test_fingerprints_chain_and_complete_stages_are_skipped(tmp_path):
     first = execute([a, b], _ctx(tmp_path))
     assert first.reused == {"writes_value": False, "reads_value": False}
     assert first.fingerprints["reads_value"] == first.fingerprints["writes_value"]  # identity None: passes through
-    again = execute([a, b], _ctx(tmp_path))
+    seen = []
+    again = execute([a, b], _ctx(tmp_path), on_stage_done=lambda label, stats: seen.append((label, set(stats))))
+    # told after each stage, reused or not, with the stats of every stage done so far
+    assert seen == [("writes_value", {"writes_value"}), ("reads_value", {"writes_value", "reads_value"})]
     assert again.reused == {"writes_value": True, "reads_value": True} and len(a.calls) == len(b.calls) == 1
     assert again.stats_dict()["writes_value"] == {"wrote": False, "reused": True}
     changed = execute([WriteValue(CountSettings(value=2)), b], _ctx(tmp_path))

@@ -54,8 +54,12 @@ def test_report_renders_in_chromium_with_every_image(pipeline_run, run_copy, tmp
 
 
 def test_report_verb_rebuilds_it_and_names_a_directory_without_a_run(pipeline_run, run_copy, tmp_path, capsys):
-    (run_copy / REPORT_FILE).unlink(missing_ok=True)
+    """The verb builds the page from the outputs alone; the run prepared its parts while the write
+    stage ran (pipelines.report.ReportInAdvance): the same page, byte for byte."""
+    made_by_the_run = (run_copy / REPORT_FILE).read_bytes()
+    (run_copy / REPORT_FILE).unlink()
     assert main(["report", str(run_copy)]) == 0
+    assert (run_copy / REPORT_FILE).read_bytes() == made_by_the_run
     html = (run_copy / REPORT_FILE).read_text()
     assert json.loads((run_copy / "manifest.json").read_text())["model_id"] in html
     assert main(["report", str(tmp_path / "nothing")]) == 2
@@ -91,3 +95,22 @@ def test_per_shard_summaries_merge_to_those_of_the_whole_table():
     ok0 = (status == "ok") & (table.column(schema.CLUSTER).to_numpy() == 0)
     nearest = sorted(np.nonzero(ok0)[0], key=lambda i: table.column(schema.DISTANCE).to_numpy()[i])[:6]
     assert [p.key for p in one_pass if p.cluster == 0 and p.kind == "nearest"] == [f"{i:09d}" for i in nearest]
+
+
+def test_a_report_prepared_in_advance_raises_what_preparing_raised(tmp_path):
+    """A failure in the report's thread reaches the run (which logs it and keeps its outputs), and
+    nothing is prepared before the selection is done."""
+    import pyarrow as pa
+    import pytest
+
+    from pipelines.report import ReportInAdvance
+    from prune.io.storage import OutputDir
+
+    early = ReportInAdvance(OutputDir(str(tmp_path)), {"input": str(tmp_path / "no-such-input")})
+    early.stage_done("assign", {})
+    assert early.parts() is None  # not started: the selection is not done
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "00000.parquet").write_bytes(b"not parquet")
+    early.stage_done("select", {})
+    with pytest.raises(pa.ArrowInvalid):
+        early.parts()

@@ -33,22 +33,23 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def _figure_uri(fig) -> str:
-    import matplotlib.pyplot as plt
+def _figure(height: float = 3.4):
+    """A figure and its axes, without pyplot: each figure is its own, so the data plots can be
+    drawn in a thread while the run goes on (pyplot's global state is not thread-safe)."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(6.2, height))
+    return fig, fig.subplots()
+
+
+def _figure_uri(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return png_uri(buf.getvalue())
 
 
-def plots(counts: Counts, timings: dict) -> dict[str, str]:
-    """name -> PNG data URI of each plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def data_plots(counts: Counts) -> dict[str, str]:
+    """name -> PNG data URI of each plot of the scores: distances, cluster sizes, kept share."""
     out = {}
     used = np.nonzero(counts.kept_hist + counts.pruned_hist + counts.removed_hist)[0]
     lo, hi = (used.min(), used.max() + 1) if len(used) else (0, 1)
@@ -57,7 +58,7 @@ def plots(counts: Counts, timings: dict) -> dict[str, str]:
     regroup = lambda h: np.add.reduceat(h[lo:hi], np.arange(0, hi - lo, step))  # noqa: E731
     kept, pruned, removed = regroup(counts.kept_hist), regroup(counts.pruned_hist), regroup(counts.removed_hist)
     centers, width = (edges[:-1] + edges[1:])[: len(kept)] / 2, edges[1] - edges[0]
-    fig, ax = plt.subplots(figsize=(6.2, 3.4))
+    fig, ax = _figure()
     ax.bar(centers, kept, width, color="#2a9d4b", label="kept")
     ax.bar(centers, pruned, width, bottom=kept, color="#d1495b", label="pruned")
     if removed.any():
@@ -67,26 +68,30 @@ def plots(counts: Counts, timings: dict) -> dict[str, str]:
     out["distances"] = _figure_uri(fig)
 
     sizes = counts.cluster_total[counts.cluster_total > 0]
-    fig, ax = plt.subplots(figsize=(6.2, 3.4))
+    fig, ax = _figure()
     ax.hist(sizes, bins=min(40, max(5, len(sizes))), color="#4c72b0")
     ax.set(xlabel="cluster size (samples)", ylabel="clusters", title=f"Cluster sizes ({len(sizes)} non-empty clusters)")
     out["cluster_sizes"] = _figure_uri(fig)
 
-    fig, ax = plt.subplots(figsize=(6.2, 3.4))
+    fig, ax = _figure()
     nz = counts.cluster_total > 0
     ax.scatter(counts.cluster_total[nz], counts.cluster_kept[nz] / counts.cluster_total[nz], s=12, color="#4c72b0")
     ax.set(xlabel="cluster size (samples)", ylabel="share kept", ylim=(-0.03, 1.03), title="Kept share per cluster")
     if nz.sum() > 1 and counts.cluster_total[nz].max() > 20 * max(1, counts.cluster_total[nz].min()):
         ax.set_xscale("log")
     out["kept_share"] = _figure_uri(fig)
-
-    stage_times = {k: v for k, v in timings.items() if k != "total"}
-    if stage_times:
-        fig, ax = plt.subplots(figsize=(6.2, 0.5 + 0.35 * len(stage_times)))
-        ax.barh(list(stage_times)[::-1], list(stage_times.values())[::-1], color="#8172b2")
-        ax.set(xlabel="seconds (0 when reused)", title=f"Wall time per stage (total {timings.get('total', 0):.1f} s)")
-        out["timings"] = _figure_uri(fig)
     return out
+
+
+def timings_plot(timings: dict) -> dict[str, str]:
+    """{"timings": PNG data URI} of the wall time per stage (empty when no stage was timed)."""
+    stage_times = {k: v for k, v in timings.items() if k != "total"}
+    if not stage_times:
+        return {}
+    fig, ax = _figure(0.5 + 0.35 * len(stage_times))
+    ax.barh(list(stage_times)[::-1], list(stage_times.values())[::-1], color="#8172b2")
+    ax.set(xlabel="seconds (0 when reused)", title=f"Wall time per stage (total {timings.get('total', 0):.1f} s)")
+    return {"timings": _figure_uri(fig)}
 
 
 def _table(rows, head=None) -> str:
