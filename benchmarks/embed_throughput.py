@@ -247,7 +247,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--batch-size", type=int, default=EmbedConfig().batch_size)
+    parser.add_argument("--batch-size", type=int, default=EmbedConfig().batch_for("cpu"))
     parser.add_argument("--shard-size", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())

@@ -14,7 +14,7 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from prune import schema
 from prune.io.storage import OutputDir, split_url
@@ -79,9 +79,10 @@ class ReportParts:
     plot_uris: dict  # the data plots (the stage timings are drawn with the manifest)
 
 
-def prepare_report(out: OutputDir, cfg: dict, k: int) -> ReportParts:
+def prepare_report(out: OutputDir, cfg: dict, k: int, check: Callable[[], None] = lambda: None) -> ReportParts:
     """Counts, pictured samples, duplicate groups and data plots of a run whose selection is done
-    (`cfg`: the run's config, for its input and image extensions; `k`: prototypes)."""
+    (`cfg`: the run's config, for its input and image extensions; `k`: prototypes; `check()`
+    between passes may raise to stop)."""
     try:
         inputs = resolve_shards(cfg["input"])
     except Exception as exc:  # noqa: BLE001 - the report still shows everything but the pictures
@@ -91,6 +92,7 @@ def prepare_report(out: OutputDir, cfg: dict, k: int) -> ReportParts:
     counts = Counts()
     for part in per_shard(out, shards, functools.partial(_counts, k)).values():
         counts = counts.merge(part)
+    check()
     clusters = chosen_clusters(counts.cluster_total)
     picks = best_picks([p for ps in per_shard(out, shards, functools.partial(_picks, clusters)).values() for p in ps])
     groups = []
@@ -98,6 +100,7 @@ def prepare_report(out: OutputDir, cfg: dict, k: int) -> ReportParts:
         for found in per_shard(out, shards, _dups).values():
             groups += found
     groups = sorted(groups, key=lambda g: -g.n_removed)[:6]
+    check()
 
     wanted: dict[str, tuple[str, set]] = {}
     def want(shard, key):  # noqa: E306
@@ -111,6 +114,7 @@ def prepare_report(out: OutputDir, cfg: dict, k: int) -> ReportParts:
             want(shard, key)
     extensions = tuple(cfg.get("image_extensions") or schema.IMAGE_EXTENSIONS_DEFAULT)
     thumbs = per_shard(out, sorted(wanted), functools.partial(_thumbs, wanted, extensions))
+    check()
     uri = lambda shard, key: thumbs.get(shard, {}).get(key)  # noqa: E731
 
     grids: dict = {c: {} for c in clusters}
@@ -136,14 +140,29 @@ def build_report(output: str, parts: Optional[ReportParts] = None) -> str:
     return out.path(REPORT_FILE)
 
 
+# stages that read the selection and write outputs of their own, never scores/ or dedup/
+REPORT_SAFE_AFTER_SELECT = ("write", "export")
+
+
+class Cancelled(Exception):
+    """The run ended (failed) before its report was prepared."""
+
+
 class ReportInAdvance:
     """Prepares a run's report parts in a thread once its selection is done, while the stages
     after it (write) run: on a small run the report's second would otherwise come after them.
-    A daemon thread: a run that fails later does not wait for it."""
+    Only when every stage after `select` leaves what the report reads alone (a dedup listed after
+    select rewrites the scores): otherwise the report is built after the run, as `ssl-prune report`
+    does. A daemon thread, stopped between its passes when the run fails (`cancel`)."""
 
-    def __init__(self, out: OutputDir, cfg: dict, after: str = "select"):
-        self.out, self.cfg, self.after = out, cfg, after
+    def __init__(self, out: OutputDir, cfg: dict, stages: list):
+        self.out, self.cfg = out, cfg
+        names = [s.name for s in stages]
+        after = names.index("select") if "select" in names else None
+        safe = after is not None and all(n in REPORT_SAFE_AFTER_SELECT for n in names[after + 1 :])
+        self.after = stages[after].label if safe else None
         self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
         self._result: list = []  # [ReportParts] or [exception]
 
     def stage_done(self, label: str, stats: dict) -> None:
@@ -156,15 +175,27 @@ class ReportInAdvance:
 
     def _prepare(self, k: int) -> None:
         try:
-            self._result.append(prepare_report(self.out, self.cfg, k))
-        except BaseException as exc:  # noqa: BLE001 - re-raised by parts(), in the run's thread
+            self._result.append(prepare_report(self.out, self.cfg, k, self._check))
+        except Exception as exc:  # noqa: BLE001 - re-raised by parts(), in the run's thread
             self._result.append(exc)
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise Cancelled("the run ended before its report was prepared")
+
+    def cancel(self, wait_s: float = 30.0) -> None:
+        """The run failed: stop at the next pass, and wait for that (a bounded time)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(wait_s)
 
     def parts(self) -> Optional[ReportParts]:
         """The prepared parts (None: never started); raises what preparing raised."""
         if self._thread is None:
             return None
         self._thread.join()
-        if isinstance(self._result[0], BaseException):
+        if not self._result:
+            raise RuntimeError("the report's preparation ended without a result")
+        if isinstance(self._result[0], Exception):
             raise self._result[0]
         return self._result[0]

@@ -75,8 +75,24 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
     if not (is_local(out.fs) and is_local(split_url(first)[0])):
         runtime.ensure()
         check_worker_storage(out, first)
-    report = ReportInAdvance(out, config or {})  # its parts are prepared while the write stage runs
-    done = execute(stages, Context(out, shards), checked=True, on_stage_done=report.stage_done)
+    report = ReportInAdvance(out, config or {}, stages)  # its parts are prepared while the write stage runs
+    try:
+        done = execute(stages, Context(out, shards), checked=True, on_stage_done=report.stage_done)
+        manifest = _manifest(stages, shards, out, done, config, t_start)
+    except BaseException:
+        report.cancel()  # no thread of a failed run goes on reading its outputs
+        raise
+    if "select" in done.stats:  # a view of the finished run: a failure here loses nothing
+        try:
+            build_report(output, report.parts())
+        except Exception:  # noqa: BLE001
+            log.exception("report.html could not be written (the run itself is complete); "
+                          "retry with: ssl-prune report %s", output)
+    return manifest
+
+
+def _manifest(stages, shards, out: OutputDir, done, config, t_start: float) -> dict:
+    """The run's counts, bands and records in manifest.json; returns it."""
     counts = counts_of(done, len(shards))
     out.remove(schema.STAGING_DIR)
     # the stage that made the embeddings: embed, or one that provides its outputs (import)
@@ -91,11 +107,4 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
     elif out.exists(schema.PRUNED_DIR):  # a scores-only run over an output an earlier run wrote shards to
         fields["stale_outputs"] = {schema.PRUNED_DIR: "written by an earlier run; this run's stages have no "
                                                       "'write', so its selection is only in scores/"}
-    manifest = write_manifest(out, done, time.time() - t_start, **fields)
-    if "select" in done.stats:  # a view of the finished run: a failure here loses nothing
-        try:
-            build_report(output, report.parts())
-        except Exception:  # noqa: BLE001
-            log.exception("report.html could not be written (the run itself is complete); "
-                          "retry with: ssl-prune report %s", output)
-    return manifest
+    return write_manifest(out, done, time.time() - t_start, **fields)

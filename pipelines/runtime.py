@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from typing import Callable, Iterable, Iterator, Optional
@@ -199,7 +200,14 @@ class _StageBar:
             self.bar.close()
 
 
-_STAGE_BAR: list = []  # the running stage's bar (the executor's `stage_progress`)
+_STAGE_BARS = threading.local()  # per thread: the running stage's bar (the executor's `stage_progress`);
+# a thread of its own (the report prepared during the write stage) keeps its passes off that bar
+
+
+def _stage_bars() -> list:
+    if not hasattr(_STAGE_BARS, "stack"):
+        _STAGE_BARS.stack = []
+    return _STAGE_BARS.stack
 
 
 def progress_bar(desc: str, n: int):
@@ -208,19 +216,19 @@ def progress_bar(desc: str, n: int):
 
     if not desc:
         return None, False
-    if _STAGE_BAR:
-        return _STAGE_BAR[-1].add(desc, n), True
+    if _stage_bars():
+        return _stage_bars()[-1].add(desc, n), True
     return tqdm_ray.tqdm(total=n, desc=desc), False
 
 
 @contextlib.contextmanager
 def stage_progress(label: str):
     """Within it, every `run_tasks` with a `desc` advances the stage's single bar."""
-    _STAGE_BAR.append(_StageBar(label))
+    _stage_bars().append(_StageBar(label))
     try:
         yield
     finally:
-        _STAGE_BAR.pop().close()
+        _stage_bars().pop().close()
 
 
 def run_tasks(

@@ -236,3 +236,11 @@ def test_a_retired_key_says_why_it_went(cfg_file):
         load_config(cfg_file, ["embed.shards_per_round=8"])
     msg = str(err.value)
     assert "embed" in msg and "shards_per_round is retired" in msg and "remove the key" in msg
+
+
+def test_embed_batch_follows_the_device_unless_set():
+    from prune.embed.settings import CPU_BATCH, OTHER_BATCH, EmbedConfig
+
+    assert (EmbedConfig().batch_for("cpu"), EmbedConfig().batch_for("cuda")) == (CPU_BATCH, OTHER_BATCH)
+    assert CPU_BATCH < OTHER_BATCH  # CPU actors run smaller batches: their activations stay in cache
+    assert EmbedConfig(batch_size=7).batch_for("cuda") == EmbedConfig(batch_size=7).batch_for("cpu") == 7

@@ -231,17 +231,18 @@ def test_fixed_point_conversion_in_place_matches_the_plain_rounding():
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("n, k", [(20_000, 1), (20_000, 40), (3_000, 2_500), (2_000, 70_000)])
-def test_cluster_sums_are_the_bits_of_a_row_by_row_float64_sum(n, k):
+@pytest.mark.parametrize("n, k, d", [(20_000, 1, 16), (20_000, 40, 16), (3_000, 2_500, 16), (2_000, 70_000, 16),
+                                     (4_000, 30, 512)])
+def test_cluster_sums_are_the_bits_of_a_row_by_row_float64_sum(n, k, d):
     """Both ways of summing (a loop of sums for big clusters, reduceat for small; 16-bit or wide
     sort keys) add each cluster's rows in row order in float64, so their bits are one reference's."""
     rng = np.random.default_rng(k)
-    x = rng.normal(size=(n, 16)).astype(np.float32)
+    x = rng.normal(size=(n, d)).astype(np.float32)
     ids = rng.integers(0, k, n)
-    acc = rng.normal(size=(k, 16))  # sums are added to what the accumulator holds
+    acc = rng.normal(size=(k, d))  # sums are added to what the accumulator holds
     want = acc.copy()
     for j in np.unique(ids):
-        total = np.zeros(16)
+        total = np.zeros(d)
         for row in x[ids == j]:
             total += row.astype(np.float64)
         want[j] = total + want[j]
@@ -256,6 +257,8 @@ def test_worst_fit_candidates_match_a_full_sort_with_ties():
     for m in (1, 7, 60, 499, 600):
         np.testing.assert_array_equal(lloyd._worst(cos, key, m), np.lexsort((key[:, 1], key[:, 0], cos))[:m])
         np.testing.assert_array_equal(lloyd._lowest_first(cos, m), np.lexsort((np.arange(500), cos))[:m])
+    with_nan = np.r_[np.full(20, np.nan, np.float32), np.float32([0.5, 0.2])]  # fewer numbers than asked for
+    np.testing.assert_array_equal(lloyd._lowest_first(with_nan, 3), [21, 20, 0])
 
 
 def test_refine_task_memory_reservation():

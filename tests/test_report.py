@@ -7,10 +7,13 @@ import json
 import re
 import shutil
 import subprocess
+import threading
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from pipelines import report as report_module
 from pipelines.cli import main, run
 from pipelines.cli.config import validate_config
 from pipelines.report import REPORT_FILE
@@ -26,10 +29,15 @@ def _chromium(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_report_renders_in_chromium_with_every_image(pipeline_run, run_copy, tmp_path):
+def test_report_renders_in_chromium_with_every_image(pipeline_run, run_copy, tmp_path, monkeypatch):
     cfg = validate_config(small_config(pipeline_run["cfg"].input, run_copy, **{
         "stages": ["embed", "prototypes", "assign", "dedup", "select", "write"], "dedup.eps": 0.002}))
+    prepared_in = []  # the thread each preparation ran in: the run's own report thread, once
+    real = report_module.prepare_report
+    monkeypatch.setattr(report_module, "prepare_report",
+                        lambda *a, **kw: prepared_in.append(threading.current_thread().name) or real(*a, **kw))
     manifest = run(cfg)
+    assert prepared_in == ["report"]  # prepared while the write stage ran, not after the run
     page = run_copy / REPORT_FILE
     assert page.exists() and 0 < manifest["counts"]["removed"] < manifest["counts"]["kept"]
     print(manifest["counts"])
@@ -101,12 +109,11 @@ def test_a_report_prepared_in_advance_raises_what_preparing_raised(tmp_path):
     """A failure in the report's thread reaches the run (which logs it and keeps its outputs), and
     nothing is prepared before the selection is done."""
     import pyarrow as pa
-    import pytest
 
     from pipelines.report import ReportInAdvance
     from prune.io.storage import OutputDir
 
-    early = ReportInAdvance(OutputDir(str(tmp_path)), {"input": str(tmp_path / "no-such-input")})
+    early = ReportInAdvance(OutputDir(str(tmp_path)), {"input": str(tmp_path / "no-such-input")}, _stages(*ORDER))
     early.stage_done("assign", {})
     assert early.parts() is None  # not started: the selection is not done
     (tmp_path / "scores").mkdir()
@@ -114,3 +121,30 @@ def test_a_report_prepared_in_advance_raises_what_preparing_raised(tmp_path):
     early.stage_done("select", {})
     with pytest.raises(pa.ArrowInvalid):
         early.parts()
+
+
+ORDER = ("embed", "prototypes", "assign", "select", "write")
+
+
+def _stages(*names):
+    from pipelines.stage import STAGES
+
+    return [STAGES.get(n)() for n in names]
+
+
+def test_the_report_waits_for_the_run_when_a_stage_after_select_changes_its_inputs(run_copy):
+    """A dedup listed after select rewrites the scores: nothing is prepared early then. A run that
+    fails stops the preparation at its next pass."""
+    from pipelines.report import Cancelled, ReportInAdvance
+    from prune.io.storage import OutputDir
+
+    out = OutputDir(str(run_copy))
+    late = ReportInAdvance(out, {}, _stages("embed", "prototypes", "assign", "select", "dedup", "write"))
+    late.stage_done("select", {})
+    assert late.after is None and late.parts() is None
+    assert ReportInAdvance(out, {}, _stages(*ORDER, "export")).after == "select"
+    stopped = ReportInAdvance(out, {}, _stages(*ORDER))
+    stopped.cancel()  # the run failed before select was done
+    stopped.stage_done("select", {})
+    with pytest.raises(Cancelled):
+        stopped.parts()

@@ -213,3 +213,46 @@ def test_ustar_prefixes_old_style_directories_and_other_checksum_forms_stay_on_t
     (tmp_path / "bad.tar").write_bytes(bytes(raw))
     with open(tmp_path / "bad.tar", "rb") as f, pytest.raises(_NotPlain):
         _plain_samples(f, len(raw))
+
+
+def _fix_checksum(raw: bytearray, at: int) -> None:
+    block = raw[at : at + 512]
+    block[148:156] = b" " * 8
+    raw[at + 148 : at + 156] = b"%06o\0 " % sum(block)
+
+
+def _dir_with_data(raw: bytearray) -> None:  # tarfile does not skip a directory's data; the walk must not either
+    raw[124:136] = b"%011o\0" % 1024  # a walk skipping it would land on a.txt's header, past a.jpg
+    _fix_checksum(raw, 0)
+
+
+def _gnu_prefix_area(raw: bytearray) -> None:  # tarfile reads a prefix here whatever the magic says
+    raw[345:349] = b"pfx\0"
+    _fix_checksum(raw, 0)
+
+
+@pytest.mark.parametrize("members, fmt, patch, walked", [
+    ([("n" * 96 + ".jpg", b"A"), ("n" * 96 + ".txt", b"t")], tarfile.USTAR_FORMAT, None, True),  # 100 bytes, no NUL
+    ([("../" + "d" * 101 + "/x.jpg", b"A"), ("b.jpg", b"B")], tarfile.USTAR_FORMAT, None, False),  # ".." in the prefix
+    ([("a.jpg", b"A"), ("b.jpg", b"B")], tarfile.GNU_FORMAT, _gnu_prefix_area, False),
+    ([("d/", b""), ("a.jpg", b"A"), ("a.txt", b"t")], tarfile.GNU_FORMAT, _dir_with_data, False),
+])
+def test_headers_read_as_tarfile_reads_them_or_left_to_the_reader(tmp_path, members, fmt, patch, walked):
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
+            tar.addfile(info, io.BytesIO(data))
+    raw = bytearray(path.read_bytes())
+    if patch:
+        patch(raw)
+        path.write_bytes(bytes(raw))
+    with open(path, "rb") as f:
+        got = sample_spans(f)
+        assert got == _reader_samples(f)
+        if walked:
+            assert _plain_samples(f, len(raw)) == got
+        else:
+            with pytest.raises(_NotPlain):
+                _plain_samples(f, len(raw))

@@ -153,7 +153,8 @@ class EmbedStage(Stage):
         # once for the whole run; a shard is finalized as soon as all of its rows are staged
         ds = decoded_dataset([ShardInput(s, shards[s]) for s in todo], self.decode, list(self.image_extensions), spec)
         ds = ds.map_batches(
-            EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device), batch_size=embed.batch_size,
+            EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device),
+            batch_size=embed.batch_for("cuda" if res.num_gpus else "cpu"),
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
         )
         ds = ds.map_batches(stage_rows, fn_args=(out, run_dir), batch_size=None, batch_format="pyarrow",

@@ -167,7 +167,10 @@ def _below_mth(cos: np.ndarray, m: int) -> np.ndarray:
     found in linear time, so only a few are sorted."""
     if len(cos) <= 4 * m:
         return np.arange(len(cos))
-    return np.flatnonzero(cos <= np.partition(cos, m - 1)[m - 1])
+    mth = np.partition(cos, m - 1)[m - 1]
+    if np.isnan(mth):  # NaNs sort last; fewer than m numbers: every index, sorted by the caller
+        return np.arange(len(cos))
+    return np.flatnonzero(cos <= mth)
 
 
 def _keep_worst(cands: tuple, m: int) -> tuple:

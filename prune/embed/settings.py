@@ -16,6 +16,9 @@ class DecodeConfig(Section):
     num_cpus: float = Field(1.0, gt=0)
 
 
+CPU_BATCH, OTHER_BATCH = 32, 64  # embed.batch_size when unset (EmbedConfig.batch_for)
+
+
 class EmbedConfig(Section):
     # a registered backend (prune/embed/backends): open_clip, timm, local, ...; the configs that compose
     # this section check the name against the registry (the backends import these settings, not the reverse)
@@ -26,13 +29,19 @@ class EmbedConfig(Section):
     cache_dir: Optional[str] = None  # where pretrained tags are looked up (default: open_clip/HF cache)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    # On CPU a ViT-B-32 batch of 32 keeps its activations in cache: 74 img/s against 67 at 64 and 60
-    # at 128 (bf16, 2 cores, best of 5); GPU clusters set theirs (configs/laion.yaml: 512)
-    batch_size: int = Field(32, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)  # default: `batch_for` the device
     concurrency: int = Field(1, ge=1)  # embed actors; one GPU each on a GPU cluster
     num_cpus_per_actor: float = Field(1.0, gt=0)
     torch_threads: Optional[int] = Field(None, ge=1)  # CPU actors: intra-op threads
     seed: int = 0  # random-init weights
+
+    def batch_for(self, device: str) -> int:
+        """`batch_size`, else by device: on CPU a ViT-B-32 batch of 32 keeps its activations in cache
+        (74 img/s against 67 at 64 and 60 at 128, bf16, 2 cores, best of 5); elsewhere 64, as before
+        (GPU clusters set theirs: configs/laion.yaml uses 512)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return CPU_BATCH if device == "cpu" else OTHER_BATCH
 
     @model_validator(mode="before")
     @classmethod

@@ -24,7 +24,7 @@ BLOCK = 512
 ZERO_BLOCK = b"\0" * BLOCK
 END_OF_ARCHIVE = ZERO_BLOCK * 2
 RECORD = 20 * BLOCK  # tar and GNU tar pad an archive to a whole record
-_FILE_TYPES, _DIR_TYPE = (b"0", b"\0"), b"5"
+_PLAIN_KINDS = frozenset(b"0\x005")  # a regular file (b"0", or NUL in old tars) or a directory
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\0", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
 
@@ -112,6 +112,8 @@ def _headers(f, file_size: int) -> tuple[list[bytes], list[int], list[int]]:
             return headers, offsets, sizes
         if len(header) < BLOCK:
             raise _NotPlain("no end-of-archive block")
+        if header[156] not in _PLAIN_KINDS:  # PAX or GNU long-name headers, links...: at the first one
+            raise _NotPlain(f"member type {header[156:157]!r}")
         size = _octal(header[124:136])
         if offset + BLOCK + size > file_size:
             raise _NotPlain("a member cut short")
@@ -127,13 +129,15 @@ def _plain_samples(f, file_size: int) -> list[SampleSpans]:
         return []
     blocks = np.frombuffer(b"".join(headers), np.uint8).reshape(len(headers), BLOCK)
     _verify_checksums(blocks, headers)
-    kinds = blocks[:, 156]
-    is_file = (kinds == ord("0")) | (kinds == 0)
-    if not np.all(is_file | (kinds == ord("5"))):
-        raise _NotPlain(f"member type {bytes([kinds[~(is_file | (kinds == ord('5')))][0]])!r}")
+    kinds = blocks[:, 156]  # each one of _PLAIN_KINDS (checked by _headers)
+    is_file = kinds != ord("5")
     # names end at their first NUL; a POSIX ustar header may put a directory prefix before them
     lengths = np.where((blocks[:, :100] == 0).any(axis=1), np.argmax(blocks[:, :100] == 0, axis=1), 100)
     prefixed = np.all(blocks[:, 257:265] == _USTAR, axis=1) & (blocks[:, 345] != 0)
+    # where tarfile reads these otherwise, the reader decides: a prefix area it would read without the
+    # ustar magic, an empty name (with a prefix and type NUL, "dir/" is a file to it)
+    if np.any((blocks[:, 345] != 0) & ~prefixed) or np.any(lengths == 0):
+        raise _NotPlain("a header tarfile reads another way")
     raw = [h[:n] for h, n in zip(headers, lengths.tolist())]
     for i in np.flatnonzero(prefixed).tolist():
         raw[i] = headers[i][345:500].split(b"\0", 1)[0] + b"/" + raw[i]
@@ -149,6 +153,8 @@ def _plain_samples(f, file_size: int) -> list[SampleSpans]:
         raise _NotPlain("an unsafe name")
     # an old-style directory (type NUL, name ending in "/") is a directory, as tarfile reads it
     is_file[[i for i in np.flatnonzero(kinds == 0).tolist() if names[i].endswith("/")]] = False
+    if np.any(~is_file & (np.asarray(sizes) != 0)):  # tarfile does not skip a directory's data
+        raise _NotPlain("a directory with data")
     samples: list[SampleSpans] = []
     seen: set[str] = set()
     current = None
