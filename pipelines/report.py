@@ -20,7 +20,7 @@ from prune import schema
 from prune.io.storage import OutputDir, split_url
 from prune.io.tables import read_scores
 from prune.io.tar_spans import read_member, sample_spans
-from prune.report.html import data_plots, render, timings_plot
+from prune.report.html import data_plots, import_plotting, render, timings_plot
 from prune.report.summary import (
     Counts,
     best_picks,
@@ -162,11 +162,16 @@ class ReportInAdvance:
         safe = after is not None and all(n in REPORT_SAFE_AFTER_SELECT for n in names[after + 1 :])
         self.after = stages[after].label if safe else None
         self._thread: Optional[threading.Thread] = None
+        self._warmed = False
         self._stop = threading.Event()
         self._result: list = []  # [ReportParts] or [exception]
 
     def stage_done(self, label: str, stats: dict) -> None:
         """The executor's call after each stage (`stats`: every finished stage's, by label)."""
+        if self.after is not None and not self._warmed:  # after the first stage (embed, the heavy one)
+            self._warmed = True
+            # matplotlib's import (0.3 s of CPU) while the light stages before select wait on Ray
+            threading.Thread(target=import_plotting, name="report-imports", daemon=True).start()
         if label != self.after or self._thread is not None:
             return
         k = int(getattr(stats.get("prototypes"), "k", 0) or 0)

@@ -33,6 +33,13 @@ window.addEventListener('load', () => {
 </script>"""
 
 
+def import_plotting() -> None:
+    """Import what the plots need (matplotlib's figure and Agg canvas): a run does it early, in a
+    thread, while its light stages wait on Ray."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def _figure(height: float = 3.4):
     """A figure and its axes, without pyplot: each figure is its own, so the data plots can be
     drawn in a thread while the run goes on (pyplot's global state is not thread-safe)."""
