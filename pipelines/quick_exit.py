@@ -17,11 +17,7 @@ from __future__ import annotations
 import atexit
 import gc
 
-_INSTALLED: list[bool] = []
-
 
 def install() -> None:
-    """Once per process: freeze the heap at exit (pipelines/__init__.py calls it on import)."""
-    if not _INSTALLED:
-        atexit.register(gc.freeze)
-        _INSTALLED.append(True)
+    """Freeze the heap at exit: pipelines/__init__.py calls it once, when a process imports us."""
+    atexit.register(gc.freeze)

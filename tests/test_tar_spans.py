@@ -34,13 +34,21 @@ def shards(tmp_path_factory):
 
 
 def _tar(path, members, fmt=tarfile.GNU_FORMAT) -> str:
-    """A tar of (name, bytes) members in `fmt`."""
+    """A tar of (name, bytes) members in `fmt` (a name ending in "/" is a directory)."""
     with tarfile.open(path, "w", format=fmt) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.uname = len(data), 1_700_000_000, "someone"
+            info.type = tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
             tar.addfile(info, io.BytesIO(data))
     return str(path)
+
+
+def _fix_checksum(raw: bytearray, at: int, form: bytes = b"%06o\0 ") -> None:
+    """The header at `at` gets its right checksum again, written in `form`."""
+    block = raw[at : at + 512]
+    block[148:156] = b" " * 8
+    raw[at + 148 : at + 156] = form % sum(block)
 
 
 def _as_reader_sees(path):
@@ -171,9 +179,7 @@ def test_a_negative_size_goes_to_the_reader_and_ends(tmp_path, size_field):
     raw[second + 124 : second + 136] = size_field
     for fix_checksum in (False, True):
         if fix_checksum:
-            header = raw[second : second + 512]
-            header[148:156] = b" " * 8
-            raw[second + 148 : second + 156] = b"%06o\0 " % sum(header)
+            _fix_checksum(raw, second)
         (tmp_path / "bad.tar").write_bytes(bytes(raw))
         with open(tmp_path / "bad.tar", "rb") as f:
             with pytest.raises(_NotPlain):
@@ -200,9 +206,7 @@ def test_ustar_prefixes_old_style_directories_and_other_checksum_forms_stay_on_t
         end = max(m.offset_data + -(-m.size // 512) * 512 for m in tar.getmembers())
     raw[end:end] = header
     for at in (0, end):  # a checksum as seven digits and a NUL
-        block = raw[at : at + 512]
-        block[148:156] = b" " * 8
-        raw[at + 148 : at + 156] = b"%07o\0" % sum(block)
+        _fix_checksum(raw, at, b"%07o\0")
     (tmp_path / "odd.tar").write_bytes(bytes(raw))
     with open(tmp_path / "odd.tar", "rb") as f:
         walked = _plain_samples(f, len(raw))
@@ -213,12 +217,6 @@ def test_ustar_prefixes_old_style_directories_and_other_checksum_forms_stay_on_t
     (tmp_path / "bad.tar").write_bytes(bytes(raw))
     with open(tmp_path / "bad.tar", "rb") as f, pytest.raises(_NotPlain):
         _plain_samples(f, len(raw))
-
-
-def _fix_checksum(raw: bytearray, at: int) -> None:
-    block = raw[at : at + 512]
-    block[148:156] = b" " * 8
-    raw[at + 148 : at + 156] = b"%06o\0 " % sum(block)
 
 
 def _dir_with_data(raw: bytearray) -> None:  # tarfile does not skip a directory's data; the walk must not either
@@ -239,11 +237,7 @@ def _gnu_prefix_area(raw: bytearray) -> None:  # tarfile reads a prefix here wha
 ])
 def test_headers_read_as_tarfile_reads_them_or_left_to_the_reader(tmp_path, members, fmt, patch, walked):
     path = tmp_path / "t.tar"
-    with tarfile.open(path, "w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.type = len(data), tarfile.DIRTYPE if name.endswith("/") else tarfile.REGTYPE
-            tar.addfile(info, io.BytesIO(data))
+    _tar(path, members, fmt)
     raw = bytearray(path.read_bytes())
     if patch:
         patch(raw)
