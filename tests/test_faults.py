@@ -135,7 +135,7 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
             busy = _catch_running("assign_shard", alive, lambda: "stage assign:" in log_path.read_text())
             if busy:
                 kill("assign", busy)
-        elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/done/*.json"):
+        elif "write" not in killed and glob.glob(f"{out}/{schema.STAGING_DIR}/write-*/fragments/*.arrow"):
             kill("write")
 
     returncode, hung = watch_cli_run(config, log_path, kill_in_assign_then_write, RUN_TIMEOUT_S,

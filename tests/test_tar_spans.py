@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import random
 import tarfile
 
 import pytest
@@ -12,16 +11,16 @@ import pytest
 from prune import schema
 from prune.demo.shards import write_bad_shards, write_demo_shards
 from prune.io.shards import iter_tar_samples
+from prune.io.span_copy import copy_spans
 from prune.io.tar_spans import (
     RECORD,
     CompressedTar,
     _NotPlain,
     _plain_samples,
     _reader_samples,
-    copy_spans,
     finish_archive,
     sample_spans,
-    scatter_spans,
+    tar_index,
 )
 
 
@@ -78,6 +77,21 @@ def test_header_walk_matches_the_reader_on_img2dataset_shards(shards):
         assert fast == reader and len(fast) == 15
         assert all(s.ok and len(s.members) == 3 for s in fast)
         assert _as_spans_copy(path) == _as_reader_sees(path)
+
+
+def test_the_index_gives_any_samples_spans_as_columns(shards):
+    """The writer's columnar spans of any rows equal those samples' own spans, on the header walk
+    and on the reader's path (a damaged shard)."""
+    for path in shards["good"] + [shards["bad"][case]["path"] for case in ("mixed", "truncated")]:
+        with open(path, "rb") as f:
+            index = tar_index(f)
+        samples = index.samples()
+        assert [(s.key, s.ok) for s in samples] == list(zip(index.keys, index.ok))
+        for rows in ([0], list(range(len(samples)))[::-2], [len(samples) - 1, 0]):
+            list_offsets, offsets, lengths = index.spans(rows)
+            got = [list(zip(offsets[a:b].tolist(), lengths[a:b].tolist())) for a, b in zip(list_offsets, list_offsets[1:])]
+            assert got == [samples[r].spans for r in rows]
+        assert index.member(0, ("txt",)) == samples[0].member(("txt",))
 
 
 @pytest.mark.parametrize("case", ["mixed", "truncated"])
@@ -143,30 +157,15 @@ def test_a_file_without_a_descriptor_and_odd_names_walk_as_the_reader_reads(tmp_
     assert sample_spans(io.BytesIO(open(plain, "rb").read())) == _plain_samples(open(plain, "rb"), size)
 
 
-@pytest.mark.parametrize("window,max_gap", [(4096, 512), (1 << 20, 1 << 20)])
-def test_scatter_spans_sends_each_file_its_spans_in_offset_order(tmp_path, window, max_gap):
-    """Spans in any order to several files, in windows (small ones force many, a span larger than a
-    window goes on its own, a wide gap starts a new one): each file gets exactly its spans' bytes."""
-    rng = random.Random(0)
-    raw = bytes(rng.getrandbits(8) for _ in range(200_000))
-    (tmp_path / "src").write_bytes(raw)
-    offsets = sorted(rng.sample(range(0, 190_000, 10), 300))
-    spans = [(o, min(rng.choice([1, 7, 100, 900, 6000]), 200_000 - o)) for o in offsets]
-    spans = [s for i, s in enumerate(spans) if i == len(spans) - 1 or s[0] + s[1] <= spans[i + 1][0]]  # no overlaps
-    routes = [(o, n, rng.choice("abc")) for o, n in spans]
-    rng.shuffle(routes)
-    # pread, seek + read, and local files on both sides (the kernel's copy_file_range)
-    for src, to_files in ((open(tmp_path / "src", "rb"), False), (io.BytesIO(raw), False),
-                          (open(tmp_path / "src", "rb"), True)):
-        dsts = {k: open(tmp_path / f"dst-{k}", "w+b") if to_files else io.BytesIO() for k in "abc"}
-        written = scatter_spans(src, routes, dsts, window=window, max_gap=max_gap)
-        for k in "abc":
-            want = b"".join(raw[o : o + n] for o, n, key in sorted(routes) if key == k)
-            dsts[k].flush()
-            got = (tmp_path / f"dst-{k}").read_bytes() if to_files else dsts[k].getvalue()
-            assert got == want and written[k] == len(want)
-    with pytest.raises(EOFError):
-        scatter_spans(io.BytesIO(raw), [(199_990, 20, "a")], {"a": io.BytesIO()})
+def test_directories_are_no_samples_and_do_not_split_one(tmp_path):
+    only_dirs = _tar(tmp_path / "dirs.tar", [("d/", b""), ("e/", b"")])
+    split = _tar(tmp_path / "split.tar", [("a.jpg", b"1"), ("d/", b""), ("a.txt", b"2"), ("b.jpg", b"3")])
+    for path, want in ((only_dirs, []), (split, [("a", 2), ("b", 1)])):
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            fast = _plain_samples(f, size)
+            assert fast == _reader_samples(f)
+        assert [(s.key, len(s.members)) for s in fast] == want
 
 
 @pytest.mark.parametrize("size_field", [b"-0001000\0\0\0\0", b"-0010000\0\0\0\0"])

@@ -6,6 +6,7 @@ import json
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -18,8 +19,9 @@ from prune.io.writer import (
     STAGING_COLUMNS,
     OutputShard,
     Piece,
-    fragment_name,
+    fragment_counts,
     plan_output_shards,
+    read_fragment,
     write_fragments,
     write_output_shard,
 )
@@ -44,6 +46,13 @@ def tar_members(path) -> list[tuple[tarfile.TarInfo, bytes]]:
         except (tarfile.ReadError, OSError):
             pass
     return out
+
+
+def as_table(kept: dict) -> pa.Table:
+    """A selection's kept rows as the stage passes them (the scores' columns)."""
+    columns = (schema.BAND, schema.CLUSTER, schema.DISTANCE, schema.PERCENTILE)
+    return pa.Table.from_pydict({schema.KEY: list(kept), **{c: [v[c] for v in kept.values()] for c in columns}},
+                                schema=pa.schema([schema.SCORES_SCHEMA.field(c) for c in (schema.KEY, *columns)]))
 
 
 def make_kept(keys, rng, keep=0.6):
@@ -83,7 +92,7 @@ def written(tmp_path_factory, request):
         if shard == bad["truncated"]["shard"]:
             kept.update(make_kept([bad["truncated"]["truncated_key"]], rng, 1.0))
         kept_by_shard[shard] = kept
-        res = write_fragments(path, shard, kept, out, STAGING, stage_bytes=request.param)
+        res = write_fragments(path, shard, as_table(kept), out, STAGING, stage_bytes=request.param)
         results[shard] = res
         for band, n in res.counts.items():
             counts[(band, shard)] = n
@@ -210,6 +219,7 @@ def test_parquet_rows_match_tar_and_carry_scores(written):
         for col in schema.SCORE_COLUMNS_IN_PRUNED + (schema.SOURCE_SHARD, "caption"):
             assert col in table.column_names
         assert not set(STAGING_COLUMNS) & set(table.column_names)  # where the bytes were: staging only
+        assert [table.schema.field(c).type for c in schema.SCORE_COLUMNS_IN_PRUNED] == [pa.int64(), pa.float64(), pa.float64(), pa.int64()]
         for row in table.to_pylist():
             score = w["kept"][row[schema.SOURCE_SHARD]][row[schema.KEY]]
             for col in schema.SCORE_COLUMNS_IN_PRUNED:
@@ -226,8 +236,8 @@ def test_sidecar_less_shard_gets_key_and_caption(written):
     w = written
     shard = w["bad"]["mixed"]["shard"]
     band = next(b for (b, s) in w["counts"] if s == shard)
-    with w["out"].open(STAGING, fragment_name(band, shard, "parquet")) as f:
-        frag = pq.read_table(f)
+    frag, source = read_fragment(w["out"], STAGING, shard, band)
+    assert source == ("" if w["stage_bytes"] else w["inputs"][shard])
     assert frag.column_names[:2] == [schema.KEY, "caption"]
     assert "url" not in frag.column_names
     staged = sorted(p.name for p in (w["root"] / "out" / STAGING).rglob("*.tar"))
@@ -258,9 +268,23 @@ def test_no_temporaries_left_behind(written):
 def test_nothing_kept_writes_nothing(tmp_path):
     (path,) = write_demo_shards(str(tmp_path / "in"), split="test", count=5, shard_size=5)
     out = OutputDir(str(tmp_path / "out"))
-    res = write_fragments(path, "00000", {}, out, STAGING)
+    res = write_fragments(path, "00000", as_table({}), out, STAGING)
     assert res.counts == {} and not (tmp_path / "out").exists()
     assert plan_output_shards({}, 10) == []
+
+
+def test_a_tar_short_of_the_expected_samples_fails_before_writing(tmp_path):
+    """The stage passes how many kept samples the scores name: a tar holding fewer (changed since it
+    was scored) fails the task and leaves no fragment file that a retry would take as done."""
+    (path,) = write_demo_shards(str(tmp_path / "in"), split="test", count=5, shard_size=5)
+    keys = list(dict.fromkeys(split_member_name(m.name)[0] for m, _ in tar_members(path)))
+    kept = {k: {schema.BAND: 0, schema.CLUSTER: 0, schema.DISTANCE: 0.5, schema.PERCENTILE: 0.5} for k in keys}
+    out = OutputDir(str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="6 samples to keep, 5 found"):
+        write_fragments(path, "00000", as_table(kept), out, STAGING, expected=len(kept) + 1)
+    assert fragment_counts(out, STAGING, "00000") is None
+    assert write_fragments(path, "00000", as_table(kept), out, STAGING, expected=len(kept)).counts == {0: 5}
+    assert fragment_counts(out, STAGING, "00000") == {0: 5}
 
 
 # --- the plan alone -------------------------------------------------------------------------

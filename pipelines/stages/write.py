@@ -7,9 +7,9 @@ marker (`pruned/_stage.json`), so a set with a marker of this fingerprint is com
 
 Ray retries a task whose node was lost. Every file here is written whole under its final name
 (OutputDir.open_atomic: rename locally, one completed upload on S3), and the outputs are pure
-functions of the selection: a retried fragment task finds its `done/` record and returns it, or
-rewrites its fragments byte for byte; a retried output task finds its tar (written last) or
-rewrites the shard identically. No sample is lost or written twice.
+functions of the selection: a retried fragment task finds its fragment file (written last) and
+returns its counts, or rewrites its fragments byte for byte; a retried output task finds its tar
+(written last) or rewrites the shard identically. No sample is lost or written twice.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from prune.io.storage import OutputDir
 from prune.io.tables import read_scores
 from prune.io.writer import (
     OutputShard,
+    fragment_counts,
     plan_output_shards,
     write_fragments,
     write_output_shard,
@@ -64,19 +65,13 @@ def fragment_task(task: FragmentTask) -> dict:
     """One input shard -> its band fragments; skipped if a previous attempt finished it.
     -> {shard, counts: band -> samples, ok: the shard's ok samples}."""
     out, shard, staging = task.out, task.shard, task.staging
-    done_name = f"done/{shard}.json"
     table = read_scores(task.out, shard, columns=[schema.KEY, schema.STATUS, schema.KEEP, *schema.SCORE_COLUMNS_IN_PRUNED])
     n_ok = int(pc.sum(pc.equal(table.column(schema.STATUS), schema.STATUS_OK)).as_py() or 0)
-    if out.exists(staging, done_name):
-        return out.read_json(staging, done_name) | {"ok": n_ok}
-    table = table.filter(table.column(schema.KEEP))
-    kept = {row[schema.KEY]: row for row in table.select([schema.KEY, *schema.SCORE_COLUMNS_IN_PRUNED]).to_pylist()}
-    result = write_fragments(task.url, shard, kept, out, staging, task.stage_bytes)
-    record = {"shard": shard, "counts": {str(b): n for b, n in result.counts.items()}, "ok": n_ok}
-    if sum(result.counts.values()) != len(kept):
-        raise RuntimeError(f"shard {shard}: {len(kept)} samples to keep, {sum(result.counts.values())} found in the tar")
-    out.write_json(record, staging, done_name)
-    return record
+    counts = fragment_counts(out, staging, shard)
+    if counts is None:
+        kept = table.filter(table.column(schema.KEEP))
+        counts = write_fragments(task.url, shard, kept, out, staging, task.stage_bytes, expected=len(kept)).counts
+    return {"shard": shard, "counts": {str(b): n for b, n in counts.items()}, "ok": n_ok}
 
 
 @dataclass(frozen=True)

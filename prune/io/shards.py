@@ -193,6 +193,6 @@ def read_sibling_metadata(tar_url: str) -> Optional[pa.Table]:
         if not fs.exists(path):
             return None
         with fs.open(path, "rb") as f:
-            return pq.read_table(f)
+            return pq.ParquetFile(f).read()
     except Exception:  # a broken sidecar is not worth losing the shard over
         return None

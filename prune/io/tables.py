@@ -17,14 +17,20 @@ from prune.io.shards import read_sibling_metadata
 from prune.io.storage import OutputDir
 
 
+def read_parquet(f, columns=None) -> pa.Table:
+    """One Parquet file, whole or some columns: `ParquetFile.read` skips the dataset layer that
+    `pq.read_table` builds for every call (half the time of a per-shard file's read)."""
+    return pq.ParquetFile(f).read(columns=columns)
+
+
 def read_embeddings(out: OutputDir, shard: str, columns=None) -> pa.Table:
     with out.open(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
-        return pq.read_table(f, columns=columns)
+        return read_parquet(f, columns)
 
 
-def read_scores(out: OutputDir, shard: str, **kwargs) -> pa.Table:
+def read_scores(out: OutputDir, shard: str, columns=None) -> pa.Table:
     with out.open(schema.SCORES_DIR, schema.shard_file(shard)) as f:
-        return pq.read_table(f, **kwargs)
+        return read_parquet(f, columns)
 
 
 def file_metadata(out: OutputDir, directory: str, shard: str) -> dict:

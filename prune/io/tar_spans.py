@@ -10,8 +10,6 @@ the samples and their statuses are always the reader's own.
 
 from __future__ import annotations
 
-import io
-import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -19,6 +17,7 @@ import numpy as np
 
 from prune import schema
 from prune.io.shards import is_unsafe_name, iter_tar_samples, split_member_name
+from prune.io.span_copy import positional_reader
 
 BLOCK = 512
 ZERO_BLOCK = b"\0" * BLOCK
@@ -59,6 +58,50 @@ class SampleSpans:
         return next((m for m in self.members if split_member_name(m.name)[1].lower() in extensions), None)
 
 
+@dataclass
+class TarIndex:
+    """Every sample of a tar as columns, a row per member and no Python object per member: the
+    writer picks its kept samples' spans with numpy. Sample i's members are rows bounds[i]:bounds[i+1]."""
+
+    keys: list[str]  # per sample, in tar order
+    ok: list[bool]  # per sample: the reader's status is ok
+    bounds: np.ndarray  # int64 [samples + 1]
+    names: list[str]  # per member
+    header_at: np.ndarray  # int64 per member: its first header block
+    data_at: np.ndarray  # int64 per member
+    sizes: np.ndarray  # int64 per member
+
+    @classmethod
+    def from_samples(cls, samples: list[SampleSpans]) -> TarIndex:
+        members = [m for s in samples for m in s.members]
+        columns = np.array([m[1:] for m in members], np.int64).reshape(len(members), 3)
+        return cls([s.key for s in samples], [s.ok for s in samples],
+                   np.cumsum([0] + [len(s.members) for s in samples], dtype=np.int64),
+                   [m.name for m in members], columns[:, 0], columns[:, 1], columns[:, 2])
+
+    def samples(self) -> list[SampleSpans]:
+        members = list(map(MemberSpan._make, zip(self.names, self.header_at.tolist(), self.data_at.tolist(), self.sizes.tolist())))
+        b = self.bounds.tolist()
+        return [SampleSpans(key, members[b[i] : b[i + 1]], ok) for i, (key, ok) in enumerate(zip(self.keys, self.ok))]
+
+    def spans(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The member spans of samples `rows`, flat: (list offsets [len(rows) + 1]: sample j's
+        spans are entries list_offsets[j]:list_offsets[j+1], span offsets, span lengths)."""
+        rows = np.asarray(rows, np.int64)
+        starts, counts = self.bounds[rows], self.bounds[rows + 1] - self.bounds[rows]
+        list_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        member = np.arange(list_offsets[-1]) - np.repeat(list_offsets[:-1] - starts, counts)
+        ends = self.data_at[member] + (self.sizes[member] + BLOCK - 1) // BLOCK * BLOCK
+        return list_offsets, self.header_at[member], ends - self.header_at[member]
+
+    def member(self, row: int, extensions) -> MemberSpan | None:
+        """Sample `row`'s first member whose extension is in `extensions` (as `SampleSpans.member`)."""
+        for i in range(int(self.bounds[row]), int(self.bounds[row + 1])):
+            if split_member_name(self.names[i])[1].lower() in extensions:
+                return MemberSpan(self.names[i], int(self.header_at[i]), int(self.data_at[i]), int(self.sizes[i]))
+        return None
+
+
 class CompressedTar(ValueError):
     """Raw spans of a compressed tar mean nothing: the writer copies uncompressed members."""
 
@@ -79,19 +122,6 @@ def _octal(raw: bytes) -> int:
         raise _NotPlain("not an octal number") from None
 
 
-def _positional_reader(f):
-    """(offset, length) -> the bytes there (short at the end of the file): `os.pread` on a local
-    file's descriptor (no seek, no Python file layers: one call per read), else seek and read."""
-    fd = _fileno(f)
-    if fd is not None and hasattr(os, "pread"):
-        return lambda offset, length: os.pread(fd, length, offset)
-
-    def read(offset: int, length: int) -> bytes:
-        f.seek(offset)
-        return f.read(length)
-    return read
-
-
 _CHECKSUM_FIELD_AS_SPACES = 8 * 32  # the checksum is computed with its own field read as spaces
 _USTAR = np.frombuffer(b"ustar\x0000", np.uint8)
 _SLASH, _BACKSLASH, _COLON, _DOT = (ord(c) for c in "/\\:.")
@@ -104,7 +134,7 @@ def _headers(f, file_size: int) -> tuple[list[bytes], list[int], list[int]]:
     headers: list[bytes] = []
     offsets: list[int] = []
     sizes: list[int] = []
-    read = _positional_reader(f)
+    read = positional_reader(f)
     offset = 0
     while True:
         header = read(offset, BLOCK)
@@ -123,10 +153,10 @@ def _headers(f, file_size: int) -> tuple[list[bytes], list[int], list[int]]:
         offset += BLOCK + padded(size)
 
 
-def _plain_samples(f, file_size: int) -> list[SampleSpans]:
+def _plain_index(f, file_size: int) -> TarIndex:
     headers, offsets, sizes = _headers(f, file_size)
     if not headers:
-        return []
+        return TarIndex.from_samples([])
     blocks = np.frombuffer(b"".join(headers), np.uint8).reshape(len(headers), BLOCK)
     _verify_checksums(blocks, headers)
     kinds = blocks[:, 156]  # each one of _PLAIN_KINDS (checked by _headers)
@@ -155,19 +185,27 @@ def _plain_samples(f, file_size: int) -> list[SampleSpans]:
     is_file[[i for i in np.flatnonzero(kinds == 0).tolist() if names[i].endswith("/")]] = False
     if np.any(~is_file & (np.asarray(sizes) != 0)):  # tarfile does not skip a directory's data
         raise _NotPlain("a directory with data")
-    samples: list[SampleSpans] = []
+    files = np.flatnonzero(is_file)
+    file_names = names if len(files) == len(names) else [names[i] for i in files.tolist()]
+    if not prefixed.any() and not odd.any():  # no directories in any name: the key ends at the first dot
+        member_keys = [name.partition(".")[0] for name in file_names]
+    else:
+        member_keys = [split_member_name(name)[0] for name in file_names]
+    # a sample is a run of members with one key; a key seen in an earlier run is the reader's duplicate
+    bounds = [0, *[i for i in range(1, len(member_keys)) if member_keys[i] != member_keys[i - 1]]]
+    keys = [member_keys[i] for i in bounds] if member_keys else []
     seen: set[str] = set()
-    current = None
-    for i in np.flatnonzero(is_file).tolist():
-        name = names[i]
-        key = split_member_name(name)[0]
-        if current is None or current.key != key:
-            current = SampleSpans(key, ok=key not in seen)
-            samples.append(current)
-            seen.add(key)
-        offset = offsets[i]
-        current.members.append(MemberSpan(name, offset, offset + BLOCK, sizes[i]))
-    return samples
+    ok = []
+    for key in keys:
+        ok.append(key not in seen)
+        seen.add(key)
+    at = np.asarray(offsets, np.int64)[files]
+    return TarIndex(keys, ok, np.array(bounds[: len(keys)] + [len(member_keys)], np.int64), file_names,
+                    at, at + BLOCK, np.asarray(sizes, np.int64)[files])
+
+
+def _plain_samples(f, file_size: int) -> list[SampleSpans]:
+    return _plain_index(f, file_size).samples()
 
 
 def _verify_checksums(blocks: np.ndarray, headers: list[bytes]) -> None:
@@ -194,7 +232,7 @@ def _reader_samples(f) -> list[SampleSpans]:
     ]
 
 
-def sample_spans(f) -> list[SampleSpans]:
+def tar_index(f) -> TarIndex:
     """Every sample of a seekable tar, in order, with its members' byte spans and whether it is ok.
     Raises CompressedTar for a compressed one, tarfile.ReadError for one that is no tar."""
     f.seek(0)
@@ -202,107 +240,20 @@ def sample_spans(f) -> list[SampleSpans]:
         raise CompressedTar("a compressed tar: pruned shards copy the members of uncompressed tars only")
     file_size = f.seek(0, 2)
     try:
-        return _plain_samples(f, file_size)
+        return _plain_index(f, file_size)
     except _NotPlain:
-        return _reader_samples(f)
+        return TarIndex.from_samples(_reader_samples(f))
+
+
+def sample_spans(f) -> list[SampleSpans]:
+    """`tar_index`, as a SampleSpans per sample."""
+    return tar_index(f).samples()
 
 
 def read_member(f, member: MemberSpan) -> bytes:
     """One member's data, read from the open tar without touching the rest."""
     f.seek(member.data_at)
     return f.read(member.size)
-
-
-def coalesce(spans) -> list[tuple[int, int]]:
-    """Adjacent (offset, length) spans merged: one read per run of neighbouring members."""
-    merged: list[list[int]] = []
-    for offset, length in spans:
-        if merged and merged[-1][0] + merged[-1][1] == offset:
-            merged[-1][1] += length
-        else:
-            merged.append([offset, length])
-    return [(o, n) for o, n in merged]
-
-
-def _fileno(f) -> int | None:
-    try:
-        return f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return None
-
-
-def _copy_in_kernel(src_fd: int, dst, offset: int, length: int) -> int:
-    """`os.copy_file_range` from `src_fd` at `offset` to `dst`'s position (as `cp` does: the bytes
-    never pass through Python); -> bytes copied, short only where the kernel declined the rest."""
-    dst.flush()  # what `dst` buffered goes first; the kernel then writes at the descriptor's position
-    done = 0
-    while done < length:
-        try:
-            n = os.copy_file_range(src_fd, dst.fileno(), length - done, offset + done)
-        except OSError:  # another file system, or a kernel without it: the caller reads and writes
-            return done
-        if n == 0:
-            raise EOFError(f"the file ends inside the span {offset}+{length}")
-        done += n
-    return done
-
-
-def copy_spans(src, dst, spans, chunk: int = 8 << 20) -> int:
-    """Copy byte spans of `src` to `dst` (both open files); -> bytes copied. Local files are
-    copied by the kernel (`copy_file_range`); others through a buffer of `chunk` bytes."""
-    total = 0
-    src_fd = _fileno(src) if hasattr(os, "copy_file_range") and _fileno(dst) is not None else None
-    for offset, length in coalesce(spans):
-        done = _copy_in_kernel(src_fd, dst, offset, length) if src_fd is not None else 0
-        if done < length:
-            src.seek(offset + done)
-            left = length - done
-            while left:
-                data = src.read(min(chunk, left))
-                if not data:
-                    raise EOFError(f"the file ends inside the span {offset}+{length}")
-                dst.write(data)
-                left -= len(data)
-        total += length
-    return total
-
-
-def scatter_spans(src, routes, dsts: dict, window: int = 8 << 20, max_gap: int = 1 << 20) -> dict:
-    """Copy spans of `src` to several files in one sequential pass: `routes` is (offset, length,
-    dst key) in any order; each `dsts[key]` receives its spans in offset order. Neighbouring spans
-    are read together in windows of up to `window` bytes (a gap over `max_gap` starts a new one),
-    and each window's pieces for one file go out in one write: a few calls per window, not two per
-    member, which is what makes copying many small members cheap (object storage). Between local
-    files the kernel copies each file's spans instead (`copy_spans`). -> bytes written per key."""
-    written = dict.fromkeys(dsts, 0)
-    routes = sorted(routes, key=lambda r: r[0])
-    if hasattr(os, "copy_file_range") and _fileno(src) is not None and all(_fileno(d) is not None for d in dsts.values()):
-        for key, dst in dsts.items():
-            written[key] += copy_spans(src, dst, [(o, n) for o, n, k in routes if k == key])
-        return written
-    read, i = _positional_reader(src), 0
-    while i < len(routes):
-        start = routes[i][0]
-        j, end = i, start
-        while j < len(routes) and routes[j][0] + routes[j][1] - start <= window and routes[j][0] - end <= max_gap:
-            end = routes[j][0] + routes[j][1]
-            j += 1
-        if j == i:  # one span larger than a window: copied on its own
-            offset, length, key = routes[i]
-            written[key] += copy_spans(src, dsts[key], [(offset, length)])
-            i += 1
-            continue
-        data = memoryview(read(start, end - start))
-        if len(data) < end - start:
-            raise EOFError(f"the file ends inside the spans {start}..{end}")
-        pieces: dict = {}
-        for offset, length, key in routes[i:j]:
-            pieces.setdefault(key, []).append(data[offset - start : offset - start + length])
-            written[key] += length
-        for key, views in pieces.items():
-            dsts[key].write(b"".join(views))
-        i = j
-    return written
 
 
 def finish_archive(dst, written: int) -> None:
