@@ -23,6 +23,7 @@ BLOCK = 512
 ZERO_BLOCK = b"\0" * BLOCK
 END_OF_ARCHIVE = ZERO_BLOCK * 2
 RECORD = 20 * BLOCK  # tar and GNU tar pad an archive to a whole record
+READ_AHEAD = 4096  # a header and the next ones within reach: one read per web sample, not per member
 _PLAIN_KINDS = frozenset(b"0\x005")  # a regular file (b"0", or NUL in old tars) or a directory
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\0", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
@@ -135,9 +136,13 @@ def _headers(f, file_size: int) -> tuple[list[bytes], list[int], list[int]]:
     offsets: list[int] = []
     sizes: list[int] = []
     read = positional_reader(f)
-    offset = 0
+    offset = window_at = 0
+    window = b""
     while True:
-        header = read(offset, BLOCK)
+        at = offset - window_at
+        if at + BLOCK > len(window):  # small members lie close together: one read finds several headers
+            window, window_at, at = read(offset, READ_AHEAD), offset, 0
+        header = window[at : at + BLOCK]
         if header == ZERO_BLOCK:
             return headers, offsets, sizes
         if len(header) < BLOCK:
