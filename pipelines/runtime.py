@@ -136,6 +136,12 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def cluster_cpus() -> int:
+    """The cluster's CPUs now (1 at least: an autoscaling cluster may start with none)."""
+    ensure()
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 MIN_IN_FLIGHT = 64  # enough queued demand for an autoscaler to launch CPU nodes from zero
 LIMIT_REFRESH_S = 10.0
 
@@ -165,8 +171,7 @@ TASKS_PER_CPU = 4  # light passes: enough tasks to balance the load, few enough 
 def batches(items: list, per_cpu: int = TASKS_PER_CPU) -> list[list]:
     """`items` in consecutive batches, at most `per_cpu` per CPU of the cluster (and one item at
     least each): light per-item work pays Ray's per-task cost once per batch, not per item."""
-    ensure()
-    n = max(1, per_cpu * int(ray.cluster_resources().get("CPU", 1)))
+    n = per_cpu * cluster_cpus()
     size = max(1, -(-len(items) // n))
     return [items[i : i + size] for i in range(0, len(items), size)]
 

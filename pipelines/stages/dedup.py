@@ -29,10 +29,10 @@ from prune import schema
 from prune.dedup.semdedup import dedup_cluster
 from prune.dedup.settings import DedupConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import ok_matrix, read_embeddings, read_scores
+from prune.io.tables import ok_matrix, read_embeddings, read_parquet, read_scores
 
 from ..pending import footer, pending, per_shard, stamped
-from ..runtime import run_tasks
+from ..runtime import cluster_cpus, run_tasks
 from ..stage import STAGES, Context, Stage
 
 # settings that only place work: the result is the same whatever they are
@@ -121,7 +121,7 @@ def dedup_bucket(task: BucketTask) -> dict:
     tables = []
     for name in files:
         with out.open(task.staging, "parts", f"b{task.bucket:06d}", name) as f:
-            tables.append(pq.read_table(f))
+            tables.append(read_parquet(f))
     t = pa.concat_tables(tables)
     cluster = t.column(schema.CLUSTER).to_numpy()
     shards = t.column(schema.SHARD).to_numpy(zero_copy_only=False)
@@ -162,7 +162,7 @@ def apply_group(task: ApplyTask) -> dict:
     tables = []
     for name in names:
         with out.open(task.staging, "removed", f"g{task.group:06d}", name) as f:
-            tables.append(pq.read_table(f))
+            tables.append(read_parquet(f))
     removed = pa.concat_tables(tables) if tables else None
     counts = {}
     for shard in task.shards:
@@ -198,9 +198,10 @@ class DedupStage(Stage):
     def identity(self, ctx: Context) -> tuple:
         return (self.dedup.model_dump(exclude=_PLACEMENT_ONLY),)
 
-    def groups(self, ctx: Context) -> list[tuple]:
+    def groups(self, ctx: Context, cpus: int = 1) -> list[tuple]:
+        """Consecutive shards, `shards_per_task` at most a group, fewer when that leaves a CPU idle."""
         shards = sorted(ctx.shards)
-        g = self.dedup.shards_per_task
+        g = max(1, min(self.dedup.shards_per_task, math.ceil(len(shards) / cpus)))
         return [tuple(shards[i : i + g]) for i in range(0, len(shards), g)]
 
     def complete(self, ctx: Context) -> Optional[DedupStats]:
@@ -217,9 +218,11 @@ class DedupStage(Stage):
         out = ctx.out
         staging = f"{schema.STAGING_DIR}/dedup-{ctx.fingerprint}"
         out.remove(staging)  # a half-done earlier attempt: its parts would be counted twice
-        n_ok = int(out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)["n_ok_total"])
-        n_buckets = max(1, math.ceil(n_ok / self.dedup.bucket_rows))
-        groups = self.groups(ctx)
+        kmeans = out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
+        cpus = cluster_cpus()
+        # `bucket_rows` bounds a bucket; with few samples, still a bucket per CPU (while clusters last)
+        n_buckets = max(1, math.ceil(int(kmeans["n_ok_total"]) / self.dedup.bucket_rows), min(int(kmeans["k"]), cpus))
+        groups = self.groups(ctx, cpus)
         group_of = {s: gi for gi, grp in enumerate(groups) for s in grp}
         list(run_tasks(partition, [PartitionTask(out, gi, grp, staging, n_buckets) for gi, grp in enumerate(groups)],
                        desc="dedup: partition by cluster"))

@@ -51,7 +51,7 @@ def keep_order(distance: np.ndarray, shards, keys, keep: str, seed: int) -> np.n
     raise ValueError(f"dedup.keep {keep!r}: expected {KEEP_FARTHEST}, {KEEP_NEAREST} or {KEEP_RANDOM}")
 
 
-def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 2048) -> ClusterDedup:
+def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 512) -> ClusterDedup:
     """Members `x` (unit rows, float32 or float16, in keep order) -> who is a near-duplicate."""
     n = len(x)
     removed = np.zeros(n, bool)
@@ -62,13 +62,11 @@ def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 2048) -> ClusterD
         stop = min(n, start + block_rows)
         block = np.asarray(x[start:stop], np.float32)
         earlier = np.asarray(x[:stop], np.float32)
-        s = earlier @ block.T  # [stop, b]: similarity of every earlier member to each of the block
-        # only members strictly before each column count (the upper triangle)
-        rows = np.arange(stop)[:, None]
-        cols = np.arange(start, stop)[None, :]
-        s[rows >= cols] = -np.inf
-        best = s.argmax(axis=0)
-        best_sim = s[best, np.arange(stop - start)]
+        s = block @ earlier.T  # [b, stop]: each of the block's similarity to every earlier member, a row each
+        # only members strictly before each row's own count (the upper triangle of the paper's matrix)
+        s[:, start:stop][np.triu(np.ones((stop - start, stop - start), bool))] = -np.inf
+        best = s.argmax(axis=1)  # along rows in memory: the first of equal maxima, as before
+        best_sim = s[np.arange(stop - start), best]
         hit = best_sim > threshold
         removed[start:stop] = hit
         dup[start:stop] = np.where(hit, best, -1)
@@ -76,7 +74,7 @@ def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 2048) -> ClusterD
     return ClusterDedup(removed, dup, sim)
 
 
-def dedup_cluster(x, distance, shards, keys, eps: float, keep: str, seed: int, block_rows: int = 2048) -> ClusterDedup:
+def dedup_cluster(x, distance, shards, keys, eps: float, keep: str, seed: int, block_rows: int = 512) -> ClusterDedup:
     """One cluster's members in any order -> the result in that same order (indices too)."""
     order = keep_order(distance, shards, keys, keep, seed)
     res = dedup_ordered(np.asarray(x)[order], eps, block_rows)

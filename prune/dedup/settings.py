@@ -21,4 +21,5 @@ class DedupConfig(Section):
     seed: int = 0
     bucket_rows: int = Field(1_000_000, ge=1)  # ok samples per dedup task (whole clusters per bucket)
     shards_per_task: int = Field(16, ge=1)  # shards one partition task reads
-    block_rows: int = Field(2048, ge=1)  # similarity rows computed at once: memory ~ cluster size x this
+    block_rows: int = Field(512, ge=1)  # similarity rows computed at once: memory ~ cluster size x this;
+    # smaller blocks skip more of the triangle no one reads (512: the fastest on 2,000-member clusters)
