@@ -10,6 +10,10 @@ write stage (`pipelines.stages.write.WriteStage`, Ray tasks on this machine) wri
 - staged bytes (`write.copy_from: staged`, what `auto` picks on object storage): the kept members
   are staged in fragment tars first.
 
+Where the samples lie in each tar comes, as in a run, from the index the embed stage's read
+tasks record (`tar_index/`, made here beforehand by the same function, untimed); the write of
+input ranges is also timed without it, walking every tar's headers, as after imported embeddings.
+
 `cp -r` of the same pruned output (tars, parquet, stats) to a directory on the same disk, warm, is
 the yardstick: writer rate = pruned bytes / write-stage seconds. Every file is in the page cache
 for both, so this compares CPU work per byte, not the disk.
@@ -38,7 +42,9 @@ from pipelines.stage import Context
 from pipelines.stages.write import WriteStage
 from prune import schema
 from prune.io.settings import COPY_FROM_INPUT, COPY_FROM_STAGED, WriteConfig
-from prune.io.storage import OutputDir
+from prune.io.shards import read_shard
+from prune.io.storage import OutputDir, split_url
+from prune.io.tar_index_cache import index_of_read, save_index, tar_stamp
 from prune.select.settings import SelectConfig
 
 BANDS = 7
@@ -87,9 +93,17 @@ def make_scores(out: OutputDir, urls: dict[str, str], per_shard: int, keep: floa
             pq.write_table(table, f)
 
 
-def write_once(out_root: str, urls: dict[str, str], per_shard: int, keep: float, stage_bytes: bool) -> tuple[float, str]:
+def read_indexes(urls: dict[str, str]) -> dict:
+    """shard -> (TarIndex, stamp): what the embed stage's read tasks record for each tar."""
+    return {shard: (index_of_read(read_shard(url, ("jpg",)).samples), tar_stamp(*split_url(url))) for shard, url in urls.items()}
+
+
+def write_once(out_root: str, urls: dict[str, str], per_shard: int, keep: float, stage_bytes: bool,
+               indexes: dict | None) -> tuple[float, str]:
     out = OutputDir(out_root)
     make_scores(out, urls, per_shard, keep)
+    for shard, (index, stamp) in (indexes or {}).items():
+        save_index(out, shard, index, stamp)
     copy_from = COPY_FROM_STAGED if stage_bytes else COPY_FROM_INPUT
     stage = WriteStage(write=WriteConfig(samples_per_shard=per_shard, band_step=0.1, copy_from=copy_from),
                        select=SelectConfig(keep_fraction=keep))
@@ -112,20 +126,25 @@ def main() -> None:
         urls = make_inputs(os.path.join(work, "in"), args.shards, args.per_shard, int(args.jpg_kb * 1024))
         in_bytes = dir_bytes(os.path.join(work, "in"))
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+        indexes = read_indexes(urls)
         first = dict(list(urls.items())[:1])  # warm-up: Ray's workers start and import once, unmeasured
-        write_once(os.path.join(work, "warm-up"), first, args.per_shard, args.keep, False)
+        write_once(os.path.join(work, "warm-up"), first, args.per_shard, args.keep, False, None)
         rows = []
-        for stage_bytes in (False, True):
+        kinds = [("ranges of the input, tar index from the embed stage", False, indexes),
+                 ("ranges of the input, headers walked (no index: imported embeddings)", False, None),
+                 ("staged bytes, tar index from the embed stage", True, indexes)]
+        for i, (name, stage_bytes, given) in enumerate(kinds):
             best = None  # (seconds, pruned directory) of the fastest repeat; the others are removed at once:
             for r in range(args.repeats):  # gigabytes of finished outputs in the page cache slow later writes
-                got = write_once(os.path.join(work, f"out-{stage_bytes}-{r}"), urls, args.per_shard, args.keep, stage_bytes)
+                got = write_once(os.path.join(work, f"out-{i}-{r}"), urls, args.per_shard, args.keep, stage_bytes, given)
                 if best is not None:
                     shutil.rmtree(os.path.dirname(max(best, got)[1]))
                 best = min(best or got, got)
             seconds, pruned = best
             n_bytes = dir_bytes(pruned)
             cp = cp_seconds(pruned, work)
-            rows.append(("staged bytes" if stage_bytes else "ranges of the input", seconds, n_bytes, cp))
+            shutil.rmtree(os.path.dirname(pruned))
+            rows.append((name, seconds, n_bytes, cp))
         ray.shutdown()
         print(f"{args.shards} shards x {args.per_shard} samples, {in_bytes / 1e6:.0f} MB of input tars, keep {args.keep}; "
               f"{os.cpu_count()} CPUs; warm page cache; the fastest of {args.repeats} writes of each kind, of 2 copies")

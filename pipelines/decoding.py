@@ -6,7 +6,9 @@ never runs in the model actors: the model stage never waits for JPEG decoding.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import ray
@@ -15,6 +17,10 @@ from prune import schema
 from prune.embed.decode import PreprocessSpec, decode_batch
 from prune.embed.settings import DecodeConfig
 from prune.io.shards import read_shard
+from prune.io.storage import OutputDir, split_url
+from prune.io.tar_index_cache import index_of_read, save_index, tar_stamp
+
+log = logging.getLogger("ssl_prune")
 
 POS = "_pos"  # position of the sample in its tar (internal)
 COUNT = "_count"  # samples in the shard (internal): a shard is complete when all arrived
@@ -27,10 +33,13 @@ class ShardInput:
     url: str  # the input tar
 
 
-def read_rows(item: dict, image_extensions: list[str]) -> list[dict]:
-    """One tar ({shard, url} row) -> one row per sample (image bytes, or empty with the failure status)."""
+def read_rows(item: dict, image_extensions: list[str], out: Optional[OutputDir] = None) -> list[dict]:
+    """One tar ({shard, url} row) -> one row per sample (image bytes, or empty with the failure status).
+    With `out`, where the tar's samples lie is recorded there too (the write stage's index)."""
     result = read_shard(item["url"], image_extensions)
     shard = item["shard"]
+    if out is not None and not result.shard_error:
+        record_index(out, shard, item["url"], result.samples)
     if result.shard_error:
         return [{schema.SHARD: shard, schema.KEY: SHARD_ERROR_KEY, POS: -1, COUNT: 0,
                  schema.STATUS: f"{result.shard_error}: {result.detail}"[:500], schema.IMAGE: b""}]
@@ -41,6 +50,15 @@ def read_rows(item: dict, image_extensions: list[str]) -> list[dict]:
         rows.append({schema.SHARD: shard, schema.KEY: s.key, POS: i, COUNT: n,
                      schema.STATUS: s.status, schema.IMAGE: found[1] if found else b""})
     return rows
+
+
+def record_index(out: OutputDir, shard: str, url: str, samples: list) -> None:
+    """Save the tar's index; a failure only costs the write stage a walk over the headers."""
+    try:
+        fs, path = split_url(url)
+        save_index(out, shard, index_of_read(samples), tar_stamp(fs, path))
+    except Exception:  # noqa: BLE001 - an optional shortcut must never fail the read of a shard
+        log.warning("shard %s: its tar index was not recorded (the write stage will walk the tar)", shard, exc_info=True)
 
 
 def decode_rows(batch: dict, spec: PreprocessSpec, draft: bool, max_pixels: int) -> dict:
@@ -58,12 +76,14 @@ def decode_memory_bytes(batch_size: int, spec: PreprocessSpec) -> int:
 
 
 def decoded_dataset(
-    shards: list[ShardInput], decode: DecodeConfig, image_extensions: list[str], spec: PreprocessSpec
+    shards: list[ShardInput], decode: DecodeConfig, image_extensions: list[str], spec: PreprocessSpec,
+    index_out: Optional[OutputDir] = None,
 ) -> ray.data.Dataset:
-    """Shards -> a Ray Dataset of rows with uint8 crops: read tasks, then CPU decode tasks."""
+    """Shards -> a Ray Dataset of rows with uint8 crops: read tasks, then CPU decode tasks.
+    `index_out`: where the read tasks record each tar's index (`tar_index/`), if anywhere."""
     items = [{"shard": s.shard, "url": s.url} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_rows, fn_args=(image_extensions,))
+    ds = ds.flat_map(read_rows, fn_args=(image_extensions, index_out))
     return ds.map_batches(
         decode_rows, fn_args=(spec, decode.draft, decode.max_image_pixels),
         batch_size=decode.batch_size, num_cpus=decode.num_cpus,

@@ -93,6 +93,9 @@ IMPORTED_DIR = "imported"  # import stage: per part, the carried metadata column
 EXPORT_DIR = "export"  # the kept set's ids: DataComp's subset file, and ...
 EXPORT_IDS_DIR = "export/ids"  # ... per input shard, a Parquet of the kept samples' ids
 STAGING_DIR = "_staging"  # per-run scratch, removed when a stage completes
+# per input shard: where its samples lie in the tar (prune/io/tar_index_cache.py), recorded by the
+# embed stage's reads of the whole tar; the write stage uses it instead of walking the tar again
+TAR_INDEX_DIR = "tar_index"
 MANIFEST = "manifest.json"
 STAGE_MARKER = "_stage.json"  # per stage directory: the fingerprint its files were made with
 PENDING_MARKER = "_pending.json"  # pruned/: a write of this fingerprint has started (resumable)

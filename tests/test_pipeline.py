@@ -18,6 +18,9 @@ import webdataset as wds
 from pipelines.cli.config import validate_config
 from prune import schema
 from prune.io.shards import read_shard, split_member_name
+from prune.io.storage import OutputDir, split_url
+from prune.io.tar_index_cache import load_index, tar_stamp
+from prune.io.tar_spans import tar_index
 
 from .conftest import embed_actors, pruned_tars, read_scores, small_config, tar_members
 
@@ -112,6 +115,23 @@ def test_pruned_members_are_byte_identical_and_adjacent(pipeline_run, shards_dir
     assert compared == sum(n_members[k] for k in kept)  # every member of every kept sample
     truncated = shards_dir["bad"]["truncated"]["shard"]
     assert any(s == truncated for s, _ in kept)  # the complete samples of a cut-short tar survive
+
+
+def test_the_embed_reads_record_each_readable_tars_index(pipeline_run, shards_dir):
+    """The embed stage's read tasks leave every readable tar's index (the write stage's shortcut),
+    stamped with that tar and equal to a walk over its headers; an unreadable tar has none."""
+    out = OutputDir(str(pipeline_run["out"]))
+    paths = sorted(glob.glob(f"{shards_dir['dir']}/*.tar"))
+    recorded = 0
+    for path in paths:
+        index = load_index(out, schema.shard_id_of(path), tar_stamp(*split_url(path)))
+        if read_shard(path, list(schema.IMAGE_EXTENSIONS_DEFAULT)).shard_error:
+            assert index is None
+            continue
+        with open(path, "rb") as f:
+            assert index is not None and index.samples() == tar_index(f).samples()
+        recorded += 1
+    assert 0 < recorded < len(paths)  # the fixtures hold tars that cannot be read
 
 
 def test_pruned_shards_read_by_webdataset_and_ray(pipeline_run):

@@ -151,7 +151,8 @@ class EmbedStage(Stage):
         run_dir = f"{schema.STAGING_DIR}/embed-{uuid.uuid4().hex[:12]}"
         # one dataset for every shard to embed: one actor pool, so each actor loads the model
         # once for the whole run; a shard is finalized as soon as all of its rows are staged
-        ds = decoded_dataset([ShardInput(s, shards[s]) for s in todo], self.decode, list(self.image_extensions), spec)
+        ds = decoded_dataset([ShardInput(s, shards[s]) for s in todo], self.decode, list(self.image_extensions), spec,
+                             index_out=ctx.out)
         ds = ds.map_batches(
             EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device),
             batch_size=embed.batch_for("cuda" if res.num_gpus else "cpu"),

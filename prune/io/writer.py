@@ -26,6 +26,7 @@ from prune import schema
 from prune.io.shards import read_sibling_metadata
 from prune.io.span_copy import copy_spans, scatter_spans
 from prune.io.storage import OutputDir, is_local, split_url
+from prune.io.tar_index_cache import load_index, tar_stamp
 from prune.io.tar_spans import TarIndex, finish_archive, read_member, tar_index
 
 # staging only, never in the outputs: where each kept sample's members are (offsets and lengths in
@@ -108,8 +109,9 @@ def write_fragments(
 ) -> FragmentResult:
     """One input tar -> its kept samples' metadata rows and where their bytes are, band by band.
 
-    `kept`: the kept samples' score rows (key, band, cluster, distance, percentile). The tar's
-    headers are read once (`tar_index`). Each row gives the sample's member spans (headers and
+    `kept`: the kept samples' score rows (key, band, cluster, distance, percentile). Where the
+    samples lie comes from the index the embed stage recorded for this very tar, else from one
+    walk over its headers (`tar_index`). Each row gives the sample's member spans (headers and
     padding included) in a source file: the input tar itself when it is on a local disk (the
     output shard reads those ranges: the kept bytes move once), or, with `stage_bytes` (the
     default on object storage: one sequential read per input, no small range reads), a fragment
@@ -123,7 +125,9 @@ def write_fragments(
     fs, path = split_url(tar_url)
     stage_bytes = not is_local(fs) if stage_bytes is None else stage_bytes
     with fs.open(path, "rb") as f:
-        index = tar_index(f)
+        index = load_index(out, shard, tar_stamp(fs, path))  # recorded by the embed stage's read
+        if index is None:
+            index = tar_index(f)
         rows = [i for i, (key, ok) in enumerate(zip(index.keys, index.ok)) if ok and key in position]
         if expected is not None and len(rows) != expected:
             raise RuntimeError(f"shard {shard}: {expected} samples to keep, {len(rows)} found in the tar")
