@@ -18,7 +18,7 @@ from prune.embed.decode import PreprocessSpec, decode_batch
 from prune.embed.settings import DecodeConfig
 from prune.io.shards import read_shard
 from prune.io.storage import OutputDir, split_url
-from prune.io.tar_index_cache import index_of_read, save_index, tar_stamp
+from prune.io.tar_index_cache import record_index, tar_stamp
 
 log = logging.getLogger("ssl_prune")
 
@@ -36,10 +36,11 @@ class ShardInput:
 def read_rows(item: dict, image_extensions: list[str], out: Optional[OutputDir] = None) -> list[dict]:
     """One tar ({shard, url} row) -> one row per sample (image bytes, or empty with the failure status).
     With `out`, where the tar's samples lie is recorded there too (the write stage's index)."""
-    result = read_shard(item["url"], image_extensions)
     shard = item["shard"]
-    if out is not None and not result.shard_error:
-        record_index(out, shard, item["url"], result.samples)
+    stamp = _stamp_or_none(item["url"], shard) if out is not None else None
+    result = read_shard(item["url"], image_extensions)
+    if stamp is not None and not result.shard_error:
+        _record(out, shard, item["url"], stamp, result.samples)
     if result.shard_error:
         return [{schema.SHARD: shard, schema.KEY: SHARD_ERROR_KEY, POS: -1, COUNT: 0,
                  schema.STATUS: f"{result.shard_error}: {result.detail}"[:500], schema.IMAGE: b""}]
@@ -52,11 +53,17 @@ def read_rows(item: dict, image_extensions: list[str], out: Optional[OutputDir] 
     return rows
 
 
-def record_index(out: OutputDir, shard: str, url: str, samples: list) -> None:
+def _stamp_or_none(url: str, shard: str) -> Optional[str]:
+    try:
+        return tar_stamp(*split_url(url))
+    except Exception:  # noqa: BLE001 - the read itself reports what is wrong with the tar
+        return None
+
+
+def _record(out: OutputDir, shard: str, url: str, stamp: str, samples: list) -> None:
     """Save the tar's index; a failure only costs the write stage a walk over the headers."""
     try:
-        fs, path = split_url(url)
-        save_index(out, shard, index_of_read(samples), tar_stamp(fs, path))
+        record_index(out, shard, url, stamp, samples)
     except Exception:  # noqa: BLE001 - an optional shortcut must never fail the read of a shard
         log.warning("shard %s: its tar index was not recorded (the write stage will walk the tar)", shard, exc_info=True)
 

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 from prune import schema
 from prune.io.storage import OutputDir, split_url
 from prune.io.tables import read_scores
-from prune.io.tar_index_cache import load_index, tar_stamp
-from prune.io.tar_spans import read_member, tar_index
+from prune.io.tar_index_cache import load_index
+from prune.io.tar_spans import ensure_uncompressed, read_member, tar_index
 from prune.report.html import data_plots, import_plotting, render, timings_plot
 from prune.report.summary import (
     Counts,
@@ -63,7 +63,9 @@ def _thumbs(wanted: dict, extensions: tuple, out: OutputDir, shard: str) -> dict
     found = {}
     fs, path = split_url(url)
     with fs.open(path, "rb") as f:  # the embed stage's index or the headers, then only the pictured images' bytes
-        index = load_index(out, shard, tar_stamp(fs, path))
+        index = load_index(out, shard, url)
+        if index is not None:
+            ensure_uncompressed(f)
         for sample in (index if index is not None else tar_index(f)).samples():
             if sample.key in keys and sample.key not in found:
                 member = sample.member(extensions)

@@ -18,8 +18,8 @@ import webdataset as wds
 from pipelines.cli.config import validate_config
 from prune import schema
 from prune.io.shards import read_shard, split_member_name
-from prune.io.storage import OutputDir, split_url
-from prune.io.tar_index_cache import load_index, tar_stamp
+from prune.io.storage import OutputDir
+from prune.io.tar_index_cache import load_index
 from prune.io.tar_spans import tar_index
 
 from .conftest import embed_actors, pruned_tars, read_scores, small_config, tar_members
@@ -124,7 +124,7 @@ def test_the_embed_reads_record_each_readable_tars_index(pipeline_run, shards_di
     paths = sorted(glob.glob(f"{shards_dir['dir']}/*.tar"))
     recorded = 0
     for path in paths:
-        index = load_index(out, schema.shard_id_of(path), tar_stamp(*split_url(path)))
+        index = load_index(out, schema.shard_id_of(path), path)
         if read_shard(path, list(schema.IMAGE_EXTENSIONS_DEFAULT)).shard_error:
             assert index is None
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 
@@ -11,10 +12,11 @@ import pytest
 
 from prune import schema
 from prune.demo.shards import write_bad_shards, write_demo_shards
+from prune.io import writer
 from prune.io.shards import read_shard
 from prune.io.storage import OutputDir, split_url
-from prune.io.tar_index_cache import index_of_read, load_index, save_index, tar_stamp
-from prune.io.tar_spans import tar_index
+from prune.io.tar_index_cache import index_of_read, load_index, record_index, save_index, tar_stamp
+from prune.io.tar_spans import CompressedTar, tar_index
 from prune.io.writer import plan_output_shards, write_fragments, write_output_shard
 
 STAGING = "_staging/write-test"
@@ -42,24 +44,44 @@ def test_the_readers_index_is_the_header_walks(tars):
         assert recorded.samples() == walked.samples()
 
 
-def test_an_index_comes_back_only_for_its_own_tar(tars, tmp_path):
+def test_an_index_comes_back_only_for_its_own_tar_as_it_was_read(tars, tmp_path):
     out = OutputDir(str(tmp_path / "out"))
-    path = next(iter(tars.values()))
-    index = index_of_read(read_shard(path, ("jpg",)).samples)
-    assert load_index(out, "00000", _stamp(path)) is None  # none recorded
-    save_index(out, "00000", index, _stamp(path))
-    loaded = load_index(out, "00000", _stamp(path))
-    assert loaded.samples() == index.samples() and loaded.keys == index.keys
-    np.testing.assert_array_equal(loaded.bounds, index.bounds)
-    assert load_index(out, "00000", "another tar's stamp") is None
-    copy = tmp_path / "changed.tar"
-    shutil.copy(path, copy)
-    with open(copy, "ab") as f:  # the same tar, grown: another size, another stamp
+    path = str(tmp_path / "00000.tar")
+    shutil.copy(next(iter(tars.values())), path)
+    samples = read_shard(path, ("jpg",)).samples
+    assert load_index(out, "00000", path) is None  # none recorded
+    assert record_index(out, "00000", path, _stamp(path), samples)
+    loaded = load_index(out, "00000", path)
+    assert loaded.samples() == index_of_read(samples).samples() and loaded.keys == [s.key for s in samples]
+    other = str(tmp_path / "other.tar")
+    shutil.copy(path, other)
+    assert load_index(out, "00000", other) is None  # the same bytes elsewhere: another tar
+    with open(path, "ab") as f:  # the tar itself changed after it was read
         f.write(b"\0" * 512)
-    assert _stamp(str(copy)) != _stamp(path) and load_index(out, "00000", _stamp(str(copy))) is None
-    empty = index_of_read([])
-    save_index(out, "00001", empty, "s")
-    assert load_index(out, "00001", "s").samples() == []
+    assert load_index(out, "00000", path) is None
+    # a tar changed during its read (the stamp taken before it is no longer the tar's) is not recorded
+    assert not record_index(out, "00001", path, "stamp before the change", samples)
+    assert load_index(out, "00001", path) is None
+    save_index(out, "00002", index_of_read([]), _stamp(path))
+    assert load_index(out, "00002", path).samples() == []
+    (tmp_path / "out" / schema.TAR_INDEX_DIR / "00002.arrow").write_bytes(b"not arrow")
+    assert load_index(out, "00002", path) is None  # damaged: the caller walks
+
+
+def test_a_compressed_tar_gets_no_index_and_an_index_does_not_let_it_through(tars, tmp_path):
+    """The reader opens a gzipped tar transparently, but its offsets count the decompressed stream:
+    no index is recorded for it, and even an index stamped with it does not get it written."""
+    raw = open(next(iter(tars.values())), "rb").read()
+    path = str(tmp_path / "00000.tar")
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw))
+    samples = read_shard(path, ("jpg",)).samples
+    assert samples and samples[0].status == schema.STATUS_OK  # read fine
+    out = OutputDir(str(tmp_path / "out"))
+    assert not record_index(out, "00000", path, _stamp(path), samples)
+    save_index(out, "00000", index_of_read(samples), _stamp(path))  # as if it had been recorded
+    with pytest.raises(CompressedTar):
+        write_fragments(path, "00000", _kept(path, np.random.default_rng(1)), out, STAGING)
 
 
 def _write_all(out: OutputDir, tars: dict, kept: dict) -> dict:
@@ -89,8 +111,14 @@ def test_the_writer_gives_the_same_bytes_with_a_recorded_index_and_ignores_a_sta
     walked = _write_all(OutputDir(str(tmp_path / "walked")), tars, kept)
     indexed_out = OutputDir(str(tmp_path / "indexed"))
     for shard, path in tars.items():
-        save_index(indexed_out, shard, index_of_read(read_shard(path, ("jpg",)).samples), _stamp(path))
-    assert _write_all(indexed_out, tars, kept) == walked and any(name.endswith(".tar") for name in walked)
+        assert record_index(indexed_out, shard, path, _stamp(path), read_shard(path, ("jpg",)).samples)
+
+    def no_walk(f):
+        raise AssertionError("the writer walked a tar whose index it had")
+
+    with pytest.MonkeyPatch.context() as mp:  # the index is what the writer used: it never walks
+        mp.setattr(writer, "tar_index", no_walk)
+        assert _write_all(indexed_out, tars, kept) == walked and any(name.endswith(".tar") for name in walked)
     # a stale index (another tar's samples under this shard's name) is not used: the bytes stay right
     stale_out = OutputDir(str(tmp_path / "stale"))
     first, second = sorted(tars)[:2]

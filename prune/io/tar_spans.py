@@ -237,12 +237,18 @@ def _reader_samples(f) -> list[SampleSpans]:
     ]
 
 
-def tar_index(f) -> TarIndex:
-    """Every sample of a seekable tar, in order, with its members' byte spans and whether it is ok.
-    Raises CompressedTar for a compressed one, tarfile.ReadError for one that is no tar."""
+def ensure_uncompressed(f) -> None:
+    """Raises CompressedTar for a compressed tar (the reader opens one transparently, but its
+    offsets then count the decompressed stream: raw spans of the file mean nothing)."""
     f.seek(0)
     if f.read(6).startswith(_COMPRESSED):
         raise CompressedTar("a compressed tar: pruned shards copy the members of uncompressed tars only")
+
+
+def tar_index(f) -> TarIndex:
+    """Every sample of a seekable tar, in order, with its members' byte spans and whether it is ok.
+    Raises CompressedTar for a compressed one, tarfile.ReadError for one that is no tar."""
+    ensure_uncompressed(f)
     file_size = f.seek(0, 2)
     try:
         return _plain_index(f, file_size)

@@ -26,8 +26,8 @@ from prune import schema
 from prune.io.shards import read_sibling_metadata
 from prune.io.span_copy import copy_spans, scatter_spans
 from prune.io.storage import OutputDir, is_local, split_url
-from prune.io.tar_index_cache import load_index, tar_stamp
-from prune.io.tar_spans import TarIndex, finish_archive, read_member, tar_index
+from prune.io.tar_index_cache import load_index
+from prune.io.tar_spans import TarIndex, ensure_uncompressed, finish_archive, read_member, tar_index
 
 # staging only, never in the outputs: where each kept sample's members are (offsets and lengths in
 # the fragment's source: the input tar's URL, or "" for the band's staged fragment tar)
@@ -125,7 +125,8 @@ def write_fragments(
     fs, path = split_url(tar_url)
     stage_bytes = not is_local(fs) if stage_bytes is None else stage_bytes
     with fs.open(path, "rb") as f:
-        index = load_index(out, shard, tar_stamp(fs, path))  # recorded by the embed stage's read
+        ensure_uncompressed(f)  # whatever the index says: raw spans of a compressed file mean nothing
+        index = load_index(out, shard, tar_url)  # recorded by the embed stage's read of this very tar
         if index is None:
             index = tar_index(f)
         rows = [i for i, (key, ok) in enumerate(zip(index.keys, index.ok)) if ok and key in position]
@@ -146,7 +147,8 @@ def write_fragments(
                          for band in bands.tolist()}
                 scatter_spans(f, list(zip(offsets.tolist(), lengths.tolist(), member_band.tolist())), files)
             # a band's samples lie one after another in its fragment tar: one span each
-            lengths = np.add.reduceat(lengths, list_offsets[:-1])  # every sample has a member
+            ends = np.concatenate([[0], np.cumsum(lengths)])
+            lengths = ends[list_offsets[1:]] - ends[list_offsets[:-1]]  # each sample's bytes
             starts = np.cumsum(lengths) - lengths  # as if all bands were one file
             offsets = starts - np.repeat(starts[np.cumsum(sizes) - sizes], sizes)  # from its band's start
             list_offsets, source = np.arange(len(rows) + 1), ""
@@ -164,7 +166,8 @@ def write_fragments(
     with out.open_atomic(staging, fragment_file(shard)) as fobj, pa.ipc.new_file(fobj, meta.schema) as writer:
         start = 0
         for n in counts.values():
-            writer.write_batch(meta.slice(start, n).to_batches()[0])
+            (batch,) = meta.slice(start, n).to_batches()  # one batch a band: read_fragment takes it by index
+            writer.write_batch(batch)
             start += n
     return FragmentResult(shard, counts)
 
