@@ -27,8 +27,10 @@ import s3fs
 from pipelines.cli.config import validate_config
 from pipelines.report import REPORT_FILE
 from prune import schema
-from prune.io.shards import iter_tar_samples
+from prune.io.shards import iter_tar_samples, read_shard
 from prune.io.storage import OutputDir, StoreError, list_input_shards
+from prune.io.tar_index_cache import load_index
+from prune.io.tar_spans import tar_index
 
 from .conftest import REPO, small_config, start_session_ray
 from .s3_server import S3Server
@@ -258,6 +260,18 @@ def test_pipeline_on_s3(s3, s3_run, shards_dir):
         rows += len(scores)
     assert rows == c["input_samples"]
     assert sum(1 for s in manifest["outputs"] if s.startswith(f"{schema.PRUNED_DIR}/") and s.endswith(".tar")) == c["output_shards"]
+
+    # the embed stage's reads left each readable tar's index, stamped with the object's ETag: the
+    # write stage read it instead of walking the tar's headers over S3
+    indexed = 0
+    for p in sorted(shards_dir["dir"].glob("*.tar")):
+        index = load_index(out, schema.shard_id_of(str(p)), f"s3://{BUCKET}/in/{p.name}")
+        assert (index is None) == bool(read_shard(str(p), list(schema.IMAGE_EXTENSIONS_DEFAULT)).shard_error), p.name
+        if index is not None:
+            with open(p, "rb") as f:
+                assert index.samples() == tar_index(f).samples()
+            indexed += 1
+    assert indexed > 0
 
     # nothing temporary left: no staging prefix, no hidden temporaries, no open uploads
     every = keys(s3, "out/")
