@@ -12,7 +12,7 @@ import pytest
 
 from prune import schema
 from prune.demo.shards import write_bad_shards, write_demo_shards
-from prune.io import writer
+from prune.io import tar_index_cache
 from prune.io.shards import read_shard
 from prune.io.storage import OutputDir, split_url
 from prune.io.tar_index_cache import index_of_read, load_index, record_index, save_index, tar_stamp
@@ -117,10 +117,15 @@ def test_the_writer_gives_the_same_bytes_with_a_recorded_index_and_ignores_a_sta
         raise AssertionError("the writer walked a tar whose index it had")
 
     with pytest.MonkeyPatch.context() as mp:  # the index is what the writer used: it never walks
-        mp.setattr(writer, "tar_index", no_walk)
+        mp.setattr(tar_index_cache, "tar_index", no_walk)
         assert _write_all(indexed_out, tars, kept) == walked and any(name.endswith(".tar") for name in walked)
     # a stale index (another tar's samples under this shard's name) is not used: the bytes stay right
     stale_out = OutputDir(str(tmp_path / "stale"))
     first, second = sorted(tars)[:2]
     save_index(stale_out, first, index_of_read(read_shard(tars[second], ("jpg",)).samples), "a stamp of long ago")
     assert _write_all(stale_out, tars, kept) == walked
+    # a write that had to walk recorded what it found: the next reader of these tars does not walk
+    walked_out = OutputDir(str(tmp_path / "walked"))
+    for shard, path in tars.items():
+        with open(path, "rb") as f:
+            assert load_index(walked_out, shard, path).samples() == tar_index(f).samples()

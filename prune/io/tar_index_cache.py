@@ -20,7 +20,7 @@ import pyarrow as pa
 from prune import schema
 from prune.io.shards import TarSample
 from prune.io.storage import OutputDir, split_url
-from prune.io.tar_spans import CompressedTar, MemberSpan, SampleSpans, TarIndex, ensure_uncompressed
+from prune.io.tar_spans import CompressedTar, MemberSpan, SampleSpans, TarIndex, ensure_uncompressed, tar_index
 
 _STAMP = b"ssl_prune_tar_stamp"
 _FORMAT = "tar-index-v1"  # a change to what the index holds or means changes this: older ones are ignored
@@ -64,6 +64,20 @@ def record_index(out: OutputDir, shard: str, url: str, stamp_before: Optional[st
         return False
     save_index(out, shard, index_of_read(samples), stamp_before)
     return True
+
+
+def walked_index(out: OutputDir, shard: str, url: str, f) -> TarIndex:
+    """The tar's index by a walk over its headers (`f`: the tar, open), recorded for the next reader
+    (the report's thumbnails, another selection's write) if the tar did not change meanwhile."""
+    fs, path = split_url(url)
+    before = tar_stamp(fs, path)
+    index = tar_index(f)
+    try:
+        if before is not None and tar_stamp(fs, path) == before:
+            save_index(out, shard, index, before)
+    except Exception:  # noqa: BLE001 - a shortcut for later readers, never worth failing this one
+        pass
+    return index
 
 
 def save_index(out: OutputDir, shard: str, index: TarIndex, stamp: str) -> None:
