@@ -37,7 +37,7 @@ def read_rows(item: dict, image_extensions: list[str], out: Optional[OutputDir] 
     """One tar ({shard, url} row) -> one row per sample (image bytes, or empty with the failure status).
     With `out`, where the tar's samples lie is recorded there too (the write stage's index)."""
     shard = item["shard"]
-    stamp = _stamp_or_none(item["url"], shard) if out is not None else None
+    stamp = _stamp_or_none(item["url"]) if out is not None else None
     result = read_shard(item["url"], image_extensions)
     if stamp is not None and not result.shard_error:
         _record(out, shard, item["url"], stamp, result.samples)
@@ -53,7 +53,7 @@ def read_rows(item: dict, image_extensions: list[str], out: Optional[OutputDir] 
     return rows
 
 
-def _stamp_or_none(url: str, shard: str) -> Optional[str]:
+def _stamp_or_none(url: str) -> Optional[str]:
     try:
         return tar_stamp(*split_url(url))
     except Exception:  # noqa: BLE001 - the read itself reports what is wrong with the tar

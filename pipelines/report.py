@@ -19,8 +19,8 @@ from typing import Callable, Optional
 from prune import schema
 from prune.io.storage import OutputDir, split_url
 from prune.io.tables import read_scores
-from prune.io.tar_index_cache import load_index
-from prune.io.tar_spans import ensure_uncompressed, read_member, tar_index
+from prune.io.tar_index_cache import index_for
+from prune.io.tar_spans import read_member
 from prune.report.html import data_plots, import_plotting, render, timings_plot
 from prune.report.summary import (
     Counts,
@@ -63,10 +63,7 @@ def _thumbs(wanted: dict, extensions: tuple, out: OutputDir, shard: str) -> dict
     found = {}
     fs, path = split_url(url)
     with fs.open(path, "rb") as f:  # the embed stage's index or the headers, then only the pictured images' bytes
-        index = load_index(out, shard, url)
-        if index is not None:
-            ensure_uncompressed(f)
-        for sample in (index if index is not None else tar_index(f)).samples():
+        for sample in index_for(out, shard, url, f).samples():
             if sample.key in keys and sample.key not in found:
                 member = sample.member(extensions)
                 found[sample.key] = thumbnail_uri(read_member(f, member)) if member else None

@@ -19,6 +19,7 @@ from pipelines.cli import run
 from pipelines.cli.config import validate_config
 from prune import schema
 from prune.dedup.semdedup import dedup_cluster, dedup_ordered, keep_order
+from prune.dedup.settings import DedupConfig
 from prune.demo.shards import write_demo_shards
 
 from .conftest import REPO, small_config
@@ -193,3 +194,22 @@ def test_dedup_on_three_nodes_equals_one_node(copies_dir, local_cluster, tmp_pat
     for name in ("dedup", "scores"):
         for a in sorted((one / name).glob("*.parquet")):
             assert pq.read_table(a).equals(pq.read_table(three / name / a.name)), (name, a.name)
+
+
+def test_small_runs_get_a_partition_group_and_a_bucket_per_cpu():
+    """Placement only (the result is the same either way, see the 3-node test): few samples or shards
+    still keep every CPU busy, and the per-task bounds hold when the data is large."""
+    from pipelines.stage import Context
+    from pipelines.stages.dedup import DedupStage
+
+    stage = DedupStage(dedup=DedupConfig(shards_per_task=16, bucket_rows=1_000_000))
+    ctx = Context(out=None, shards={f"{i:05d}": "" for i in range(20)})
+    assert [len(g) for g in stage.groups(ctx, cpus=1)] == [16, 4]
+    assert [len(g) for g in stage.groups(ctx, cpus=2)] == [10, 10]
+    assert [len(g) for g in stage.groups(ctx, cpus=64)] == [1] * 20
+    assert sorted(s for g in stage.groups(ctx, cpus=3) for s in g) == sorted(ctx.shards)
+    assert stage.bucket_count(20_000, k=10, cpus=1) == 1
+    assert stage.bucket_count(20_000, k=10, cpus=2) == 2
+    assert stage.bucket_count(20_000, k=3, cpus=8) == 3  # no more buckets than clusters
+    assert stage.bucket_count(5_000_000, k=100, cpus=2) == 5  # bucket_rows bounds each
+

@@ -16,12 +16,27 @@ from prune.io.tar_spans import (
     RECORD,
     CompressedTar,
     _NotPlain,
-    _plain_samples,
-    _reader_samples,
+    _plain_index,
     finish_archive,
-    sample_spans,
+    index_of_reader,
     tar_index,
 )
+
+
+def _plain_samples(f, size):
+    """The header walk's samples (no fallback to the reader)."""
+    return _plain_index(f, size).samples()
+
+
+def _reader_samples(f):
+    """The reader's samples, as the walk falls back to them."""
+    f.seek(0)
+    return index_of_reader(iter_tar_samples(f)).samples()
+
+
+def sample_spans(f):
+    """Every sample of the tar with its spans, as the writer finds them."""
+    return tar_index(f).samples()
 
 
 @pytest.fixture(scope="module")

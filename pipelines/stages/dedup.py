@@ -204,6 +204,10 @@ class DedupStage(Stage):
         g = max(1, min(self.dedup.shards_per_task, math.ceil(len(shards) / cpus)))
         return [tuple(shards[i : i + g]) for i in range(0, len(shards), g)]
 
+    def bucket_count(self, n_ok: int, k: int, cpus: int) -> int:
+        """`bucket_rows` bounds a bucket; with few samples, still a bucket per CPU (while clusters last)."""
+        return max(1, math.ceil(n_ok / self.dedup.bucket_rows), min(k, cpus))
+
     def complete(self, ctx: Context) -> Optional[DedupStats]:
         fp = ctx.fingerprint
         if pending(ctx.out, ctx.shards, functools.partial(stamped, schema.SCORES_DIR, schema.META_CURATED_BY, fp)):
@@ -220,8 +224,7 @@ class DedupStage(Stage):
         out.remove(staging)  # a half-done earlier attempt: its parts would be counted twice
         kmeans = out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
         cpus = cluster_cpus()
-        # `bucket_rows` bounds a bucket; with few samples, still a bucket per CPU (while clusters last)
-        n_buckets = max(1, math.ceil(int(kmeans["n_ok_total"]) / self.dedup.bucket_rows), min(int(kmeans["k"]), cpus))
+        n_buckets = self.bucket_count(int(kmeans["n_ok_total"]), int(kmeans["k"]), cpus)
         groups = self.groups(ctx, cpus)
         group_of = {s: gi for gi, grp in enumerate(groups) for s in grp}
         list(run_tasks(partition, [PartitionTask(out, gi, grp, staging, n_buckets) for gi, grp in enumerate(groups)],

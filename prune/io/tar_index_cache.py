@@ -20,7 +20,7 @@ import pyarrow as pa
 from prune import schema
 from prune.io.shards import TarSample
 from prune.io.storage import OutputDir, split_url
-from prune.io.tar_spans import CompressedTar, MemberSpan, SampleSpans, TarIndex, ensure_uncompressed, tar_index
+from prune.io.tar_spans import CompressedTar, TarIndex, ensure_uncompressed, index_of_reader, tar_index
 
 _STAMP = b"ssl_prune_tar_stamp"
 _FORMAT = "tar-index-v1"  # a change to what the index holds or means changes this: older ones are ignored
@@ -39,42 +39,48 @@ def tar_stamp(fs: fsspec.AbstractFileSystem, path: str) -> Optional[str]:
 
 
 def index_of_read(samples: list[TarSample]) -> TarIndex:
-    """The TarIndex of a tar from its reader's samples (`read_shard`): the same as the header walk's."""
-    return TarIndex.from_samples([
-        SampleSpans(s.key, [MemberSpan(i.name, i.offset, i.offset_data, i.size) for i, _ in s.members],
-                    s.status in _READER_OK)
-        for s in samples
-    ])
+    """The TarIndex of a tar from `read_shard`'s samples: the same as the header walk's (a sample
+    without image is ok to the reader; `read_shard` only marks it after)."""
+    return index_of_reader(samples, _READER_OK)
 
 
 def _file(shard: str) -> str:
     return schema.shard_file(shard).replace(".parquet", ".arrow")
 
 
+def _save_if_unchanged(out: OutputDir, shard: str, url: str, stamp_before: Optional[str], index: TarIndex) -> bool:
+    """Save `index` unless the tar's stamp is no longer `stamp_before` (None: no version to trust)."""
+    if stamp_before is None or tar_stamp(*split_url(url)) != stamp_before:
+        return False
+    save_index(out, shard, index, stamp_before)
+    return True
+
+
 def record_index(out: OutputDir, shard: str, url: str, stamp_before: Optional[str], samples: list[TarSample]) -> bool:
     """Save the index of a tar just read (`stamp_before`: its stamp before the read) unless the tar
     changed meanwhile, its store reports no version, or it is compressed. -> whether it was saved."""
     fs, path = split_url(url)
-    if stamp_before is None or tar_stamp(fs, path) != stamp_before:
-        return False
     try:
         with fs.open(path, "rb") as f:
             ensure_uncompressed(f)
     except CompressedTar:
         return False
-    save_index(out, shard, index_of_read(samples), stamp_before)
-    return True
+    return _save_if_unchanged(out, shard, url, stamp_before, index_of_read(samples))
 
 
-def walked_index(out: OutputDir, shard: str, url: str, f) -> TarIndex:
-    """The tar's index by a walk over its headers (`f`: the tar, open), recorded for the next reader
-    (the report's thumbnails, another selection's write) if the tar did not change meanwhile."""
+def index_for(out: OutputDir, shard: str, url: str, f) -> TarIndex:
+    """Where the samples of the tar at `url` (`f`: it, open) lie: its recorded index when that is
+    this tar's as it is now, else a walk over its headers, recorded for the next reader. Raises
+    CompressedTar for a compressed tar, whatever an index says."""
+    ensure_uncompressed(f)
+    index = load_index(out, shard, url)
+    if index is not None:
+        return index
     fs, path = split_url(url)
     before = tar_stamp(fs, path)
     index = tar_index(f)
     try:
-        if before is not None and tar_stamp(fs, path) == before:
-            save_index(out, shard, index, before)
+        _save_if_unchanged(out, shard, url, before, index)
     except Exception:  # noqa: BLE001 - a shortcut for later readers, never worth failing this one
         pass
     return index

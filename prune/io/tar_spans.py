@@ -11,12 +11,12 @@ the samples and their statuses are always the reader's own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
 from prune import schema
-from prune.io.shards import is_unsafe_name, iter_tar_samples, split_member_name
+from prune.io.shards import TarSample, is_unsafe_name, iter_tar_samples, split_member_name
 from prune.io.span_copy import positional_reader
 
 BLOCK = 512
@@ -209,10 +209,6 @@ def _plain_index(f, file_size: int) -> TarIndex:
                     at, at + BLOCK, np.asarray(sizes, np.int64)[files])
 
 
-def _plain_samples(f, file_size: int) -> list[SampleSpans]:
-    return _plain_index(f, file_size).samples()
-
-
 def _verify_checksums(blocks: np.ndarray, headers: list[bytes]) -> None:
     """Every header's unsigned checksum (its bytes summed, the checksum field read as spaces) is
     the one it stores; a damaged header anywhere sends the whole tar to the reader. The stored
@@ -228,13 +224,14 @@ def _verify_checksums(blocks: np.ndarray, headers: list[bytes]) -> None:
         raise _NotPlain("bad checksum")
 
 
-def _reader_samples(f) -> list[SampleSpans]:
-    f.seek(0)
-    return [
+def index_of_reader(samples: Iterable[TarSample], ok_statuses: tuple = (schema.STATUS_OK,)) -> TarIndex:
+    """The TarIndex of the reader's samples (`iter_tar_samples`, `read_shard`), from their TarInfo
+    offsets; a sample is ok when its status is one of `ok_statuses`."""
+    return TarIndex.from_samples([
         SampleSpans(s.key, [MemberSpan(i.name, i.offset, i.offset_data, i.size) for i, _ in s.members],
-                    s.status == schema.STATUS_OK)
-        for s in iter_tar_samples(f)
-    ]
+                    s.status in ok_statuses)
+        for s in samples
+    ])
 
 
 def ensure_uncompressed(f) -> None:
@@ -253,12 +250,8 @@ def tar_index(f) -> TarIndex:
     try:
         return _plain_index(f, file_size)
     except _NotPlain:
-        return TarIndex.from_samples(_reader_samples(f))
-
-
-def sample_spans(f) -> list[SampleSpans]:
-    """`tar_index`, as a SampleSpans per sample."""
-    return tar_index(f).samples()
+        f.seek(0)
+        return index_of_reader(iter_tar_samples(f))
 
 
 def read_member(f, member: MemberSpan) -> bytes:

@@ -26,8 +26,8 @@ from prune import schema
 from prune.io.shards import read_sibling_metadata
 from prune.io.span_copy import copy_spans, scatter_spans
 from prune.io.storage import OutputDir, is_local, split_url
-from prune.io.tar_index_cache import load_index, walked_index
-from prune.io.tar_spans import TarIndex, ensure_uncompressed, finish_archive, read_member
+from prune.io.tar_index_cache import index_for
+from prune.io.tar_spans import TarIndex, finish_archive, read_member
 
 # staging only, never in the outputs: where each kept sample's members are (offsets and lengths in
 # the fragment's source: the input tar's URL, or "" for the band's staged fragment tar)
@@ -125,10 +125,7 @@ def write_fragments(
     fs, path = split_url(tar_url)
     stage_bytes = not is_local(fs) if stage_bytes is None else stage_bytes
     with fs.open(path, "rb") as f:
-        ensure_uncompressed(f)  # whatever the index says: raw spans of a compressed file mean nothing
-        index = load_index(out, shard, tar_url)  # recorded by the embed stage's read of this very tar
-        if index is None:  # imported embeddings, a changed tar: walk it, and record that for later readers
-            index = walked_index(out, shard, tar_url, f)
+        index = index_for(out, shard, tar_url, f)  # the embed stage's record of this very tar, or a walk
         rows = [i for i, (key, ok) in enumerate(zip(index.keys, index.ok)) if ok and key in position]
         if expected is not None and len(rows) != expected:
             raise RuntimeError(f"shard {shard}: {expected} samples to keep, {len(rows)} found in the tar")
