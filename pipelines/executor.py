@@ -1,10 +1,13 @@
 """The one executor: fingerprints, skip-if-complete, timing, logging and stats for a list of stages.
 
 Every job (`run`, `evaluate`, `train-encoder`) is a list of stages handed to `execute`. For each
-stage in order, the executor computes its fingerprint from its own settings and its upstream's
-(`stage_fingerprint`), asks the stage whether its outputs are complete with that fingerprint, runs
-it if not, and records its stats and wall time. Each stage keeps its own resume scheme (parquet
-metadata, a JSON record, a marker file) behind `complete()`; the executor owns the rest.
+stage in order, the executor finds the stages whose outputs it reads (`dependencies`), computes its
+fingerprint from its own settings and theirs (`stage_fingerprint`), asks the stage whether its
+outputs are complete with that fingerprint, runs it if not, and records its stats and wall time.
+A change of settings thus re-runs the stage and what reads it, nothing else. For a `ShardStage`,
+its per-shard part (pipelines/shard_stage.py) owns the work too: which shards are done, the tasks,
+their batching, retries and progress bar. Other stages keep their own resume scheme (parquet
+metadata, a JSON record, a marker file) behind `complete()`.
 """
 
 from __future__ import annotations
@@ -29,12 +32,43 @@ log = logging.getLogger("ssl_prune")
 _PACKAGES = ("ray", "torch", "open_clip_torch", "faiss-cpu", "pyarrow", "webdataset", "numpy", "pillow")
 
 
-def stage_fingerprint(stage: Stage, upstream: str, ctx: Context) -> str:
-    """Hash of the stage's tag, its upstream's fingerprint (none for the first) and its settings."""
+def stage_fingerprint(stage: Stage, upstream, ctx: Context) -> str:
+    """Hash of the stage's tag, the fingerprints of the stages it reads (`upstream`: one, or a list
+    in the job's order; none for a first stage) and its settings. A stage whose identity is None and
+    that reads one stage passes that one's fingerprint through."""
+    ups = [upstream] if isinstance(upstream, str) else list(upstream)
+    ups = [u for u in ups if u]
     parts = stage.identity(ctx)
     if parts is None:
-        return upstream
-    return fingerprint(stage.fingerprint_tag or stage.name, *([upstream] if upstream else []), *parts)
+        return ups[0] if len(ups) == 1 else fingerprint(stage.fingerprint_tag or stage.name, *ups)
+    return fingerprint(stage.fingerprint_tag or stage.name, *ups, *parts)
+
+
+def _split(stage: Stage) -> str:
+    return getattr(stage, "split", "")
+
+
+def dependencies(stages: list[Stage]) -> list[list[int]]:
+    """Per stage, the positions of the stages whose outputs it reads, in the job's order: for each
+    name it `reads`, the last stage before it on its split that is or provides it; for a curation
+    stage or select, every curation stage before it. A stage already read through another one
+    (prototypes, through assign) is left out: its fingerprint is in that one's, and leaving it out
+    keeps a chain of stages hashing as it did when each read only the one before."""
+    direct: list[list[int]] = []
+    behind: list[set] = []  # per stage: every stage its outputs depend on, however far back
+    for i, stage in enumerate(stages):
+        earlier = [j for j in range(i) if _split(stages[j]) == _split(stage)]
+        deps = set()
+        for name in stage.reads:
+            found = [j for j in earlier if stages[j].name == name or name in stages[j].provides]
+            if not found:
+                raise ValueError(f"stage {stage.label!r} needs {name!r} before it in the list")
+            deps.add(found[-1])
+        if stage.removes or stage.reads_removals:
+            deps |= {j for j in earlier if stages[j].removes}
+        behind.append(set().union(*({j} | behind[j] for j in deps)) if deps else set())
+        direct.append(sorted(j for j in deps if not any(j in behind[d] for d in deps if d != j)))
+    return direct
 
 
 @dataclass
@@ -70,12 +104,16 @@ def execute(stages: list[Stage], ctx: Context, checked: bool = False,
     if not checked:
         preflight(stages)
     done = Executed()
-    upstream: dict[str, str] = {}  # split -> fingerprint of the last stage on it
-    for stage in stages:
-        split = getattr(stage, "split", "")
+    reads = dependencies(stages)
+    fps: list[str] = []
+    for i, stage in enumerate(stages):
+        split = _split(stage)
+        removals = tuple(s.name for s in stages[:i] if s.removes and _split(s) == split)
         sctx = dataclasses.replace(ctx.split(split), earlier_fingerprints=dict(done.fingerprints),
-                                   earlier_stats=dict(done.stats))
-        sctx.fingerprint = stage_fingerprint(stage, upstream.get(split, ""), sctx)
+                                   earlier_stats=dict(done.stats),
+                                   removals=removals if stage.removes or stage.reads_removals else ())
+        sctx.fingerprint = stage_fingerprint(stage, [fps[j] for j in reads[i]], sctx)
+        fps.append(sctx.fingerprint)
         t0 = time.time()
         stats = stage.complete(sctx)
         reused = stats is not None
@@ -88,7 +126,6 @@ def execute(stages: list[Stage], ctx: Context, checked: bool = False,
         done.stats[label], done.fingerprints[label], done.reused[label] = stats, sctx.fingerprint, reused
         done.timings_s[label] = round(time.time() - t0, 3)
         log.info("stage %s: %s in %.1f s", label, tally(stats, reused, len(sctx.shards)), done.timings_s[label])
-        upstream[split] = sctx.fingerprint
         if on_stage_done is not None:
             on_stage_done(label, done.stats)
     return done

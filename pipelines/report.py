@@ -48,12 +48,15 @@ def _picks(clusters: list, out: OutputDir, shard: str) -> list:
     return shard_picks(shard, read_scores(out, shard, columns=_COLUMNS), clusters)
 
 
+_DEDUP = schema.removals_dir("dedup")  # the dedup stage's removals: who duplicates whom
+
+
 def _dups(out: OutputDir, shard: str) -> list:
-    if not out.exists(schema.DEDUP_DIR, schema.shard_file(shard)):
+    if not out.exists(_DEDUP, schema.shard_file(shard)):
         return []
     import pyarrow.parquet as pq
 
-    with out.open(schema.DEDUP_DIR, schema.shard_file(shard)) as f:
+    with out.open(_DEDUP, schema.shard_file(shard)) as f:
         return duplicate_groups(shard, pq.read_table(f))
 
 
@@ -97,7 +100,7 @@ def prepare_report(out: OutputDir, cfg: dict, k: int, check: Callable[[], None] 
     clusters = chosen_clusters(counts.cluster_total)
     picks = best_picks([p for ps in per_shard(out, shards, functools.partial(_picks, clusters)).values() for p in ps])
     groups = []
-    if out.exists(schema.DEDUP_DIR):  # a run with the dedup stage: its removed groups
+    if out.exists(_DEDUP):  # a run with the dedup stage: its removed groups
         for found in per_shard(out, shards, _dups).values():
             groups += found
     groups = sorted(groups, key=lambda g: -g.n_removed)[:6]
@@ -141,10 +144,6 @@ def build_report(output: str, parts: Optional[ReportParts] = None) -> str:
     return out.path(REPORT_FILE)
 
 
-# stages that read the selection and write outputs of their own, never scores/ or dedup/
-REPORT_SAFE_AFTER_SELECT = ("write", "export")
-
-
 class Cancelled(Exception):
     """The run ended (failed) before its report was prepared."""
 
@@ -152,16 +151,14 @@ class Cancelled(Exception):
 class ReportInAdvance:
     """Prepares a run's report parts in a thread once its selection is done, while the stages
     after it (write) run: on a small run the report's second would otherwise come after them.
-    Only when every stage after `select` leaves what the report reads alone (a dedup listed after
-    select rewrites the scores): otherwise the report is built after the run, as `ssl-prune report`
-    does. A daemon thread, stopped between its passes when the run fails (`cancel`)."""
+    What it reads (scores/, removals/dedup/) is final then: every stage owns its outputs, and no
+    curation stage may follow select (`check_order`). A daemon thread, stopped between its passes
+    when the run fails (`cancel`)."""
 
     def __init__(self, out: OutputDir, cfg: dict, stages: list):
         self.out, self.cfg = out, cfg
-        names = [s.name for s in stages]
-        after = names.index("select") if "select" in names else None
-        safe = after is not None and all(n in REPORT_SAFE_AFTER_SELECT for n in names[after + 1 :])
-        self.after = stages[after].label if safe else None
+        select = [s for s in stages if s.name == "select"]
+        self.after = select[0].label if select else None
         self._thread: Optional[threading.Thread] = None
         self._warmed = False
         self._stop = threading.Event()

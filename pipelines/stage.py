@@ -3,12 +3,20 @@
 A stage is a dataclass whose fields are its settings (config sections named as the fields, e.g.
 `embed: EmbedConfig`), registered by name with `@STAGES.register`. It declares
 
-- `identity(ctx)`: the settings its outputs depend on. The executor hashes them with the upstream
-  stage's fingerprint (pipelines/executor.py), so no stage needs another to learn its fingerprint;
+- `reads`: the stages whose outputs it reads (`removes` and `reads_removals`: the curation stages'
+  removals). The order of a job's list is checked by them (`check_order`), and the executor hashes
+  the fingerprints of exactly those stages into this one's, so a change reaches only what reads it;
+- `identity(ctx)`: the settings its outputs depend on: by default each section's settings that count
+  (`Section.fingerprinted`: which count is declared beside each setting, prune/settings.py);
 - `resources(ctx)`: what one of its Ray tasks or actors asks for;
 - `setup()`: checks on the driver before any work, input listing included (weights on this machine);
 - `complete(ctx)`: the stats of its outputs when they all exist with `ctx.fingerprint`, else None;
 - `run(ctx)`: does the work (skipping per-shard outputs already complete) and returns typed stats.
+
+Each stage owns its outputs: no stage rewrites a file another wrote. A stage whose work is one
+function per shard is a `ShardStage` (pipelines/shard_stage.py): it declares its output directory
+and per-shard function, and the executor's per-shard part does the skipping, the task batching,
+the retries and the progress bar.
 
 Stages pass data only through the output directory's data contract (prune/schema.py): what one
 writes, the next reads. That is what lets any stage be re-run alone. The context also carries the
@@ -56,6 +64,9 @@ class Context:
     fingerprint: str = ""  # this stage's, set by the executor before complete() and run()
     splits: dict[str, "Context"] = field(default_factory=dict)  # named sub-runs (evaluate: train, test)
     ray: str = ""  # how the job joined Ray (runtime.connect), for the records
+    # set by the executor for a curation stage and for select: the curation stages before it, in
+    # order, whose removals (removals/<name>/) it reads
+    removals: tuple[str, ...] = ()
     # set by the executor: the fingerprints and stats of the stages before this one, by label; for
     # a stage that depends on several (evaluate on both splits' embeddings) and for reports
     earlier_fingerprints: dict[str, str] = field(default_factory=dict)
@@ -73,11 +84,16 @@ class Stage(ABC):
     fingerprint_tag: ClassVar[Optional[str]] = None  # the tag hashed into the fingerprint (default: name)
     # stages whose outputs this one reads: a job's list must name them before it (their
     # fingerprints then flow into this one's, so stale inputs are never taken for current ones)
-    requires: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[str, ...]] = ()
     # stages whose outputs this one also makes (an import of precomputed embeddings makes what
-    # embed makes): a later stage's `requires` is met by either
+    # embed makes): a later stage's `reads` is met by either
     provides: ClassVar[tuple[str, ...]] = ()
     reads_tars: ClassVar[bool] = False  # reads the job's input tar shards (a run without `input` cannot have it)
+    # a curation stage: writes only its own removals (removals/<name>/, each with its reason) and
+    # looks only at the samples the curation stages before it left
+    removes: ClassVar[bool] = False
+    # reads every curation stage's removals (select): each must come before it in the list
+    reads_removals: ClassVar[bool] = False
 
     def input_shards(self) -> Optional[dict[str, str]]:
         """The units of work when this stage brings its own input (the first stage only), as shard
@@ -86,8 +102,12 @@ class Stage(ABC):
 
     def identity(self, ctx: Context) -> Optional[tuple]:
         """The settings (and inputs) the outputs depend on; None: the outputs are fully determined
-        by the upstream's (the fingerprint passes through)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        by what the stage reads (with one such stage, its fingerprint passes through). By default
+        every field: of a section, its settings that count; a field whose metadata says
+        `fingerprint=False` is read for the records only (its settings count where they act)."""
+        return tuple(value.fingerprinted() if isinstance(value, Section) else value
+                     for f in dataclasses.fields(self) if f.init and f.metadata.get("fingerprint", True)
+                     for value in [getattr(self, f.name)])
 
     def resources(self, ctx: Context) -> Resources:
         return Resources()
@@ -136,9 +156,22 @@ STAGES: Registry[type[Stage]] = Registry("stage")
 
 
 def check_order(names: list[str]) -> None:
-    """A job's stage list: every stage's `requires` come earlier; ValueError says which do not."""
+    """A job's stage list, checked by what each stage reads: every stage it reads comes earlier, and
+    every curation stage comes before the stages that read all removals (select), so no order can
+    write a sample a curation stage removed. ValueError says what is wrong and the list that works."""
     for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"stage {name!r} is listed twice")
         before = {n for earlier in names[:i] for n in (earlier, *STAGES.get(earlier).provides)}
-        missing = [r for r in STAGES.get(name).requires if r not in before]
+        missing = [r for r in STAGES.get(name).reads if r not in before]
         if missing:
             raise ValueError(f"stage {name!r} needs {', '.join(repr(m) for m in missing)} before it in the list")
+    for i, name in enumerate(names):
+        if not STAGES.get(name).reads_removals:
+            continue
+        late = [n for n in names[i + 1:] if STAGES.get(n).removes]
+        if late:
+            fixed = [n for n in names[:i] if n not in late] + late + [n for n in names[i:] if n not in late]
+            raise ValueError(f"curation stage {late[0]!r} comes after {name!r}, which selects from the removals of the "
+                             f"curation stages before it: its removals would reach neither the selection nor the pruned "
+                             f"shards; list it before {name!r}: stages=[{', '.join(fixed)}]")

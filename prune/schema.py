@@ -38,10 +38,26 @@ FAILURE_STATUSES = (
     STATUS_NO_IMPORTED,
 )
 
-# Samples a curation stage removed (not failures: they were read and embedded fine). Selection
-# skips them; the manifest counts them apart: input = kept + pruned + removed + failed.
+# Samples a curation stage removed (not failures: they were read and embedded fine), each with
+# its stage's reason. Selection skips them; the manifest counts them apart: input = kept + pruned +
+# removed + failed. A status that is neither ok nor a failure is a removal (`is_removal`), so a new
+# curation stage brings its own reasons without a list here to extend.
 STATUS_NEAR_DUPLICATE = "near_duplicate"  # SemDeDup: too close to a member kept in its cluster
-REMOVAL_STATUSES = (STATUS_NEAR_DUPLICATE,)
+STATUS_SMALL_IMAGE = "small_image"  # filter: the image's shorter side is below filter.min_image_side
+STATUS_ASPECT_RATIO = "extreme_aspect_ratio"  # filter: longer / shorter side above filter.max_aspect_ratio
+STATUS_SHORT_CAPTION = "short_caption"  # filter: fewer words than filter.min_caption_words
+STATUS_BLOCKED_CAPTION = "blocked_caption"  # filter: the caption matches filter.caption_blocklist
+REMOVAL_STATUSES = (STATUS_NEAR_DUPLICATE, STATUS_SMALL_IMAGE, STATUS_ASPECT_RATIO, STATUS_SHORT_CAPTION,
+                    STATUS_BLOCKED_CAPTION)
+
+
+def is_removal(status):
+    """Which statuses are a curation stage's removal: neither ok nor a failure (numpy, vectorized)."""
+    import numpy as np
+
+    status = np.asarray(status, dtype=object)
+    return (status != STATUS_OK) & ~np.isin(status, FAILURE_STATUSES)
+
 
 # Shard-level failures (the shard yields no samples at all); recorded in the manifest.
 SHARD_NOT_A_TAR = "not_a_tar"
@@ -75,20 +91,21 @@ META_EMBED_FINGERPRINT = b"ssl_prune_fingerprint"  # embeddings: settings that m
 META_MODEL_ID = b"model_id"  # embeddings
 META_SOURCE_URL = b"source_url"  # embeddings: the input tar they came from
 META_SHARD_ERROR = b"shard_error"  # embeddings and scores: why the shard yielded no sample
-META_ASSIGN_FINGERPRINT = b"assign_fingerprint"  # scores: prototypes they were assigned to
+META_ASSIGN_FINGERPRINT = b"assign_fingerprint"  # assign/ (and the scores made from it): their prototypes
 META_SELECT_FINGERPRINT = b"select_fingerprint"  # scores: selection their keep/band come from
-# scores: the fingerprint of the curation stage whose removal statuses they carry; a selection
-# whose upstream does not include that stage any more treats those samples as ok again
-META_CURATED_BY = b"curated_by"
 META_EXPORT_FINGERPRINT = b"export_fingerprint"  # export/: the selection and settings it lists
-META_DEDUP_FINGERPRINT = b"dedup_fingerprint"  # dedup/: the settings that removed these samples
+META_REMOVALS_FINGERPRINT = b"removals_fingerprint"  # removals/<stage>/: the curation that removed these samples
+META_STAGE_FINGERPRINT = b"stage_fingerprint"  # any other shard stage's per-shard file (pipelines/shard_stage.py)
 
 # --- output layout --------------------------------------------------------------------
 EMBEDDINGS_DIR = "embeddings"
 PROTOTYPES_DIR = "prototypes"
-SCORES_DIR = "scores"
+ASSIGN_DIR = "assign"  # per input shard: each sample's nearest prototype and distance (the assign stage's)
+# per curation stage and input shard, removals/<stage>/NNNNN.parquet: the samples it removed, each
+# with its reason (the status) and the stage's own columns; written by that stage alone
+REMOVALS_DIR = "removals"
+SCORES_DIR = "scores"  # per input shard: the selection's, made from assign/ and every removal before it
 PRUNED_DIR = "pruned"
-DEDUP_DIR = "dedup"  # per input shard: the samples SemDeDup removed and whom each duplicates
 IMPORTED_DIR = "imported"  # import stage: per part, the carried metadata columns (url, caption, uid)
 EXPORT_DIR = "export"  # the kept set's ids: DataComp's subset file, and ...
 EXPORT_IDS_DIR = "export/ids"  # ... per input shard, a Parquet of the kept samples' ids
@@ -149,13 +166,26 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 
-# dedup/NNNNN.parquet: one row per removed sample (KEY, CLUSTER as above)
+# assign/NNNNN.parquet: the assignment, one row per input sample, in the embeddings' order
+ASSIGN_SCHEMA = pa.schema(SCORES_SCHEMA.field(name) for name in (KEY, SHARD, STATUS, CLUSTER, DISTANCE))
+SELECTION_COLUMNS = (PRIORITY, PERCENTILE, KEEP, BAND)  # what select adds to the assignment in scores/
+
+# removals/<stage>/NNNNN.parquet: one row per removed sample, these columns first, then the stage's own
+REMOVAL_SCHEMA = pa.schema([(KEY, pa.string()), (STATUS, pa.string())])
+
+
+def removals_dir(stage: str) -> str:
+    """A curation stage's own directory of removals."""
+    return f"{REMOVALS_DIR}/{stage}"
+
+
+# removals/dedup/NNNNN.parquet: one row per removed sample (KEY, STATUS, CLUSTER as above)
 DUPLICATE_OF = "duplicate_of"  # the key of the member it is a near-copy of ...
 DUPLICATE_OF_SHARD = "duplicate_of_shard"  # ... and that member's input shard
 SIMILARITY = "similarity"  # their cosine similarity
 DEDUP_SCHEMA = pa.schema(
     [
-        (KEY, pa.string()),
+        *REMOVAL_SCHEMA,
         (CLUSTER, pa.int32()),
         (DUPLICATE_OF_SHARD, pa.string()),
         (DUPLICATE_OF, pa.string()),

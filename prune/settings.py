@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Generic, Optional, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -19,10 +20,41 @@ class ConfigError(ValueError):
     """A config problem, with a message that names the key at fault."""
 
 
+@dataclass(frozen=True)
+class Fingerprinted:
+    """How one setting enters the fingerprint of the outputs it shapes, declared beside the field
+    (`Annotated[type, PLACEMENT]`, `Annotated[type, counted_when(...)]`); a field without it counts.
+
+    `counts=False`: it only places work (tasks, threads, batch sizes) and the outputs are the same
+    whatever it is, so changing it re-runs nothing. `when`: it counts only while this holds of its
+    section; elsewhere it is a no-op, left out so that outputs made before it existed keep theirs.
+    """
+
+    counts: bool = True
+    when: Optional[Callable[[Any], bool]] = None
+
+
+PLACEMENT = Fingerprinted(counts=False)
+
+
+def counted_when(condition: Callable[[Any], bool]) -> Fingerprinted:
+    return Fingerprinted(when=condition)
+
+
 class Section(BaseModel):
     """A config section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def fingerprinted(self) -> dict:
+        """The settings the outputs depend on, in field order: what a stage's fingerprint hashes
+        of this section (each field's `Fingerprinted` marker says whether it counts)."""
+        values = self.model_dump()
+        for name, info in type(self).model_fields.items():
+            for mark in info.metadata:
+                if isinstance(mark, Fingerprinted) and not (mark.counts and (mark.when is None or mark.when(self))):
+                    values.pop(name, None)
+        return values
 
 
 def fingerprint(*parts) -> str:

@@ -204,19 +204,37 @@ def test_fingerprint_stable_across_processes(cfg_file):
         assert out.stdout.strip() == expected
 
 
-@pytest.mark.parametrize(
-    "override",
-    [
-        "select.keep_fraction=0.51",
-        "select.policy=hard",
-        "select.balanced=true",
-        "select.seed=1",
-    ],
-)
-def test_fingerprint_sensitive_to_every_select_field(cfg_file, override):
-    base = load_config(cfg_file)
-    changed = load_config(cfg_file, [override])
-    assert fingerprint(changed.select) != fingerprint(base.select)
+# every select setting: (the overrides under which it is read, another value)
+_BUDGETED, _DBP, _STRATIFIED = ["select.balanced=true", "select.budget=capped_equal"], \
+    ["select.balanced=true", "select.budget=dbp"], ["select.policy=stratified"]
+SELECT_CHANGES = {
+    "keep_fraction": ([], 0.51), "policy": ([], "hard"), "balanced": ([], True), "seed": ([], 1),
+    "budget": (["select.balanced=true"], "capped_equal"),
+    "dbp_temperature": (_DBP, 0.2), "dbp_neighbours": (_DBP, 5), "dbp_min_per_cluster": (_DBP, 1),
+    "strata": (_STRATIFIED, 10), "drop_hardest": (_STRATIFIED, 0.1),
+}
+
+
+def _select_fp(cfg_file, overrides) -> str:
+    """The select stage's fingerprint, as the executor computes it, over a fixed upstream."""
+    from pipelines.executor import stage_fingerprint
+    from pipelines.stage import STAGES, Context
+    from prune.io.storage import OutputDir
+
+    stage = STAGES.get("select").from_config(load_config(cfg_file, overrides))
+    return stage_fingerprint(stage, ["assign-fp"], Context(OutputDir("/tmp/unused"), {}))
+
+
+@pytest.mark.parametrize("name", sorted(SELECT_CHANGES))
+def test_the_select_stage_fingerprint_follows_every_select_setting_where_it_is_read(cfg_file, name):
+    from prune.select.settings import SelectConfig
+
+    assert set(SELECT_CHANGES) == set(SelectConfig.model_fields)  # a new setting must be listed here
+    where, value = SELECT_CHANGES[name]
+    change = f"select.{name}={json.dumps(value)}"
+    assert _select_fp(cfg_file, [*where, change]) != _select_fp(cfg_file, where)
+    if where:  # elsewhere it is a no-op: it moves no fingerprint (selections made before it keep theirs)
+        assert _select_fp(cfg_file, [change]) == _select_fp(cfg_file, [])
 
 
 def test_fingerprint_sensitive_to_parts_and_order(cfg_file):
@@ -228,7 +246,7 @@ def test_fingerprint_sensitive_to_parts_and_order(cfg_file):
     assert fingerprint(cfg.select, 0.1) != fingerprint(cfg.select, 0.2)
     # an unrelated section does not move a fingerprint that does not include it
     assert fingerprint(cfg.select) == fingerprint(other.select)
-    assert len(fingerprint(cfg)) == 16 and int(fingerprint(cfg), 16) >= 0
+    assert len(fingerprint(cfg)) == 16 and set(fingerprint(cfg)) <= set("0123456789abcdef")
 
 
 def test_a_retired_key_says_why_it_went(cfg_file):

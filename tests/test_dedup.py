@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 
@@ -120,9 +121,15 @@ def _config(shards, out, stages=("embed", "prototypes", "assign", "dedup", "sele
     } | over)))
 
 
-def _removed(out) -> dict[str, str]:
-    rows = pa.concat_tables(pq.read_table(p) for p in sorted((out / "dedup").glob("*.parquet"))).to_pylist()
-    return {r[schema.KEY]: r[schema.DUPLICATE_OF] for r in rows}
+def _removed(out, stage="dedup", column=schema.DUPLICATE_OF) -> dict[str, str]:
+    """key -> `column` of every sample a curation stage removed (its own files, removals/<stage>/)."""
+    rows = pa.concat_tables(pq.read_table(p) for p in sorted((out / "removals" / stage).glob("*.parquet"))).to_pylist()
+    return {r[schema.KEY]: r[column] for r in rows}
+
+
+def _owned_files(out) -> dict:
+    """The bytes of every file the stages before dedup wrote (assign/, embeddings/, prototypes/)."""
+    return {p: p.read_bytes() for d in ("assign", "embeddings", "prototypes") for p in sorted((out / d).glob("*"))}
 
 
 def _reference(out, eps: float) -> set[str]:
@@ -149,6 +156,8 @@ def test_dedup_stage_removes_the_planted_copies_and_accounts_for_them(ray_cluste
     out = tmp_path / "out"
     manifest = run(_config(copies_dir["dir"], out))
     removed = _removed(out)
+    assert set(_removed(out, column=schema.STATUS).values()) == {schema.STATUS_NEAR_DUPLICATE}
+    owned = _owned_files(out)
     # every planted pair: exactly one of the two is gone, and it names the other
     for copy, original in copies_dir["pairs"].items():
         assert (copy in removed) != (original in removed), (copy, original)
@@ -172,6 +181,7 @@ def test_dedup_stage_removes_the_planted_copies_and_accounts_for_them(ray_cluste
     again = run(_config(copies_dir["dir"], out))
     assert again["stages"]["dedup"]["reused"] and again["stages"]["dedup"]["removed"] == len(removed)
     assert again["counts"] == c
+    assert not list(out.glob("dedup")), "dedup writes only removals/dedup/"
 
     # dedup dropped from the stage list: its removals are undone, the selection made afresh
     plain = run(_config(copies_dir["dir"], out, stages=("embed", "prototypes", "assign", "select", "write")))
@@ -179,7 +189,8 @@ def test_dedup_stage_removes_the_planted_copies_and_accounts_for_them(ray_cluste
     assert p["removed"] == 0 and p["kept"] + p["pruned"] == 135 - p["failed"]
     statuses = {r[schema.STATUS] for f in (out / "scores").glob("*.parquet") for r in pq.read_table(f).to_pylist()}
     assert schema.STATUS_NEAR_DUPLICATE not in statuses
-    assert all(schema.META_CURATED_BY not in (pq.read_schema(f).metadata or {}) for f in (out / "scores").glob("*.parquet"))
+    # no stage rewrote another's files: the assignment and what came before are as assign left them
+    assert _owned_files(out) == owned
 
 
 def test_dedup_on_three_nodes_equals_one_node(copies_dir, local_cluster, tmp_path):
@@ -191,7 +202,8 @@ def test_dedup_on_three_nodes_equals_one_node(copies_dir, local_cluster, tmp_pat
     _, nodes = local_cluster({"num_cpus": 1}, [{"num_cpus": 1}, {"num_cpus": 1}])
     assert len(ray.nodes()) == 3
     run(_config(copies_dir["dir"], three, stages=("embed", "prototypes", "assign", "dedup")))
-    for name in ("dedup", "scores"):
+    for name in ("removals/dedup", "assign"):
+        assert list((one / name).glob("*.parquet"))
         for a in sorted((one / name).glob("*.parquet")):
             assert pq.read_table(a).equals(pq.read_table(three / name / a.name)), (name, a.name)
 
@@ -213,3 +225,61 @@ def test_small_runs_get_a_partition_group_and_a_bucket_per_cpu():
     assert stage.bucket_count(20_000, k=3, cpus=8) == 3  # no more buckets than clusters
     assert stage.bucket_count(5_000_000, k=100, cpus=2) == 5  # bucket_rows bounds each
 
+
+
+def _pruned_keys(out) -> set[str]:
+    keys = set()
+    for path in (out / "pruned").glob("*.tar"):
+        with tarfile.open(path) as tar:
+            keys |= {m.name.rsplit(".", 1)[0] for m in tar.getmembers()}
+    return keys
+
+
+def test_two_curation_stages_compose_and_both_removals_reach_the_shards_and_counts(ray_cluster, copies_dir, tmp_path):
+    """dedup then filter (its caption blocklist): each writes only its own removals, the second
+    looks only at what the first left, and select and write honour both."""
+    out = tmp_path / "out"
+    blocklist = "sneaker|bag"
+    manifest = run(_config(copies_dir["dir"], out, stages=("embed", "prototypes", "assign", "dedup", "filter", "select", "write"),
+                           **{"filter.caption_blocklist": blocklist}))
+    dups, blocked = _removed(out), _removed(out, "filter", schema.STATUS)
+    assert set(dups) == _reference(out, 0.002)  # dedup's removals as if it ran alone
+    captions = {r[schema.KEY]: r["caption"] for p in sorted(copies_dir["dir"].glob("*.parquet"))
+                for r in pq.read_table(p, columns=[schema.KEY, "caption"]).to_pylist()}
+    matching = {k for k, c in captions.items() if re.search(blocklist, c, re.IGNORECASE)}
+    assert set(blocked) == matching - set(dups) and set(blocked.values()) == {schema.STATUS_BLOCKED_CAPTION}
+
+    scores = pa.concat_tables(pq.read_table(p) for p in sorted((out / "scores").glob("*.parquet"))).to_pylist()
+    status = {r[schema.KEY]: r[schema.STATUS] for r in scores}
+    assert {k for k, s in status.items() if s == schema.STATUS_NEAR_DUPLICATE} == set(dups)
+    assert {k for k, s in status.items() if s == schema.STATUS_BLOCKED_CAPTION} == set(blocked)
+    kept = {r[schema.KEY] for r in scores if r[schema.KEEP]}
+    assert _pruned_keys(out) == kept and not kept & (set(dups) | set(blocked))
+
+    c = manifest["counts"]
+    assert c["removed_by_reason"] == {schema.STATUS_NEAR_DUPLICATE: len(dups), schema.STATUS_BLOCKED_CAPTION: len(blocked)}
+    assert c["input_samples"] == 135 == c["kept"] + c["pruned"] + c["removed"] + c["failed"]
+    assert c["kept"] == len(kept) and manifest["stages"]["filter"]["totals"] == {schema.STATUS_BLOCKED_CAPTION: len(blocked)}
+
+    # the filter alone changed: dedup is reused, filter, select and write run again
+    again = run(_config(copies_dir["dir"], out, stages=("embed", "prototypes", "assign", "dedup", "filter", "select", "write"),
+                        **{"filter.caption_blocklist": "sneaker"}))
+    st = again["stages"]
+    assert st["dedup"]["reused"] and not st["filter"]["reused"] and not st["select"]["reused"] and not st["write"]["reused"]
+    assert again["counts"]["removed_by_reason"][schema.STATUS_BLOCKED_CAPTION] < len(blocked)
+
+    # the other order: dedup compares only what the filter left, so a copy whose original the
+    # filter removed has nothing left to duplicate and stays
+    other = tmp_path / "other"
+    shutil.copytree(out / "embeddings", other / "embeddings")
+    run(_config(copies_dir["dir"], other, stages=("embed", "prototypes", "assign", "filter", "dedup", "select", "write"),
+                **{"filter.caption_blocklist": blocklist}))
+    dups2, blocked2 = _removed(other), _removed(other, "filter", schema.STATUS)
+    assert set(blocked2) == matching
+    filtered_pairs = {copy for copy, original in copies_dir["pairs"].items() if original in matching}
+    assert filtered_pairs and filtered_pairs != set(copies_dir["pairs"])  # both kinds of pair occur
+    for copy, original in copies_dir["pairs"].items():
+        if copy in filtered_pairs:
+            assert copy not in dups2 and original not in dups2
+        else:
+            assert (copy in dups2) != (original in dups2)

@@ -1,4 +1,4 @@
-"""The executor: fingerprints chained from settings, skip-if-complete, splits, the stage order;
+"""The executor: fingerprints over what each stage reads, skip-if-complete, splits, the stage order;
 and the fingerprints of the shipped demo config pinned, so outputs of earlier versions stay reusable."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pipelines.cli.config import load_config, validate_config
-from pipelines.executor import execute, stage_fingerprint
+from pipelines.executor import dependencies, execute, stage_fingerprint
 from pipelines.stage import Context, Stage
 from prune.io.storage import OutputDir
 from prune.settings import ConfigError, Section
@@ -53,6 +53,7 @@ class WriteValue(Stage):
 @dataclass
 class ReadValue(WriteValue):
     name = "reads_value"
+    reads = ("writes_value",)
 
     def identity(self, ctx):
         return None  # its output is a function of the upstream's
@@ -102,9 +103,10 @@ def test_splits_chain_separately_and_later_stages_see_earlier_fingerprints(tmp_p
 
 
 def test_a_stage_list_must_name_what_each_stage_reads_before_it(tmp_path):
-    for stages, msg in ((["select", "write"], "'select' needs 'assign'"),
+    for stages, msg in ((["select", "write"], "'select' needs 'assign', 'prototypes'"),
                         (["embed", "prototypes", "assign", "write"], "'write' needs 'select'"),
                         (["write", "embed", "prototypes", "assign", "select"], "'write' needs 'select'"),
+                        (["embed", "prototypes", "assign", "assign", "select"], "'assign' is listed twice"),
                         ([], "at least one stage")):
         with pytest.raises(ConfigError, match=msg):
             validate_config(small_config(tmp_path, tmp_path, stages=stages))
@@ -138,8 +140,66 @@ def test_demo_fingerprints_are_those_of_earlier_versions(overrides, pinned, monk
     monkeypatch.chdir(REPO)  # the demo config names the shipped encoder by a relative path
     cfg = load_config("configs/demo.yaml", overrides)
     ctx = Context(OutputDir("/tmp/unused"), SHARDS)
-    fps, upstream = {}, ""
-    for stage in cfg.stage_list():
-        upstream = fps[stage.name] = stage_fingerprint(stage, upstream, dataclasses.replace(ctx))
+    fps = job_fingerprints(cfg.stage_list(), ctx)
     assert (fps["embed"], fps["prototypes"], fps["select"], fps["write"]) == pinned
     assert fps["assign"] == fps["prototypes"]
+
+
+def job_fingerprints(stages, ctx) -> dict:
+    """Every stage's fingerprint, as the executor computes them (over what each stage reads)."""
+    fps: list = []
+    for stage, reads in zip(stages, dependencies(stages)):
+        fps.append(stage_fingerprint(stage, [fps[j] for j in reads], dataclasses.replace(ctx)))
+    return {s.name: fp for s, fp in zip(stages, fps)}
+
+
+def _fps(*overrides, stages="[embed,prototypes,assign,dedup,filter,select,export,write]"):
+    cfg = load_config("configs/demo.yaml", [f"stages={stages}", *overrides])
+    return job_fingerprints(cfg.stage_list(), Context(OutputDir("/tmp/unused"), SHARDS))
+
+
+@pytest.mark.parametrize("override, changed", [
+    ("export.columns=[url]", {"export"}),  # ids only: the pruned shards are not written again
+    ("export.id_col=uid", {"assign", "dedup", "filter", "select", "export", "write"}),  # the assignment carries it
+    ("dedup.eps=0.02", {"dedup", "filter", "select", "export", "write"}),  # filter skips what dedup removed
+    ("dedup.block_rows=64", set()),  # placement only
+    ("filter.min_caption_words=3", {"filter", "select", "export", "write"}),
+    ("select.keep_fraction=0.5", {"select", "export", "write"}),
+    ("write.samples_per_shard=100", {"write"}),
+    ("write.copy_from=staged", set()),
+    ("write.band_step=0.2", {"select", "export", "write"}),  # select cuts the bands
+    ("kmeans.assign_concurrency=3", set()),
+    ("kmeans.niter=5", {"prototypes", "assign", "dedup", "filter", "select", "export", "write"}),
+    ("embed.batch_size=7", set()),
+])
+def test_a_setting_re_runs_its_stage_and_what_reads_it_nothing_else(override, changed, monkeypatch):
+    monkeypatch.chdir(REPO)
+    base, other = _fps(), _fps(override)
+    assert {name for name in base if base[name] != other[name]} == changed
+
+
+def test_the_fingerprint_covers_the_stages_read_not_the_list_position(monkeypatch):
+    monkeypatch.chdir(REPO)
+    # export before or after write: neither reads the other
+    a = _fps(stages="[embed,prototypes,assign,select,export,write]")
+    b = _fps(stages="[embed,prototypes,assign,select,write,export]")
+    assert a == b
+    # a curation stage dropped from the list: select and what reads it change, the rest does not
+    c = _fps(stages="[embed,prototypes,assign,dedup,select,write]")
+    d = _fps(stages="[embed,prototypes,assign,select,write]")
+    assert {n for n in d if c[n] != d[n]} == {"select", "write"}
+
+
+@pytest.mark.parametrize("stages, fixed", [
+    (["embed", "prototypes", "assign", "select", "dedup", "write"],
+     "stages=[embed, prototypes, assign, dedup, select, write]"),
+    (["embed", "prototypes", "assign", "dedup", "select", "write", "filter"],
+     "stages=[embed, prototypes, assign, dedup, filter, select, write]"),
+])
+def test_a_curation_stage_after_select_is_refused_in_one_line_naming_the_fix(tmp_path, stages, fixed):
+    with pytest.raises(ConfigError) as err:
+        validate_config(small_config(tmp_path, tmp_path, stages=stages))
+    message = str(err.value)
+    assert "comes after 'select'" in message and fixed in message and "\n" not in message
+    fixed_list = fixed.removeprefix("stages=[").removesuffix("]").split(", ")
+    assert validate_config(small_config(tmp_path, tmp_path, stages=fixed_list)).stages == fixed_list

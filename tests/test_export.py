@@ -18,8 +18,8 @@ from .conftest import read_scores, small_config
 STAGES = ["embed", "prototypes", "assign", "select", "export"]
 
 
-def _config(pipeline_run, out, **overrides):
-    return validate_config(small_config(pipeline_run["cfg"].input, out, stages=STAGES, **overrides))
+def _config(pipeline_run, out, stages=STAGES, **overrides):
+    return validate_config(small_config(pipeline_run["cfg"].input, out, stages=stages, **overrides))
 
 
 def _input_uids(shards_dir) -> dict[tuple[str, str], str]:
@@ -70,6 +70,20 @@ def test_key_export_needs_no_parquet_and_a_missing_id_column_is_a_config_error(p
         schema.KEY, schema.SHARD, schema.DISTANCE, schema.CLUSTER, schema.BAND}
     with pytest.raises(ConfigError, match="export.id_col 'nope' is not a column of shard 00000's parquet"):
         run(_config(pipeline_run, run_copy, **{"export.id_col": "nope"}))
+
+
+def test_an_export_setting_re_runs_the_export_alone(pipeline_run, run_copy):
+    """[..., select, export, write]: a new export.columns makes the ids again and leaves the pruned
+    shards as they are (write reads the selection, not the export)."""
+    stages = ["embed", "prototypes", "assign", "select", "export", "write"]
+    first = run(_config(pipeline_run, run_copy, stages=stages))
+    shards = {p.name: p.stat().st_mtime_ns for p in (run_copy / schema.PRUNED_DIR).iterdir()}
+    again = run(_config(pipeline_run, run_copy, stages=stages, **{"export.columns": ["url"]}))
+    st = again["stages"]
+    assert not st["export"]["reused"] and st["write"]["reused"] and st["select"]["reused"]
+    assert {p.name: p.stat().st_mtime_ns for p in (run_copy / schema.PRUNED_DIR).iterdir()} == shards
+    assert "caption" not in pq.read_table(run_copy / schema.EXPORT_IDS_DIR).column_names
+    assert first["fingerprints"]["write"] == again["fingerprints"]["write"] != first["fingerprints"]["export"]
 
 
 def test_uids_that_are_not_128_bit_hex_are_left_out_and_returned():

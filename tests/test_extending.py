@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import run
 from pipelines.cli.config import validate_config
-from pipelines.runtime import run_tasks
-from pipelines.stage import STAGES, Context, Stage
+from pipelines.shard_stage import ShardStage
+from pipelines.stage import STAGES
 from prune import schema
-from prune.io.tables import read_scores
+from prune.io.tables import read_assignment
 from prune.select.policies import POLICIES, Policy
 from prune.settings import ConfigError, Section
 
@@ -43,40 +44,23 @@ class ClusterSizesSettings(Section):
 
 
 @dataclass
-class ClusterSizesStats:
-    shards_written: int
-
-
-def _sizes_of_shard(task: tuple) -> str:
-    """Ray task: one scores file -> toy/NNNNN.json, the ok samples per cluster."""
-    out, shard, fp, min_count = task
-    t = read_scores(out, shard, columns=[schema.STATUS, schema.CLUSTER])
-    ok = t.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK
-    ids, counts = np.unique(t.column(schema.CLUSTER).to_numpy()[ok], return_counts=True)
-    sizes = {str(i): int(c) for i, c in zip(ids, counts) if c >= min_count}
-    out.write_json({"fingerprint": fp, "sizes": sizes}, "toy", f"{shard}.json")
-    return shard
-
-
-@dataclass
-class ClusterSizesStage(Stage):
-    """Per shard, how many ok samples each cluster holds: a stage between assign and select."""
+class ClusterSizesStage(ShardStage):
+    """Per shard, how many ok samples each cluster holds (toy/NNNNN.parquet): a stage reading the
+    assignment, placed between assign and select; the executor runs its shards."""
 
     name = "toy_cluster_sizes"
+    reads = ("assign",)
+    output_dir = "toy"
 
     toy_cluster_sizes: ClusterSizesSettings = field(default_factory=ClusterSizesSettings)
 
-    def done(self, ctx: Context, shard: str) -> bool:
-        return ctx.out.exists("toy", f"{shard}.json") and ctx.out.read_json("toy", f"{shard}.json")["fingerprint"] == ctx.fingerprint
-
-    def complete(self, ctx: Context) -> Optional[ClusterSizesStats]:
-        if all(self.done(ctx, s) for s in ctx.shards):
-            return ClusterSizesStats(0)
-        return None
-
-    def run(self, ctx: Context) -> ClusterSizesStats:
-        tasks = [(ctx.out, s, ctx.fingerprint, self.toy_cluster_sizes.min_count) for s in sorted(ctx.shards)]
-        return ClusterSizesStats(len(list(run_tasks(_sizes_of_shard, tasks, **self.resources(ctx).ray_args()))))
+    def process_shard(self, job) -> dict:
+        t = read_assignment(job.out, job.shard, columns=[schema.STATUS, schema.CLUSTER])
+        ok = t.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK
+        ids, counts = np.unique(t.column(schema.CLUSTER).to_numpy()[ok], return_counts=True)
+        big = counts >= self.toy_cluster_sizes.min_count
+        self.write_shard(job, pa.table({schema.CLUSTER: ids[big], "count": counts[big]}))
+        return {"ok_samples": int(counts[big].sum())}
 
 
 @pytest.fixture
@@ -102,11 +86,11 @@ def test_a_toy_policy_and_a_toy_stage_run_end_to_end(toys, pipeline_run, run_cop
     st = manifest["stages"]
     assert list(st) == STAGE_LIST  # the executor ran the configured list, in order
     assert st["embed"]["shards_embedded"] == 0 and st["prototypes"]["reused"]  # upstream of the toy: reused
-    assert st["toy_cluster_sizes"]["shards_written"] == manifest["counts"]["input_shards"]
+    assert st["toy_cluster_sizes"]["shards_computed"] == manifest["counts"]["input_shards"]
     # the toy stage's outputs: every ok sample counted once
-    sizes = [json.load(open(p))["sizes"] for p in sorted((run_copy / "toy").glob("*.json"))]
+    sizes = pa.concat_tables(pq.read_table(p) for p in sorted((run_copy / "toy").glob("*.parquet")))
     c = manifest["counts"]
-    assert sum(n for s in sizes for n in s.values()) == c["kept"] + c["pruned"]
+    assert sum(sizes.column("count").to_pylist()) == c["kept"] + c["pruned"] == st["toy_cluster_sizes"]["totals"]["ok_samples"]
     # the toy policy decided the selection: kept samples are the ones nearest TARGET
     scores = read_all_scores(run_copy).to_pylist()
     kept = [abs(r[schema.DISTANCE] - TARGET) for r in scores if r[schema.KEEP]]
@@ -120,13 +104,13 @@ def test_a_toy_policy_and_a_toy_stage_run_end_to_end(toys, pipeline_run, run_cop
     again = run(_config(pipeline_run, run_copy, **{"toy_cluster_sizes.min_count": 1}))
     assert all(s["reused"] for s in again["stages"].values()) and again["counts"] == manifest["counts"]
 
-    # a new toy setting: the toy re-runs and, its fingerprint being upstream of theirs, select and write too
+    # a new toy setting: the toy re-runs; select and write do not read it, so they are reused
     changed = run(_config(pipeline_run, run_copy, **{"toy_cluster_sizes.min_count": 2}))
     ch = changed["stages"]
-    assert not ch["toy_cluster_sizes"]["reused"] and not ch["select"]["reused"] and not ch["write"]["reused"]
+    assert not ch["toy_cluster_sizes"]["reused"] and ch["select"]["reused"] and ch["write"]["reused"]
     assert ch["prototypes"]["reused"] and changed["counts"] == manifest["counts"]
-    assert changed["fingerprints"]["select"] != manifest["fingerprints"]["select"]
-    assert changed["fingerprints"]["assign"] == manifest["fingerprints"]["assign"]
+    assert changed["fingerprints"]["select"] == manifest["fingerprints"]["select"]
+    assert changed["fingerprints"]["toy_cluster_sizes"] != manifest["fingerprints"]["toy_cluster_sizes"]
 
 
 def test_the_toys_are_configured_and_checked_by_name(toys, tmp_path):

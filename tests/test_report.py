@@ -132,17 +132,19 @@ def _stages(*names):
     return [STAGES.get(n)() for n in names]
 
 
-def test_the_report_waits_for_the_run_when_a_stage_after_select_changes_its_inputs(run_copy):
-    """A dedup listed after select rewrites the scores: nothing is prepared early then. A run that
-    fails stops the preparation at its next pass."""
+def test_the_report_is_prepared_after_select_and_stops_with_a_failed_run(run_copy):
+    """What the report reads is final once select is done, whatever follows it (no stage rewrites
+    the scores, and no curation stage may follow select); a run without select prepares nothing.
+    A run that fails stops the preparation at its next pass."""
     from pipelines.report import Cancelled, ReportInAdvance
     from prune.io.storage import OutputDir
 
     out = OutputDir(str(run_copy))
-    late = ReportInAdvance(out, {}, _stages("embed", "prototypes", "assign", "select", "dedup", "write"))
-    late.stage_done("select", {})
-    assert late.after is None and late.parts() is None
+    none = ReportInAdvance(out, {}, _stages("embed", "prototypes", "assign", "dedup"))
+    none.stage_done("dedup", {})
+    assert none.after is None and none.parts() is None
     assert ReportInAdvance(out, {}, _stages(*ORDER, "export")).after == "select"
+    assert ReportInAdvance(out, {}, _stages("embed", "prototypes", "assign", "select", "export", "write")).after == "select"
     stopped = ReportInAdvance(out, {}, _stages(*ORDER))
     stopped.cancel()  # the run failed before select was done
     stopped.stage_done("select", {})

@@ -1,10 +1,11 @@
 """The stages shipped with the package, one file each; importing this package registers them.
 
-Adding a stage is one new file here (a `Stage` dataclass with `@STAGES.register`) plus its import
-below; a run config then names it in `stages:` and configures it under the section its fields name.
+Adding a stage is one new file here (a `Stage` dataclass with `@STAGES.register`; a curation stage
+is a `ShardStage` with `removes = True`, as filter.py) plus its import below; a run config then
+names it in `stages:` and configures it under the section its fields name.
 """
 
-from . import assign, dedup, embed, export, import_embeddings, prototypes, select, write  # noqa: F401  (registration)
+from . import assign, dedup, embed, export, filter, import_embeddings, prototypes, select, write  # noqa: F401  (registration)
 
 # train_encoder.py and evaluate.py hold the stages of the `train-encoder` and `evaluate` jobs,
 # which build them directly: they are not `run` stages and are not registered

@@ -1,15 +1,16 @@
-"""Dedup stage: SemDeDup inside every cluster, after assign and before select.
+"""Dedup stage: SemDeDup inside every cluster, a curation stage after assign and before select.
 
 Three passes of Ray tasks, none of which sends per-sample data through the driver:
-1. partition: each task reads a group of shards' scores and embeddings and writes their ok samples
-   (cluster, shard, key, distance, embedding) into cluster buckets (`cluster % n_buckets`), one file
-   per (bucket, shard group): the cluster-partitioned layout SemDeDup and NeMo Curator write;
+1. partition: each task reads a group of shards' assignment and embeddings and writes their samples
+   that are ok and that no curation stage before this one removed (cluster, shard, key, distance,
+   embedding) into cluster buckets (`cluster % n_buckets`), one file per (bucket, shard group): the
+   cluster-partitioned layout SemDeDup and NeMo Curator write;
 2. dedup: one task per bucket reads its files and runs `semdedup.dedup_cluster` on each cluster,
    in blocks of bounded memory, and writes the removed samples per shard group;
-3. apply: one task per shard group writes `dedup/NNNNN.parquet` (who was removed, and whom it
-   duplicates) and rewrites the scores' status of removed samples to `near_duplicate`, stamping
-   them with this stage's fingerprint (`META_CURATED_BY`).
-Complete when every shard's dedup file and scores carry this fingerprint.
+3. apply: one task per shard group writes `removals/dedup/NNNNN.parquet` (who was removed, with the
+   reason `near_duplicate`, and whom it duplicates), stamped with this stage's fingerprint.
+It writes nothing else: select reads these removals. Complete when every shard's file carries
+this fingerprint.
 """
 
 from __future__ import annotations
@@ -29,14 +30,12 @@ from prune import schema
 from prune.dedup.semdedup import dedup_cluster
 from prune.dedup.settings import DedupConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import ok_matrix, read_embeddings, read_parquet, read_scores
+from prune.io.tables import after_removals, ok_matrix, read_assignment, read_embeddings, read_parquet, write_removals
 
-from ..pending import footer, pending, per_shard, stamped
+from ..pending import footer, per_shard
 from ..runtime import cluster_cpus, run_tasks
 from ..stage import STAGES, Context, Stage
 
-# settings that only place work: the result is the same whatever they are
-_PLACEMENT_ONLY = {"bucket_rows", "shards_per_task", "block_rows"}
 _PART_COLUMNS = (schema.CLUSTER, schema.SHARD, schema.KEY, schema.DISTANCE, schema.EMBEDDING)
 
 
@@ -56,6 +55,7 @@ class PartitionTask:
     shards: tuple  # the group's shard ids
     staging: str
     n_buckets: int
+    removals: tuple = ()  # the curation stages before this one: their removals are not compared
 
 
 @dataclass(frozen=True)
@@ -76,21 +76,16 @@ class ApplyTask:
     fp: str
 
 
-def _curatable(status: np.ndarray) -> np.ndarray:
-    """Samples dedup looks at: ok, or removed by an earlier dedup run (it decides afresh)."""
-    return (status == schema.STATUS_OK) | np.isin(status, schema.REMOVAL_STATUSES)
-
-
 def partition(task: PartitionTask) -> int:
     """A group of shards' ok samples -> one file per cluster bucket; returns the rows written."""
     parts: list[pa.Table] = []
     for shard in task.shards:
-        scores = read_scores(task.out, shard, columns=[schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE])
+        scores = read_assignment(task.out, shard, columns=[schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE])
         emb = read_embeddings(task.out, shard, columns=[schema.STATUS, schema.EMBEDDING])
-        emb_ok, x = ok_matrix(emb)  # embeddings rows line up with the scores rows (assign keeps the order)
-        status = scores.column(schema.STATUS).to_numpy(zero_copy_only=False)
-        use = _curatable(status)
-        rows = np.nonzero(use)[0]
+        emb_ok, x = ok_matrix(emb)  # embeddings rows line up with the assignment's (assign keeps the order)
+        status = after_removals(task.out, shard, scores.column(schema.KEY).to_numpy(zero_copy_only=False),
+                                scores.column(schema.STATUS).to_numpy(zero_copy_only=False), task.removals)
+        rows = np.nonzero(status == schema.STATUS_OK)[0]
         # the embedding of each used row: its position among the embeddings' ok rows
         vec_of_row = np.cumsum(emb_ok) - 1
         vecs = x[vec_of_row[rows]].astype(np.float16)
@@ -143,6 +138,7 @@ def dedup_bucket(task: BucketTask) -> dict:
     result = pa.table({
         schema.SHARD: pa.array(shards[removed], pa.string()),
         schema.KEY: pa.array(keys[removed], pa.string()),
+        schema.STATUS: pa.array([schema.STATUS_NEAR_DUPLICATE] * len(removed), pa.string()),
         schema.CLUSTER: pa.array(cluster[removed], pa.int32()),
         schema.DUPLICATE_OF_SHARD: pa.array(shards[dups], pa.string()),
         schema.DUPLICATE_OF: pa.array(keys[dups], pa.string()),
@@ -156,7 +152,7 @@ def dedup_bucket(task: BucketTask) -> dict:
 
 
 def apply_group(task: ApplyTask) -> dict:
-    """One shard group: dedup/NNNNN.parquet and the scores' statuses; -> removed per shard."""
+    """One shard group's removals/dedup/NNNNN.parquet files; -> removed per shard."""
     out = task.out
     names = [f for f in out.find(task.staging, "removed", f"g{task.group:06d}") if f.endswith(".parquet")]
     tables = []
@@ -169,34 +165,21 @@ def apply_group(task: ApplyTask) -> dict:
         mine = removed.filter(pc.equal(removed.column(schema.SHARD), shard)) if removed is not None else None
         rows = mine.drop_columns([schema.SHARD]).sort_by(schema.KEY) if mine is not None and len(mine) else \
             schema.DEDUP_SCHEMA.empty_table()
-        rows = rows.select(schema.DEDUP_SCHEMA.names).cast(schema.DEDUP_SCHEMA)
-        with out.open_atomic(schema.DEDUP_DIR, schema.shard_file(shard)) as f:
-            pq.write_table(rows.replace_schema_metadata({schema.META_DEDUP_FINGERPRINT: task.fp.encode()}), f)
-        scores = read_scores(out, shard)
-        status = scores.column(schema.STATUS).to_numpy(zero_copy_only=False).astype(object)
-        status[np.isin(status, schema.REMOVAL_STATUSES)] = schema.STATUS_OK  # this run decides afresh
-        gone = np.isin(scores.column(schema.KEY).to_numpy(zero_copy_only=False), rows.column(schema.KEY).to_numpy(zero_copy_only=False))
-        status[gone] = schema.STATUS_NEAR_DUPLICATE
-        meta = dict(scores.schema.metadata or {}) | {schema.META_CURATED_BY: task.fp.encode()}
-        new = scores.set_column(scores.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
-        with out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
-            pq.write_table(new.replace_schema_metadata(meta), f)
-        counts[shard] = int(gone.sum())
+        write_removals(out, DedupStage.name, shard, rows.select(schema.DEDUP_SCHEMA.names).cast(schema.DEDUP_SCHEMA), task.fp)
+        counts[shard] = len(rows)
     return counts
 
 
 @STAGES.register
 @dataclass
 class DedupStage(Stage):
-    """Near-duplicates inside each cluster marked `near_duplicate` in scores/, listed in dedup/."""
+    """Near-duplicates inside each cluster, removed as `near_duplicate` in removals/dedup/."""
 
     name = "dedup"
-    requires = ("assign",)
+    reads = ("assign", "embed")
+    removes = True
 
     dedup: DedupConfig = field(default_factory=DedupConfig)
-
-    def identity(self, ctx: Context) -> tuple:
-        return (self.dedup.model_dump(exclude=_PLACEMENT_ONLY),)
 
     def groups(self, ctx: Context, cpus: int = 1) -> list[tuple]:
         """Consecutive shards, `shards_per_task` at most a group, fewer when that leaves a CPU idle."""
@@ -210,10 +193,8 @@ class DedupStage(Stage):
 
     def complete(self, ctx: Context) -> Optional[DedupStats]:
         fp = ctx.fingerprint
-        if pending(ctx.out, ctx.shards, functools.partial(stamped, schema.SCORES_DIR, schema.META_CURATED_BY, fp)):
-            return None
-        footers = per_shard(ctx.out, ctx.shards, functools.partial(footer, schema.DEDUP_DIR))
-        if any(meta.get(schema.META_DEDUP_FINGERPRINT, b"").decode() != fp for meta, _ in footers.values()):
+        footers = per_shard(ctx.out, ctx.shards, functools.partial(footer, schema.removals_dir(self.name)))
+        if any(meta.get(schema.META_REMOVALS_FINGERPRINT, b"").decode() != fp for meta, _ in footers.values()):
             return None
         removed = {s: rows for s, (_, rows) in footers.items()}
         return DedupStats(removed=sum(removed.values()), removed_per_shard=removed)
@@ -227,7 +208,8 @@ class DedupStage(Stage):
         n_buckets = self.bucket_count(int(kmeans["n_ok_total"]), int(kmeans["k"]), cpus)
         groups = self.groups(ctx, cpus)
         group_of = {s: gi for gi, grp in enumerate(groups) for s in grp}
-        list(run_tasks(partition, [PartitionTask(out, gi, grp, staging, n_buckets) for gi, grp in enumerate(groups)],
+        list(run_tasks(partition, [PartitionTask(out, gi, grp, staging, n_buckets, ctx.removals)
+                                   for gi, grp in enumerate(groups)],
                        desc="dedup: partition by cluster"))
         stats = DedupStats(buckets=n_buckets)
         buckets = [BucketTask(out, b, staging, group_of, self.dedup) for b in range(n_buckets)]

@@ -100,9 +100,9 @@ class EmbedStage(Stage):
         return model_id_for(self.embed)
 
     def identity(self, ctx: Context) -> tuple:
-        e, d = self.embed, self.decode
-        return (self.model_id, e.backend, e.model, e.pretrained, e.allow_random_init, e.seed, e.precision,
-                d.draft, d.max_image_pixels, list(self.image_extensions))
+        # the weights (the model id), then each setting that counts, flat
+        return (self.model_id, *self.embed.fingerprinted().values(), *self.decode.fingerprinted().values(),
+                list(self.image_extensions))
 
     def setup(self) -> None:
         check_weights(self.embed)  # before any work: the weights are on this machine

@@ -23,7 +23,7 @@ import ray
 
 from prune import evaluate as ev
 from prune import schema
-from prune.cluster.settings import KMeansConfig, kmeans_settings
+from prune.cluster.settings import KMeansConfig
 from prune.embed.backends import model_id_for
 from prune.embed.decode import PreprocessSpec
 from prune.embed.settings import DecodeConfig, EmbedConfig
@@ -186,7 +186,7 @@ class EvaluateStage(Stage):
         """Everything a row's result depends on besides its classifier, policy, fraction and seed."""
         e, train, test = self.evaluate, ctx.splits[ev.TRAIN_DIR], ctx.splits[ev.TEST_DIR]
         parts = (ctx.earlier_fingerprints[f"embed:{ev.TRAIN_DIR}"], sorted(train.shards.items()), sorted(test.shards.items()),
-                 kmeans_settings(self.kmeans), e.pool_size, e.pool_seed, e.label_field,
+                 self.kmeans.fingerprinted(), e.pool_size, e.pool_seed, e.label_field,
                  self.decode.draft, self.decode.max_image_pixels)
         defaults = type(e)().select_options()
         return parts + ((e.select_options(),) if e.select_options() != defaults else ())

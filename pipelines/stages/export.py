@@ -82,12 +82,9 @@ def export_shard(task: ExportTask) -> dict:
 @dataclass
 class ExportStage(Stage):
     name = "export"
-    requires = ("select",)
+    reads = ("select",)  # the scores' keep column: a change of export settings re-runs the export alone
 
     export: ExportConfig = field(default_factory=ExportConfig)
-
-    def identity(self, ctx: Context) -> tuple:
-        return (self.export,)  # the selection enters through the upstream fingerprint
 
     def _datacomp(self) -> bool:
         return FORMAT_DATACOMP in self.export.formats

@@ -89,7 +89,7 @@ class ImportStage(Stage):
         return list_parts(self.import_embeddings)
 
     def identity(self, ctx: Context) -> tuple:
-        return (self.import_embeddings, sorted(ctx.shards.items()))
+        return (self.import_embeddings.fingerprinted(), sorted(ctx.shards.items()))
 
     def complete(self, ctx: Context) -> Optional[ImportStats]:
         recorded = marked_stats(ctx.out, schema.EMBEDDINGS_DIR, ctx.fingerprint)

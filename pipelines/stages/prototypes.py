@@ -22,7 +22,7 @@ import ray
 from prune import schema
 from prune.cluster import lloyd, prototypes
 from prune.cluster.kmeans import l2_normalize
-from prune.cluster.settings import KMeansConfig, kmeans_settings
+from prune.cluster.settings import KMeansConfig
 from prune.io.storage import OutputDir
 from prune.io.tables import npy_bytes, ok_matrix, read_embeddings
 
@@ -211,14 +211,14 @@ class PrototypesStage(Stage):
     """`prototypes/centroids.npy` and `prototypes/kmeans.json` from every shard's embeddings."""
 
     name = "prototypes"
-    requires = ("embed",)
+    reads = ("embed",)
     fingerprint_tag = "kmeans"
 
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
 
     def identity(self, ctx: Context) -> tuple:
         # which shards: a shard added to the input changes the prototypes
-        return (kmeans_settings(self.kmeans), sorted(ctx.shards.items()))
+        return (self.kmeans.fingerprinted(), sorted(ctx.shards.items()))
 
     def complete(self, ctx: Context) -> Optional[PrototypesStats]:
         out = ctx.out

@@ -1,15 +1,20 @@
 """Select stage: exact keep thresholds from per-shard histograms, then `keep`/`band` per sample.
 
-Three light passes over `scores/`, each a set of tasks over a few shards each (at most
+It reads the assignment (`assign/`) and the removals of every curation stage before it
+(`removals/<stage>/`: a removed sample takes the first such stage's reason as its status and is
+never selected), and writes `scores/`, the one file per shard users read: the assignment's
+columns, statuses with the removals, and the selection's columns.
+
+Three light passes over the assignment, each a set of tasks over a few shards each (at most
 `TASKS_PER_CPU` tasks per CPU, so a small run does not pay Ray's per-task cost per shard):
 histograms (reduced in tasks), the priorities inside the cut bins, and the rewrite of each scores
 file with priority, percentile, keep and band. The cut-finding itself is the library's (`cuts.exact_cuts`, which
 `evaluate` calls too); the driver holds histograms and cut-bin values only, never a column of
 every sample.
 
-The rewrite replaces each scores file in one atomic write (a rename locally, one upload on S3:
-readers see the old file or the new one) and stamps the select fingerprint; a retried task finds
-the stamp and rewrites nothing. Complete when every scores file carries this fingerprint.
+Each scores file is written in one atomic write (a rename locally, one upload on S3: readers see
+the old file or the new one) and stamped with the select fingerprint; a retried task writes the
+same bytes again. Complete when every scores file carries this fingerprint.
 """
 
 from __future__ import annotations
@@ -27,11 +32,11 @@ import ray
 from prune import schema
 from prune.io.settings import WriteConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import load_centroids, read_scores
+from prune.io.tables import after_removals, load_centroids, read_assignment, read_scores
 from prune.select import cuts
 from prune.select.budgets import ClusterStats, dense_sums, distance_sums
 from prune.select.policies import Policy, block_priorities, policy_class, selection_groups
-from prune.select.settings import SelectConfig, select_settings
+from prune.select.settings import SelectConfig
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
 from ..pending import pending, per_shard, stamped
@@ -83,30 +88,26 @@ class SelectTask:
     policy: type[Policy]  # resolved on the driver, where every policy is registered
     fp: str = ""
     payload: object = None  # histograms: the HistogramSpec; refine: a Refinement; cut bins: the Window; apply: (Cuts, histogram)
-    upstream: frozenset = frozenset()  # fingerprints of the stages before select
+    removals: tuple = ()  # the curation stages before select, in the list's order
     strata: object = None  # for a policy that uses strata: the groups' CCS strata (an ObjectRef)
 
 
-def current_statuses(table: pa.Table, upstream: frozenset) -> tuple[np.ndarray, bool]:
-    """The scores' statuses, with the removals of a curation stage that is no longer upstream of
-    this selection undone (it was dropped from the stage list); -> (statuses, whether undone)."""
+def assigned(task: SelectTask, shard: str, columns=None) -> tuple[pa.Table, np.ndarray]:
+    """A shard's assignment (`columns`, KEY and STATUS among them) with the statuses the curation
+    stages' removals give; -> (that table, the statuses)."""
+    table = read_assignment(task.out, shard, columns)
     status = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
-    by = (table.schema.metadata or {}).get(schema.META_CURATED_BY)
-    if by is None or by.decode() in upstream:
-        return status, False
-    status = status.astype(object)
-    status[np.isin(status, schema.REMOVAL_STATUSES)] = schema.STATUS_OK
-    return status, True
+    if task.removals:
+        status = after_removals(task.out, shard, table.column(schema.KEY).to_numpy(zero_copy_only=False), status,
+                                task.removals)
+        if not (status == table.column(schema.STATUS).to_numpy(zero_copy_only=False)).all():
+            table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
+    return table, status
 
 
 def _load(task: SelectTask, shard: str) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
-    """A scores table (stale removals undone), its ok mask, and the ok rows' priorities and groups."""
-    table = read_scores(task.out, shard)
-    status, undone = current_statuses(table, task.upstream)
-    if undone:
-        meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != schema.META_CURATED_BY}
-        table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
-        table = table.replace_schema_metadata(meta)
+    """A shard's assignment with the removals, its ok mask, and the ok rows' priorities and groups."""
+    table, status = assigned(task, shard)
     ok = status == schema.STATUS_OK
     keys = table.column(schema.KEY).to_numpy(zero_copy_only=False)[ok]
     dist = table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok].astype(np.float64)
@@ -118,8 +119,7 @@ def _load(task: SelectTask, shard: str) -> tuple[pa.Table, np.ndarray, np.ndarra
 
 
 def _strata_histogram(task: SelectTask, shard: str):
-    table = read_scores(task.out, shard, columns=[schema.STATUS, schema.CLUSTER, schema.DISTANCE])
-    status, _ = current_statuses(table, task.upstream)
+    table, status = assigned(task, shard, [schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE])
     ok = status == schema.STATUS_OK
     groups = selection_groups(task.select.balanced, table.column(schema.CLUSTER).to_numpy()[ok])
     return sparse_distance_histogram(groups, table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok])
@@ -164,7 +164,7 @@ def pass_boundary(task: SelectTask):
 def _counts(shard: str, table: pa.Table, ok, keep, band, meta: dict) -> ShardSelection:
     statuses = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
     not_ok = Counter(s for s in statuses if s != schema.STATUS_OK)
-    removed = {s: n for s, n in not_ok.items() if s in schema.REMOVAL_STATUSES}
+    removed = {s: n for s, n in not_ok.items() if schema.is_removal([s])[0]}
     return ShardSelection(
         shard, len(table), int(keep.sum()), int((ok & ~keep).sum()),
         {s: n for s, n in not_ok.items() if s not in removed}, removed,
@@ -188,15 +188,15 @@ def _apply(task: SelectTask, shard: str, found: cuts.Cuts, hist: np.ndarray) -> 
     band = np.full(n, -1, np.int32)
     pct = np.full(n, np.nan)
     prio_all[ok], keep[ok], band[ok], pct[ok] = prio, keep_ok, band_ok, pct_ok
-    meta = dict(table.schema.metadata or {})
-    if meta.get(schema.META_SELECT_FINGERPRINT, b"").decode() != task.fp:
-        meta[schema.META_SELECT_FINGERPRINT] = task.fp.encode()
-        new = table.set_column(table.schema.get_field_index(schema.PRIORITY), schema.PRIORITY, pa.array(prio_all, pa.uint64()))
-        new = new.set_column(new.schema.get_field_index(schema.PERCENTILE), schema.PERCENTILE, pa.array(pct, pa.float64(), mask=~ok))
-        new = new.set_column(new.schema.get_field_index(schema.KEEP), schema.KEEP, pa.array(keep))
-        new = new.set_column(new.schema.get_field_index(schema.BAND), schema.BAND, pa.array(band, pa.int32()))
-        with task.out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
-            pq.write_table(new.replace_schema_metadata(meta), f)
+    meta = dict(table.schema.metadata or {}) | {schema.META_SELECT_FINGERPRINT: task.fp.encode()}
+    selection = {schema.PRIORITY: pa.array(prio_all, pa.uint64()), schema.PERCENTILE: pa.array(pct, pa.float64(), mask=~ok),
+                 schema.KEEP: pa.array(keep), schema.BAND: pa.array(band, pa.int32())}
+    scores = table
+    at = scores.schema.get_field_index(schema.DISTANCE) + 1  # the assignment's columns, then the selection's, then an id column
+    for offset, name in enumerate(schema.SELECTION_COLUMNS):
+        scores = scores.add_column(at + offset, schema.SCORES_SCHEMA.field(name), selection[name])
+    with task.out.open_atomic(schema.SCORES_DIR, schema.shard_file(shard)) as f:
+        pq.write_table(scores.replace_schema_metadata(meta), f)
     return _counts(shard, table, ok, keep, band, meta)
 
 
@@ -217,22 +217,24 @@ def prototype_count(out: OutputDir) -> int:
 @STAGES.register
 @dataclass
 class SelectStage(Stage):
+    """`scores/`: the assignment, the curation stages' removals and the selection, per shard."""
+
     name = "select"
-    requires = ("assign",)
+    reads = ("assign", "prototypes")  # prototypes: k, and the centroids a dbp budget weighs clusters by
+    reads_removals = True
 
     select: SelectConfig = field(default_factory=SelectConfig)
     write: WriteConfig = field(default_factory=WriteConfig)  # its band_step: the bands are cut here
 
     def identity(self, ctx: Context) -> tuple:
-        return (select_settings(self.select), self.write.band_step)
+        return (self.select.fingerprinted(), self.write.band_step)
 
     def edges(self) -> list[float]:
         return cuts.band_edges(self.select.keep_fraction, self.write.band_step)
 
     def tasks(self, ctx: Context, payload=None, strata=None) -> list[SelectTask]:
         policy = policy_class(self.select.policy)
-        upstream = frozenset(ctx.earlier_fingerprints.values())
-        return [SelectTask(ctx.out, tuple(batch), self.select, policy, ctx.fingerprint, payload, upstream, strata)
+        return [SelectTask(ctx.out, tuple(batch), self.select, policy, ctx.fingerprint, payload, ctx.removals, strata)
                 for batch in batches(sorted(ctx.shards), TASKS_PER_CPU)]
 
     def strata(self, ctx: Context, n_groups: int):

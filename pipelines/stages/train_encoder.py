@@ -227,7 +227,7 @@ class TrainEncoderStage(Stage):
     image_extensions: tuple[str, ...] = schema.IMAGE_EXTENSIONS_DEFAULT
 
     def identity(self, ctx: Context) -> tuple:
-        return (self.train, self.decode.draft, self.decode.max_image_pixels, list(self.image_extensions))
+        return (self.train, *self.decode.fingerprinted().values(), list(self.image_extensions))
 
     def complete(self, ctx: Context) -> Optional[TrainStats]:
         return None  # Ray Train resumes from its own latest checkpoint

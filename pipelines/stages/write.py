@@ -20,7 +20,7 @@ from typing import Optional
 import pyarrow.compute as pc
 
 from prune import schema
-from prune.io.settings import COPY_FROM_INPUT, COPY_FROM_STAGED, PLACEMENT_ONLY, WriteConfig
+from prune.io.settings import COPY_FROM_INPUT, COPY_FROM_STAGED, WriteConfig
 from prune.io.storage import OutputDir
 from prune.io.tables import read_scores
 from prune.io.writer import (
@@ -111,14 +111,11 @@ def bands_list(written: list[Written], edges: list[float], n_input_ok: int) -> l
 class WriteStage(Stage):
     name = "write"
     reads_tars = True
-    requires = ("select",)
+    reads = ("select",)
 
     write: WriteConfig = field(default_factory=WriteConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)  # named in bands.json; its edges end the bands
-
-    def identity(self, ctx: Context) -> tuple:
-        # the selection enters through the upstream fingerprint; where bytes are read from changes none
-        return (self.write.model_dump(exclude=PLACEMENT_ONLY),)
+    # named in bands.json, its edges end the bands: its settings count in the selection's fingerprint
+    select: SelectConfig = field(default_factory=SelectConfig, metadata={"fingerprint": False})
 
     def complete(self, ctx: Context) -> Optional[WriteStats]:
         if marked_stats(ctx.out, schema.PRUNED_DIR, ctx.fingerprint) is None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
-from prune.settings import Section
+from prune.settings import PLACEMENT, Section, counted_when
+
+# settings added after outputs existed count only away from their no-op values, so those outputs
+# keep their fingerprint; the placement settings leave the centroids as they are (the exact reduce)
+_REFINING = counted_when(lambda k: bool(k.refine_iters))
 
 
 class KMeansConfig(Section):
@@ -17,32 +21,15 @@ class KMeansConfig(Section):
     niter: int = Field(25, ge=1)  # Lloyd iterations of the sample fit
     nredo: int = Field(1, ge=1)
     seed: int = 0
-    init: Literal["random", "kmeans++"] = "random"  # sample fit seeded by random points (faiss) or k-means++
-    fit_num_cpus: Optional[int] = Field(None, ge=1)  # None: fit on the driver; n: in a Ray task with n CPUs
-    refine_iters: int = Field(0, ge=0)  # Lloyd passes over all embeddings after the sample fit (0: off)
-    refine_tol: float = Field(1e-4, ge=0.0)  # stop when the objective changes by at most this, relatively
-    refine_shards_per_task: int = Field(1, ge=1)  # shards one refinement task reduces before returning
+    # sample fit seeded by random points (faiss) or k-means++
+    init: Annotated[Literal["random", "kmeans++"], counted_when(lambda k: k.init != "random")] = "random"
+    # None: fit on the driver; n: in a Ray task with n CPUs (faiss then runs on that many threads)
+    fit_num_cpus: Annotated[Optional[int], counted_when(lambda k: k.fit_num_cpus is not None)] = Field(None, ge=1)
+    refine_iters: Annotated[int, _REFINING] = Field(0, ge=0)  # Lloyd passes over all embeddings after the sample fit (0: off)
+    refine_tol: Annotated[float, _REFINING] = Field(1e-4, ge=0.0)  # stop when the objective changes by at most this, relatively
+    refine_shards_per_task: Annotated[int, PLACEMENT] = Field(1, ge=1)  # shards one refinement task reduces before returning
     # keep each refine task's embeddings in Ray's object store (float32) across passes instead of
     # re-reading Parquet every pass; None: when they take at most a quarter of the object store
-    refine_cache: Optional[bool] = None
-    assign_concurrency: Optional[int] = Field(None, ge=1)  # assign tasks in flight; None: max(64, 2 x the CPUs)
-
-
-# settings that only place work: the exact reduce makes the centroids independent of them
-PLACEMENT_ONLY = {"assign_concurrency", "refine_shards_per_task", "refine_cache"}
-
-
-def kmeans_settings(k: KMeansConfig) -> dict:
-    """The k-means settings the centroids depend on (what their fingerprint hashes).
-
-    New settings left at their no-op values are left out, so runs made before they existed keep
-    their fingerprint; `refine_tol` only counts when refinement is on.
-    """
-    s = k.model_dump(exclude=PLACEMENT_ONLY)
-    if not k.refine_iters:
-        del s["refine_iters"], s["refine_tol"]
-    if k.init == "random":
-        del s["init"]
-    if k.fit_num_cpus is None:  # a fit in a task runs faiss on that many threads
-        del s["fit_num_cpus"]
-    return s
+    refine_cache: Annotated[Optional[bool], PLACEMENT] = None
+    # assign tasks in flight; None: max(64, 2 x the CPUs)
+    assign_concurrency: Annotated[Optional[int], PLACEMENT] = Field(None, ge=1)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from prune.settings import Section
+from prune.settings import PLACEMENT, Section
 
 KEEP_FARTHEST, KEEP_NEAREST, KEEP_RANDOM = "farthest", "nearest", "random"
 
@@ -19,7 +19,8 @@ class DedupConfig(Section):
     # the nearest, or a seeded random one
     keep: Literal["farthest", "nearest", "random"] = KEEP_FARTHEST
     seed: int = 0
-    bucket_rows: int = Field(1_000_000, ge=1)  # ok samples per dedup task (whole clusters per bucket)
-    shards_per_task: int = Field(16, ge=1)  # shards one partition task reads
-    block_rows: int = Field(512, ge=1)  # similarity rows computed at once: memory ~ cluster size x this;
+    # placement: the same removals whatever they are
+    bucket_rows: Annotated[int, PLACEMENT] = Field(1_000_000, ge=1)  # ok samples per dedup task (whole clusters per bucket)
+    shards_per_task: Annotated[int, PLACEMENT] = Field(16, ge=1)  # shards one partition task reads
+    block_rows: Annotated[int, PLACEMENT] = Field(512, ge=1)  # similarity rows computed at once: memory ~ cluster size x this;
     # smaller blocks skip more of the triangle no one reads (512: the fastest on 2,000-member clusters)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from prune.settings import Section
+from prune.settings import PLACEMENT, Section
 
 
 class DecodeConfig(Section):
-    batch_size: int = Field(256, ge=1)
+    batch_size: Annotated[int, PLACEMENT] = Field(256, ge=1)
     draft: bool = True  # JPEG draft decoding down to (at least) the model's input size
     max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's own default bomb threshold
-    num_cpus: float = Field(1.0, gt=0)
+    num_cpus: Annotated[float, PLACEMENT] = Field(1.0, gt=0)
 
 
 CPU_BATCH, OTHER_BATCH = 32, 64  # embed.batch_size when unset (EmbedConfig.batch_for)
@@ -26,14 +26,15 @@ class EmbedConfig(Section):
     model: str = "ViT-B-32"
     pretrained: Optional[str] = None  # a tag from the local cache, or a checkpoint file path
     allow_random_init: bool = False  # only for tests and smoke runs; recorded in the manifest
-    cache_dir: Optional[str] = None  # where pretrained tags are looked up (default: open_clip/HF cache)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    batch_size: Optional[int] = Field(None, ge=1)  # default: `batch_for` the device
-    concurrency: int = Field(1, ge=1)  # embed actors; one GPU each on a GPU cluster
-    num_cpus_per_actor: float = Field(1.0, gt=0)
-    torch_threads: Optional[int] = Field(None, ge=1)  # CPU actors: intra-op threads
     seed: int = 0  # random-init weights
+    # where pretrained tags are looked up (default: open_clip/HF cache); the weights' identity is the model id
+    cache_dir: Annotated[Optional[str], PLACEMENT] = None
+    device: Annotated[Literal["auto", "cpu", "cuda"], PLACEMENT] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    batch_size: Annotated[Optional[int], PLACEMENT] = Field(None, ge=1)  # default: `batch_for` the device
+    concurrency: Annotated[int, PLACEMENT] = Field(1, ge=1)  # embed actors; one GPU each on a GPU cluster
+    num_cpus_per_actor: Annotated[float, PLACEMENT] = Field(1.0, gt=0)
+    torch_threads: Annotated[Optional[int], PLACEMENT] = Field(None, ge=1)  # CPU actors: intra-op threads
 
     def batch_for(self, device: str) -> int:
         """`batch_size`, else by device: on CPU a ViT-B-32 batch of 32 keeps its activations in cache

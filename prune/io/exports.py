@@ -4,7 +4,7 @@ ids (with `url` and `caption` when the input has them, as img2dataset re-downloa
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from prune import schema
-from prune.settings import NonEmptyStr, Section
+from prune.settings import PLACEMENT, NonEmptyStr, Section
 
 FORMAT_PARQUET, FORMAT_DATACOMP = "parquet", "datacomp"
 DATACOMP_FILE = "datacomp_subset.npy"
@@ -29,7 +29,7 @@ class ExportConfig(Section):
     # columns of the input parquet carried beside the id when the input has them
     columns: list[str] = ["url", "caption"]
     # DataComp's file gathers every kept uid (16 bytes each) in one process: this bounds it
-    max_datacomp_rows: int = Field(2_000_000_000, ge=1)
+    max_datacomp_rows: Annotated[int, PLACEMENT] = Field(2_000_000_000, ge=1)  # a bound: the file is the same
 
 
 def uid_pairs(uids) -> tuple[np.ndarray, list]:

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
-from prune.settings import Section
+from prune.settings import PLACEMENT, Section
 
 # where output shards read the kept bytes from: "input", ranges of the input tars (the kept bytes
 # move once; right for local disks and shared file systems); "staged", fragment tars of the kept
 # members written first (one sequential read per input tar; right for object storage, where small
 # range reads are slow); "auto", by the input's storage
 COPY_FROM_AUTO, COPY_FROM_INPUT, COPY_FROM_STAGED = "auto", "input", "staged"
-PLACEMENT_ONLY = {"copy_from"}  # the bytes written are the same either way
 
 
 class WriteConfig(Section):
     samples_per_shard: int = Field(1000, ge=1)
     band_step: float = Field(0.1, gt=0.0, le=1.0)  # pruned shards come in bands of this keep fraction
-    copy_from: Literal["auto", "input", "staged"] = COPY_FROM_AUTO
+    copy_from: Annotated[Literal["auto", "input", "staged"], PLACEMENT] = COPY_FROM_AUTO  # the same bytes either way

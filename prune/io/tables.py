@@ -10,6 +10,7 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prune import schema
@@ -31,6 +32,46 @@ def read_embeddings(out: OutputDir, shard: str, columns=None) -> pa.Table:
 def read_scores(out: OutputDir, shard: str, columns=None) -> pa.Table:
     with out.open(schema.SCORES_DIR, schema.shard_file(shard)) as f:
         return read_parquet(f, columns)
+
+
+def read_assignment(out: OutputDir, shard: str, columns=None) -> pa.Table:
+    with out.open(schema.ASSIGN_DIR, schema.shard_file(shard)) as f:
+        return read_parquet(f, columns)
+
+
+def read_removals(out: OutputDir, stage: str, shard: str, columns=(schema.KEY, schema.STATUS)) -> pa.Table:
+    """One curation stage's removals of one shard (`columns`: None for all of them)."""
+    with out.open(schema.removals_dir(stage), schema.shard_file(shard)) as f:
+        return read_parquet(f, None if columns is None else list(columns))
+
+
+def after_removals(out: OutputDir, shard: str, keys, status, removals) -> np.ndarray:
+    """The statuses of a shard's samples once the curation stages `removals` (in order) removed
+    theirs: a sample ok so far takes the reason of the first stage that removed it. A reason that
+    is ok or a failure status is a stage's bug, and an error."""
+    status = np.asarray(status, dtype=object).copy()
+    for stage in removals:
+        table = read_removals(out, stage, shard)
+        if not len(table):
+            continue
+        reasons = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
+        if not schema.is_removal(reasons).all():
+            raise ValueError(f"removals/{stage}/{schema.shard_file(shard)}: a removal's reason must be neither "
+                             f"{schema.STATUS_OK!r} nor a failure status, found {sorted(set(reasons))}")
+        at = pc.index_in(pa.array(keys, pa.string()), value_set=table.column(schema.KEY))
+        found = at.is_valid().to_numpy(zero_copy_only=False)
+        idx = at.fill_null(0).to_numpy(zero_copy_only=False)
+        hit = found & (status == schema.STATUS_OK)
+        status[hit] = reasons[idx[hit]]
+    return status
+
+
+def write_removals(out: OutputDir, stage: str, shard: str, table: pa.Table, fp: str) -> None:
+    """A curation stage's removals of one shard (KEY and STATUS first), stamped with its fingerprint."""
+    if table.schema.names[:2] != schema.REMOVAL_SCHEMA.names:
+        raise ValueError(f"removals of {stage!r} must start with the columns {schema.REMOVAL_SCHEMA.names}")
+    with out.open_atomic(schema.removals_dir(stage), schema.shard_file(shard)) as f:
+        pq.write_table(table.replace_schema_metadata({schema.META_REMOVALS_FINGERPRINT: fp.encode()}), f)
 
 
 def file_metadata(out: OutputDir, directory: str, shard: str) -> dict:

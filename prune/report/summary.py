@@ -40,7 +40,7 @@ def shard_counts(scores: pa.Table, k: int) -> Counts:
     """One scores table -> its Counts: the samples that were assigned a cluster, kept, pruned or
     removed by a curation stage (the failures are counted in the manifest)."""
     status = scores.column(schema.STATUS).to_numpy(zero_copy_only=False)
-    removed = np.isin(status, schema.REMOVAL_STATUSES)
+    removed = schema.is_removal(status)
     assigned = (status == schema.STATUS_OK) | removed
     dist = scores.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[assigned].astype(np.float64)
     keep = scores.column(schema.KEEP).to_numpy(zero_copy_only=False)[assigned].astype(bool)
