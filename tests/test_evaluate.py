@@ -121,7 +121,7 @@ def _pool_of(shards):
 def test_in_memory_selection_is_exactly_the_select_stage(ray_cluster, tmp_path):
     from pipelines.stage import Context
     from pipelines.stages.select import SelectStage
-    from prune.io.tables import empty_selection, npy_bytes
+    from prune.io.tables import assignment, npy_bytes
 
     k, fractions, seed = 4, [0.3, 0.75], 5
     shards = _fake_pool(k=k)
@@ -131,8 +131,8 @@ def test_in_memory_selection_is_exactly_the_select_stage(ray_cluster, tmp_path):
         table = pa.table({schema.KEY: pa.array(s["keys"], pa.string()), schema.SHARD: pa.array([s["shard"]] * len(ok), pa.string()),
                           schema.STATUS: pa.array(s["status"], pa.string())})
         cluster = np.where(ok, s["cluster"], -1).astype(np.int32)
-        with out.open_atomic(schema.SCORES_DIR, f"{s['shard']}.parquet") as f:
-            pq.write_table(empty_selection(table, cluster, np.where(ok, s["distance"], np.nan), ok), f)
+        with out.open_atomic(schema.ASSIGN_DIR, f"{s['shard']}.parquet") as f:
+            pq.write_table(assignment(table, cluster, np.where(ok, s["distance"], np.nan), ok), f)
     urls = {s["shard"]: f"/nowhere/{s['shard']}.tar" for s in shards}
     # what the select stage reads of the prototypes: k, and the centroids (for the dbp budget)
     out.write_json({"k": k}, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)

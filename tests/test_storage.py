@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 
 import fsspec
 import pytest
 
-from prune.io.storage import OutputDir, UnsafePathError
+from prune.io.storage import OutputDir, UnsafePathError, Versioned
 
 
 def tree(root) -> set[str]:
@@ -199,3 +200,49 @@ def test_an_output_store_without_atomic_writes_is_refused():
 
     with pytest.raises(UnsupportedStorageError, match="http:// are not known to be atomic"):
         OutputDir("http://127.0.0.1:9/out")
+
+
+# --- conditional writes (the output lock's primitives; S3's are tested in test_lock.py) ---------
+
+
+def test_create_exclusive_creates_once_and_whole(out, tmp_path):
+    assert out.conditional_writes_atomic
+    assert out.create_exclusive(b"first", "d", "f")  # its directory is made
+    assert not out.create_exclusive(b"second", "d", "f")
+    assert (tmp_path / "out" / "d" / "f").read_bytes() == b"first"
+    assert tree(tmp_path / "out") == {"d/f"}  # the temporary it was linked from is gone
+
+
+def test_create_exclusive_without_hard_links_uses_o_excl(out, tmp_path, monkeypatch):
+    """A filesystem without link(2) (FAT, some FUSE mounts) answers EPERM: O_EXCL creates instead."""
+
+    def no_links(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert out.create_exclusive(b"first", "f") and not out.create_exclusive(b"second", "f")
+    assert (tmp_path / "out" / "f").read_bytes() == b"first" and tree(tmp_path / "out") == {"f"}
+
+
+def test_replace_if_and_remove_if_act_only_on_the_version_read(out, tmp_path):
+    assert out.read_versioned("f") is None
+    out.write_bytes(b"one", "f")
+    one = out.read_versioned("f")
+    assert one == Versioned(b"one", one.version)
+    assert out.replace_if(b"two", one.version, "f") and not out.replace_if(b"three", one.version, "f")
+    assert not out.remove_if(one.version, "f")  # set aside, found newer, put back
+    assert (tmp_path / "out" / "f").read_bytes() == b"two"
+    two = out.read_versioned("f")
+    assert out.remove_if(two.version, "f") and not out.remove_if(two.version, "f")  # one remover wins
+    assert not out.replace_if(b"x", two.version, "f")  # gone: nothing to replace
+    assert tree(tmp_path / "out") == set()  # no temporary or set-aside file is left
+
+
+def test_a_store_without_conditional_writes_checks_writes_and_reads_back():
+    mem = OutputDir("memory://ssl-prune-storage-test/conditional")
+    assert not mem.conditional_writes_atomic
+    assert mem.create_exclusive(b"one", "f") and not mem.create_exclusive(b"two", "f")
+    one = mem.read_versioned("f")
+    assert one.data == b"one" and mem.replace_if(b"three", one.version, "f")
+    assert not mem.remove_if(one.version, "f") and mem.remove_if(mem.read_versioned("f").version, "f")
+    assert not mem.exists("f")

@@ -24,7 +24,7 @@ from prune import schema
 from prune.cluster.kmeans import Assigner, prototype_distance
 from prune.cluster.settings import KMeansConfig
 from prune.io.exports import ExportConfig, id_column
-from prune.io.tables import load_centroids, ok_matrix, read_embeddings, shard_metadata
+from prune.io.tables import assignment, load_centroids, ok_matrix, read_embeddings, shard_metadata
 from prune.settings import ConfigError
 
 from ..runtime import resolve
@@ -36,17 +36,6 @@ from ..stage import STAGES, Context, Resources
 class AssignStats:
     shards_assigned: int
     shards_reused: int
-
-
-def assignment(table: pa.Table, cluster: np.ndarray, distance: np.ndarray, ok: np.ndarray) -> pa.Table:
-    """The assignment of an embeddings table: its ids and statuses, each ok sample's cluster and distance."""
-    return pa.table({
-        schema.KEY: table.column(schema.KEY),
-        schema.SHARD: table.column(schema.SHARD),
-        schema.STATUS: table.column(schema.STATUS),
-        schema.CLUSTER: pa.array(cluster, pa.int32()),
-        schema.DISTANCE: pa.array(distance, pa.float32(), mask=~ok),
-    }, schema=schema.ASSIGN_SCHEMA)
 
 
 @STAGES.register

@@ -110,23 +110,16 @@ def load_centroids(out: OutputDir) -> np.ndarray:
         return np.load(f)
 
 
-def empty_selection(table: pa.Table, cluster, distance, ok) -> pa.Table:
-    """A scores table with assignment filled in and the selection columns not yet decided."""
-    n = len(table)
-    return pa.table(
-        {
-            schema.KEY: table.column(schema.KEY),
-            schema.SHARD: table.column(schema.SHARD),
-            schema.STATUS: table.column(schema.STATUS),
-            schema.CLUSTER: pa.array(cluster, pa.int32()),
-            schema.DISTANCE: pa.array(distance, pa.float32(), mask=~ok),
-            schema.PRIORITY: pa.array(np.zeros(n, np.uint64), pa.uint64()),
-            schema.PERCENTILE: pa.nulls(n, pa.float64()),
-            schema.KEEP: pa.array(np.zeros(n, bool)),
-            schema.BAND: pa.array(np.full(n, -1, np.int32)),
-        },
-        schema=schema.SCORES_SCHEMA,
-    )
+def assignment(table: pa.Table, cluster, distance, ok) -> pa.Table:
+    """The assignment of an embeddings table (assign/): its ids and statuses, each ok sample's
+    cluster and distance (null for the others)."""
+    return pa.table({
+        schema.KEY: table.column(schema.KEY),
+        schema.SHARD: table.column(schema.SHARD),
+        schema.STATUS: table.column(schema.STATUS),
+        schema.CLUSTER: pa.array(cluster, pa.int32()),
+        schema.DISTANCE: pa.array(distance, pa.float32(), mask=~ok),
+    }, schema=schema.ASSIGN_SCHEMA)
 
 
 def shard_metadata(out: OutputDir, shard: str, url: str):
