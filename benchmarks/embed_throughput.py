@@ -23,6 +23,10 @@ re-run). Embedding agreement: cosine between each variant's vectors (the pipelin
 stored, float16) and the naive fp32 ones, per key.
 
     .venv/bin/python benchmarks/embed_throughput.py [--images 1000] [--model ViT-B-32] [--batch-size 32]
+
+`--json benchmarks/results/embed_throughput.json` also writes the run's figures as JSON: its
+`efficiency` (the pipeline's share of the matmul rate, end to end, model load included) is the
+capacity plan's default (prune/plan/measured.py, `MEASURED_EFFICIENCY` copies it).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import datetime
 import io
+import json
 import logging
 import os
 import platform
@@ -243,6 +249,27 @@ def agreement(ref: dict, res: dict) -> tuple[float, float]:
     return float(cos.min()), float(cos.mean())
 
 
+def cpu_name() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+
+
+def results_json(args, n: int, gflops: float, peak: dict, results: dict, pipe: dict) -> dict:
+    """The run's figures for programs: the capacity plan reads `efficiency`, the pipeline's images/s
+    end to end (model load included) x FLOPs per image over the matmul rate in its dtype."""
+    rows = [{"variant": name, "precision": r["precision"], "wall_s": round(r["wall"], 1), "load_s": round(r["load"], 1),
+             "images_per_s": round(n / r["wall"], 1), "images_per_s_excl_load": round(n / (r["wall"] - r["load"]), 1)}
+            for name, r in results.items()]
+    rate = n / pipe["wall"]
+    return {
+        "benchmark": "benchmarks/embed_throughput.py", "date": datetime.date.today().isoformat(),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}",
+        "model": args.model, "images": n, "batch_size": args.batch_size, "torch_threads": args.threads,
+        "gflops_per_image": round(gflops, 3), "matmul_gflops": {k: round(v) for k, v in peak.items()},
+        "precision": pipe["precision"], "images_per_s": round(rate, 2),
+        "efficiency": round(rate * gflops / peak[pipe["precision"]], 4), "variants": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -253,6 +280,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-embedder", action="store_true", help="leave out variant 3 (in-process embedder)")
     parser.add_argument("--actors", type=int, default=1, help="embed actors in the pipeline variant (embed.concurrency)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (the capacity plan reads "
+                        "benchmarks/results/embed_throughput.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), load_avg()
@@ -278,8 +307,7 @@ def main() -> None:
             shards_dir, os.path.join(tmp, "out"), args, args.threads)
 
     n = len(naive["keys"])
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"\nMachine: {cpu}, {os.cpu_count()} cores, torch threads {args.threads}, "
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, torch threads {args.threads}, "
           f"CPU bf16 (avx512_bf16/amx): {cpu_supports_bf16()}, torch {torch.__version__}, {platform.python_version()}")
     print(f"Load average (1 min) before/after: {load_before:.2f}/{load_avg():.2f} "
           f"(above ~0.5 at start, other processes share the cores)")
@@ -319,6 +347,11 @@ def main() -> None:
         if "decode" in r:
             print(f"  (in-process '{name}': read+decode {r['decode']:.1f} s = {1e3 * r['decode'] / n:.1f} ms/image)")
     print(f"\nTotal benchmark time {time.perf_counter() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results_json(args, n, gflops, peak, results, pipe), f, indent=1)
+            f.write("\n")
+        print(f"Figures in {args.json}")
 
 
 if __name__ == "__main__":

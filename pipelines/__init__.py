@@ -1,5 +1,5 @@
-"""ssl-prune's Ray wiring: the stage protocol, the executor, the stages and the CLI (pipelines/cli)."""
+"""ssl-prune's Ray wiring: the stage protocol, the executor, the stages and the CLI (pipelines/cli).
 
-from .quick_exit import install as _install_quick_exit
-
-_install_quick_exit()  # every process that imports our pipelines: drivers, Ray workers, embed actors
+Importing it has no side effect on the process: the CLI alone freezes the heap at exit
+(pipelines/quick_exit.py) and filters fd 2 (pipelines/cli/noise.py).
+"""

@@ -9,6 +9,7 @@ number of shards.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -35,6 +36,41 @@ class RayConfig(Section):
     object_store_memory: Optional[int] = Field(None, ge=78_643_200)
 
 
+_QUICK_EXIT: list = []  # non-empty: the Ray this process starts or joins freezes its workers at exit
+# Ray's own names (ray._private): the job's runtime_env as `ray job submit` passes it to the driver,
+# and the variable a setup hook becomes in a runtime_env's env_vars
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+
+
+def quick_exit_workers() -> None:
+    """The CLI's choice, never the Python API's: the Ray workers and actors of the job `connect`
+    starts next freeze their heap at exit, as the CLI's driver does (pipelines/quick_exit.py)."""
+    _QUICK_EXIT[:] = [True]
+
+
+def _job_runtime_env() -> dict:
+    """The runtime_env `ray job submit` gave this job (Ray merges ray.init's into it), or {}."""
+    try:
+        return json.loads(os.environ.get(JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def worker_runtime_env(address: str | None = None) -> dict | None:
+    """What `connect` adds to the job's runtime_env: the quick-exit setup hook, when the CLI asked
+    for it, the job has no setup hook of its own (Ray refuses two) and `address` is no Ray Client
+    one (it cannot ship a function). Otherwise None: those workers simply exit as usual."""
+    from .quick_exit import worker_setup_hook
+
+    job = _job_runtime_env()
+    taken = ("worker_process_setup_hook" in job or SETUP_HOOK_ENV in (job.get("env_vars") or {})
+             or SETUP_HOOK_ENV in os.environ)
+    if not _QUICK_EXIT or taken or (address or "").startswith("ray://"):
+        return None
+    return {"worker_process_setup_hook": worker_setup_hook()}
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
@@ -57,28 +93,33 @@ def connect(cfg: RayConfig) -> str:
     An explicit `ray.address`, or RAY_ADDRESS (set by `ray job submit`), joins that cluster;
     then a `ray start` cluster on this machine whose head answers; otherwise a new local Ray
     starts. The address file a dead cluster left behind is never followed (Ray would wait on it).
+    Under the CLI the job's workers get the quick-exit hook (`worker_runtime_env`); a Ray this
+    process had already initialised is used as it is.
     """
     if not verbose():
         quiet_ray_data()
     if ray.is_initialized():
         return "existing"
-    quiet = {"configure_logging": False, "log_to_driver": verbose()}
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        address = cfg.address or os.environ["RAY_ADDRESS"]
-        ray.init(address=address, **quiet)
+    common = {"configure_logging": False, "log_to_driver": verbose()}
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    hook = worker_runtime_env(address)
+    if hook:  # merged by Ray with the runtime_env of a submitted job, never in place of it
+        common["runtime_env"] = hook
+    if address:
+        ray.init(address=address, **common)
         if address == "local":
             _reap_with_this_process()
         return f"address:{address}"
     running = live_local_cluster()
     if running:
-        ray.init(address=running, **quiet)
+        ray.init(address=running, **common)
         return f"existing:{running}"
     extra = {}
     if cfg.num_cpus:
         extra["num_cpus"] = cfg.num_cpus
     if cfg.object_store_memory:
         extra["object_store_memory"] = cfg.object_store_memory
-    ray.init(address="local", include_dashboard=False, **quiet, **extra)
+    ray.init(address="local", include_dashboard=False, **common, **extra)
     _reap_with_this_process()
     return "local"
 

@@ -1,6 +1,7 @@
 """The capacity plan's formulas: relationships between inputs and outputs, not fixed numbers."""
 
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -37,9 +38,24 @@ def test_gpu_rate_is_efficiency_times_peak_over_flops():
     assert capacity.gpu_images_per_second(B32, h100, 0.4) / r == pytest.approx(h100.bf16_tflops / a10g.bf16_tflops)
 
 
-def test_default_efficiency_is_the_measured_cpu_pipeline_share():
-    # 44.7 img/s x GFLOPs/image against the measured 1029 GFLOP/s bf16 matmul rate (README, Benchmark)
-    assert 0.3 < Assumptions().efficiency < 0.5
+EMBED_RESULTS = ROOT / "benchmarks" / "results" / "embed_throughput.json"
+
+
+def test_default_efficiency_is_the_benchmarks_measured_share():
+    """The plan's efficiency is the figure benchmarks/embed_throughput.py wrote: the pipeline's
+    images/s end to end x GFLOPs per image over the matmul rate measured in the same run."""
+    measured = json.loads(EMBED_RESULTS.read_text())
+    assert capacity.EMBED_RESULTS == EMBED_RESULTS
+    assert Assumptions().efficiency == measured["efficiency"]
+    rate = measured["images_per_s"] * measured["gflops_per_image"] / measured["matmul_gflops"][measured["precision"]]
+    assert measured["efficiency"] == pytest.approx(rate, rel=5e-3)
+
+
+def test_an_installed_package_falls_back_to_the_same_figure(tmp_path):
+    """Installed without the benchmarks directory, the plan uses the constant copied from the
+    results file: the two must not drift apart."""
+    assert capacity.MEASURED_EFFICIENCY == json.loads(EMBED_RESULTS.read_text())["efficiency"]
+    assert capacity.measured_efficiency(tmp_path / "no_benchmarks.json") == capacity.MEASURED_EFFICIENCY
 
 
 def test_decode_cpus_per_gpu_is_gpu_rate_over_decode_rate():

@@ -121,8 +121,10 @@ def test_installed_demo_runs_from_any_directory_on_a_cpu_only_ray(tmp_path):
 
     made = cli("demo-data", "shards", "--count", "300", "--shard-size", "100")
     assert made.returncode == 0, made.stderr
-    res = cli("run", "demo", "input=shards/{00000..00002}.tar", "output=out", "kmeans.k=5", "select.keep_fraction=0.5",
-              "write.samples_per_shard=40", "ray.num_cpus=2", "embed.torch_threads=null")
+    # dedup.eps looser than the demo's 0.01, at which 300 images hold almost no near-copies: ~1/6 go
+    run = ("run", "demo", "input=shards/{00000..00002}.tar", "output=out", "kmeans.k=5", "select.keep_fraction=0.5",
+           "write.samples_per_shard=40", "ray.num_cpus=2", "embed.torch_threads=null", "dedup.eps=0.03")
+    res = cli(*run)
     assert res.returncode == 0, res.stderr[-3000:]
     out = work / "out"
     ran = json.loads((out / "manifest.json").read_text())["config"]["embed"]["pretrained"]
@@ -133,17 +135,19 @@ def test_installed_demo_runs_from_any_directory_on_a_cpu_only_ray(tmp_path):
     assert "stage embed: 3 shards computed, 0 reused in" in res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     c = manifest["counts"]
-    assert f"300 samples in 3 shards -> kept {c['kept']}, pruned {c['pruned']}, failed 0" in res.stdout
-    assert abs(c["kept"] - 150) <= 5 / 2  # balanced over k=5 clusters: each rounds by at most 1/2
-    assert c["input_samples"] == 300 == c["kept"] + c["pruned"] + c["failed"]
+    assert c["removed"] > 0 and c["removed_by_reason"] == {"near_duplicate": c["removed"]}
+    assert (f"300 samples in 3 shards -> kept {c['kept']}, pruned {c['pruned']}, "
+            f"removed {c['removed']} {{\"near_duplicate\": {c['removed']}}}, failed 0 {{}}") in res.stdout
+    assert c["input_samples"] == 300 == c["kept"] + c["pruned"] + c["removed"] + c["failed"]
+    # keep_fraction is of what dedup left; each of the k=5 clusters rounds by at most 1/2
+    assert abs(c["kept"] - (300 - c["removed"]) / 2) <= 5 / 2
     assert manifest["stages"]["embed"]["actor_resources"]["num_gpus"] == 0
     assert manifest["stages"]["embed"]["torch_threads"] == 2  # the actor gets the node's cores, not Ray's 1
     assert manifest["random_init"] is False and manifest["model_id"].startswith("local:small_resnet:")  # the shipped encoder
     assert json.loads((out / "pruned" / "sizes.json").read_text()) and (out / "pruned" / "bands.json").exists()
     assert {"ray", "torch", "faiss-cpu", "open_clip_torch"} <= manifest["versions"].keys()
     # the same run again: every stage complete, so nothing starts, not even Ray
-    again = cli("run", "demo", "input=shards/{00000..00002}.tar", "output=out", "kmeans.k=5", "select.keep_fraction=0.5",
-                "write.samples_per_shard=40", "ray.num_cpus=2", "embed.torch_threads=null")
+    again = cli(*run)
     second = json.loads((out / "manifest.json").read_text())
     assert again.returncode == 0 and second["ray"] == "not started" and all(s["reused"] for s in second["stages"].values())
     assert second["counts"] == c and (out / "report.html").exists()

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import ray
 
 from pipelines import runtime
+
+from .conftest import REPO, subprocess_env
 
 
 def _square(x: int) -> int:
@@ -74,15 +81,84 @@ def test_run_batched_runs_few_tasks_and_yields_every_item(ray_cluster):
         assert len({pid for _, pid in got[at : at + len(part)]}) == 1
 
 
-def test_a_process_that_imports_pipelines_freezes_its_heap_at_exit():
-    """Python's last collection skips frozen objects: the exit handler must have run before it.
-    (Exit handlers run last-registered first, so the probe, registered before the import, runs
-    after ours and sees what the final collection will see.)"""
-    import subprocess
-    import sys
+def _python(code: str, **env) -> dict:
+    """Run `code` in a fresh interpreter; -> its printed `name value` lines, as a dict."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=subprocess_env(PYTHONPATH=REPO, **env))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
 
-    probe = ("import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count())); "
-             "print('before', gc.get_freeze_count()); import pipelines")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    counts = dict(line.split() for line in done.stdout.split("\n") if line)
-    assert int(counts["before"]) == 0 and int(counts["frozen"]) > 1_000  # every object alive at exit
+
+# Exit handlers run last-registered first: this one, registered before anything of ours is imported,
+# runs after every handler of ours and sees what Python's final collection will see
+FREEZE_PROBE = "import atexit, gc; atexit.register(lambda: print('frozen', gc.get_freeze_count(), flush=True))\n"
+
+
+def test_importing_our_packages_neither_freezes_at_exit_nor_takes_fd_2():
+    """The Python API's imports neither freeze the heap at exit nor put a filter in front of fd 2:
+    both are the CLI's alone."""
+    code = FREEZE_PROBE + textwrap.dedent("""
+        import os, threading
+        before = os.fstat(2)
+        import prune, pipelines, pipelines.cli, pipelines.cli.jobs, pipelines.cli.noise, pipelines.runtime
+        from pipelines import quick_exit
+        print("fd2_same", os.fstat(2) == before)
+        print("filter_thread", any(t.name == "stderr-filter" for t in threading.enumerate()))
+        print("installed", quick_exit.installed())
+    """)
+    got = _python(code)
+    assert got == {"fd2_same": "True", "filter_thread": "False", "installed": "False", "frozen": "0"}
+
+
+CLI_RUN = FREEZE_PROBE + textwrap.dedent("""
+    import ray
+    import pipelines.cli.jobs as jobs
+    from pipelines import quick_exit, runtime
+
+    @ray.remote(num_cpus=0)
+    def worker_state():
+        import os
+        from pipelines import quick_exit
+        return quick_exit.installed(), os.environ.get("FROM_THE_JOB")
+
+    def run(cfg):  # the run verb's job, cut down to joining Ray and asking a worker
+        print("connected", runtime.connect(cfg.ray).split(":")[0])
+        installed, job_var = ray.get(worker_state.remote())
+        print("worker_installed", installed)
+        print("worker_job_var", job_var)
+        return {"counts": {"input_shards": 0}}
+
+    jobs.run = run
+    from pipelines.cli import main
+    print("rc", main(["run", "demo"]))
+    print("driver_installed", quick_exit.installed())
+""")
+
+
+def test_the_cli_freezes_its_heap_at_exit_and_its_ray_workers_too(ray_cluster):
+    """`ssl-prune run` (its job replaced by a probe) joins the session's Ray as a submitted job
+    would: the driver freezes at exit, a worker of its job ran the setup hook, and the job's own
+    runtime_env (an env var, as `ray job submit --runtime-env-json` gives) was kept beside it."""
+    job = json.dumps({"runtime_env": {"env_vars": {"FROM_THE_JOB": "kept"}}})
+    got = _python(CLI_RUN, RAY_ADDRESS=ray.get_runtime_context().gcs_address, **{runtime.JOB_CONFIG_ENV: job})
+    assert got["rc"] == "0" and got["connected"] == "address"
+    assert got["driver_installed"] == "True" and int(got["frozen"]) > 1_000  # every object alive at exit
+    assert got["worker_installed"] == "True" and got["worker_job_var"] == "kept"
+
+
+def _installed() -> bool:
+    from pipelines import quick_exit
+
+    return quick_exit.installed()
+
+
+def test_the_python_api_gets_no_worker_hook(ray_cluster, monkeypatch):
+    """Without the CLI's mark no hook is asked for, and a worker that imports us does not freeze;
+    with it, none where the job has a setup hook of its own or the address is Ray Client's."""
+    assert runtime.worker_runtime_env() is None
+    assert ray.get(ray.remote(num_cpus=0)(_installed).remote()) is False
+    monkeypatch.setattr(runtime, "_QUICK_EXIT", [True])
+    assert callable(runtime.worker_runtime_env()["worker_process_setup_hook"])
+    assert runtime.worker_runtime_env("ray://head:10001") is None
+    monkeypatch.setenv(runtime.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"worker_process_setup_hook": "theirs.setup"}}))
+    assert runtime.worker_runtime_env() is None

@@ -3,8 +3,8 @@
 Pure functions over small dataclasses, so every relationship is testable; the CLI that measures
 and prints is `cluster/capacity_plan.py`. Nothing here was measured on a GPU: GPU rates are the
 FLOPs a model needs per image against a GPU's dense bf16 peak, at the share of peak that our own
-pipeline reached on CPU (see `Assumptions.efficiency`). Every figure is an estimate; the
-assumptions are printed beside the table.
+pipeline reached on CPU (`measured_efficiency`, from benchmarks/embed_throughput.py's results).
+Every figure is an estimate; the assumptions are printed beside the table.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace  # noqa: F401 (replace: used by the CLI)
 
 from prune.cluster.kmeans import default_k
+from prune.plan.measured import EMBED_RESULTS, MEASURED_EFFICIENCY, measured_efficiency  # noqa: F401 (re-exported)
 
 GB = 1e9
 TB = 1e12
-
-
 
 def image_gflops(visual, size: int) -> float:
     """GFLOPs of one forward pass of an image tower on a size x size image (FlopCounterMode).
@@ -98,9 +97,8 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Assumptions:
-    # share of peak the GPU reaches: what our pipeline reached on CPU, 44.7 img/s x 8.725 GFLOPs
-    # against the measured 1029 GFLOP/s bf16 matmul rate (README, Benchmark) = 0.379
-    efficiency: float = 44.7 * 8.725 / 1029.0
+    # share of peak the GPU reaches: what our pipeline reached on CPU (`measured_efficiency`)
+    efficiency: float = field(default_factory=measured_efficiency)
     decode_images_per_cpu: float = 670.0  # measured: prune.embed.decode.decode_image, 256 px q95 JPEGs -> 224 crop
     bytes_per_sample: float = 40e3  # jpg + txt + json at img2dataset's 256 px resize (LAION: ~40-50 KB)
     io_mb_per_cpu: float = 80.0  # object-store stream per writer task (one S3 GET/PUT stream ~ 50-100 MB/s)
