@@ -16,7 +16,8 @@ import ray
 from prune import schema
 from prune.embed.decode import PreprocessSpec, decode_batch
 from prune.embed.settings import DecodeConfig
-from prune.io.shards import read_shard
+from prune.embed.text import MAX_CAPTION_CHARS, decode_caption
+from prune.io.shards import read_shard, read_sibling_metadata
 from prune.io.storage import OutputDir, split_url
 from prune.io.tar_index_cache import record_index, tar_stamp
 
@@ -33,24 +34,50 @@ class ShardInput:
     url: str  # the input tar
 
 
-def read_rows(item: dict, image_extensions: list[str], out: Optional[OutputDir] = None) -> list[dict]:
+def read_rows(item: dict, image_extensions: list[str], out: Optional[OutputDir] = None,
+              caption_column: Optional[str] = None) -> list[dict]:
     """One tar ({shard, url} row) -> one row per sample (image bytes, or empty with the failure status).
-    With `out`, where the tar's samples lie is recorded there too (the write stage's index)."""
+    With `out`, where the tar's samples lie is recorded there too (the write stage's index). With
+    `caption_column`, each row carries its caption (`captions_of`)."""
     shard = item["shard"]
     stamp = _stamp_or_none(item["url"]) if out is not None else None
     result = read_shard(item["url"], image_extensions)
     if stamp is not None and not result.shard_error:
         _record(out, shard, item["url"], stamp, result.samples)
     if result.shard_error:
-        return [{schema.SHARD: shard, schema.KEY: SHARD_ERROR_KEY, POS: -1, COUNT: 0,
-                 schema.STATUS: f"{result.shard_error}: {result.detail}"[:500], schema.IMAGE: b""}]
+        row = {schema.SHARD: shard, schema.KEY: SHARD_ERROR_KEY, POS: -1, COUNT: 0,
+               schema.STATUS: f"{result.shard_error}: {result.detail}"[:500], schema.IMAGE: b""}
+        return [row | ({schema.CAPTION: None} if caption_column is not None else {})]
     n = len(result.samples)
     rows = []
     for i, s in enumerate(result.samples):
         found = s.member(image_extensions) if s.status == schema.STATUS_OK else None
         rows.append({schema.SHARD: shard, schema.KEY: s.key, POS: i, COUNT: n,
                      schema.STATUS: s.status, schema.IMAGE: found[1] if found else b""})
+    if caption_column is not None:
+        for row, caption in zip(rows, captions_of(result.samples, item["url"], caption_column)):
+            row[schema.CAPTION] = caption
     return rows
+
+
+def captions_of(samples: list, url: str, column: str) -> list[Optional[str]]:
+    """Each sample's caption: its .txt member (img2dataset writes one), else `column` of the parquet
+    beside the tar (read only if some sample has no .txt); None where neither has one, or it is
+    empty or not UTF-8 (the embed stage counts those)."""
+    found = [decode_caption(member[1]) if (member := s.member(("txt",))) else None for s in samples]
+    if all(f is not None for f in found):
+        return found
+    metadata = read_sibling_metadata(url)
+    if metadata is None or column not in metadata.column_names or schema.KEY not in metadata.column_names:
+        return found
+    by_key = dict(zip(metadata.column(schema.KEY).to_pylist(), metadata.column(column).to_pylist()))
+    return [f if f is not None else _clean(by_key.get(s.key)) for f, s in zip(found, samples)]
+
+
+def _clean(value) -> Optional[str]:
+    if not isinstance(value, str):
+        return None
+    return value.strip()[:MAX_CAPTION_CHARS] or None
 
 
 def _stamp_or_none(url: str) -> Optional[str]:
@@ -84,13 +111,14 @@ def decode_memory_bytes(batch_size: int, spec: PreprocessSpec) -> int:
 
 def decoded_dataset(
     shards: list[ShardInput], decode: DecodeConfig, image_extensions: list[str], spec: PreprocessSpec,
-    index_out: Optional[OutputDir] = None,
+    index_out: Optional[OutputDir] = None, caption_column: Optional[str] = None,
 ) -> ray.data.Dataset:
     """Shards -> a Ray Dataset of rows with uint8 crops: read tasks, then CPU decode tasks.
-    `index_out`: where the read tasks record each tar's index (`tar_index/`), if anywhere."""
+    `index_out`: where the read tasks record each tar's index (`tar_index/`), if anywhere;
+    `caption_column`: rows carry their captions (embed.text)."""
     items = [{"shard": s.shard, "url": s.url} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.flat_map(read_rows, fn_args=(image_extensions, index_out))
+    ds = ds.flat_map(read_rows, fn_args=(image_extensions, index_out, caption_column))
     return ds.map_batches(
         decode_rows, fn_args=(spec, decode.draft, decode.max_image_pixels),
         batch_size=decode.batch_size, num_cpus=decode.num_cpus,

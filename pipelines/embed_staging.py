@@ -39,6 +39,17 @@ def embeddings_complete(out: OutputDir, shard: str, fp: str, url: str) -> bool:
     return meta.get(schema.META_EMBED_FINGERPRINT, b"").decode() == fp and meta.get(schema.META_SOURCE_URL, b"").decode() == url
 
 
+def captionless(out: OutputDir, shard: str) -> int:
+    """Samples of a shard embedded fine with embed.text but without a caption (a null clip_score)."""
+    with out.open(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
+        pf = pq.ParquetFile(f)
+        if schema.CLIP_SCORE not in pf.schema_arrow.names:
+            return 0
+        t = pf.read(columns=[schema.STATUS, schema.CLIP_SCORE])
+    ok = pc.equal(t.column(schema.STATUS), schema.STATUS_OK)
+    return int(pc.sum(pc.and_(ok, pc.is_null(t.column(schema.CLIP_SCORE)))).as_py() or 0)
+
+
 def read_staged(out: OutputDir, part_dir: str) -> pa.Table | None:
     """Every staged file of one shard, concatenated; None if there is none.
 
@@ -99,15 +110,17 @@ def finalize_shard(task: FinalizeTask) -> Finalized:
         if len(pos_unique) != expected or pos_unique[0] != 0:
             return Finalized(shard, False, why=f"{len(pos_unique)} of {expected} samples arrived")
     dim = table.schema.field(schema.EMBEDDING).type.list_size
-    final = pa.table(
-        {
-            schema.KEY: table.column(schema.KEY),
-            schema.SHARD: pa.array([shard] * len(table), pa.string()),
-            schema.STATUS: table.column(schema.STATUS),
-            schema.EMBEDDING: table.column(schema.EMBEDDING),
-        },
-        schema=schema.embeddings_schema(dim),
-    ).replace_schema_metadata(meta)
+    columns = {
+        schema.KEY: table.column(schema.KEY),
+        schema.SHARD: pa.array([shard] * len(table), pa.string()),
+        schema.STATUS: table.column(schema.STATUS),
+        schema.EMBEDDING: table.column(schema.EMBEDDING),
+    }
+    text_dim = None
+    if schema.CLIP_SCORE in table.column_names:  # embed.text: the captions' embeddings and scores
+        text_dim = table.schema.field(schema.TEXT_EMBEDDING).type.list_size
+        columns |= {name: table.column(name) for name in (schema.TEXT_EMBEDDING, schema.CLIP_SCORE)}
+    final = pa.table(columns, schema=schema.embeddings_schema(dim, text_dim)).replace_schema_metadata(meta)
     with out.open_atomic(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
         pq.write_table(final, f)
     return Finalized(shard, True, len(final))

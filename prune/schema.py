@@ -47,8 +47,10 @@ STATUS_SMALL_IMAGE = "small_image"  # filter: the image's shorter side is below 
 STATUS_ASPECT_RATIO = "extreme_aspect_ratio"  # filter: longer / shorter side above filter.max_aspect_ratio
 STATUS_SHORT_CAPTION = "short_caption"  # filter: fewer words than filter.min_caption_words
 STATUS_BLOCKED_CAPTION = "blocked_caption"  # filter: the caption matches filter.caption_blocklist
+STATUS_LOW_ALIGNMENT = "low_alignment"  # clip_score: caption and image agree less than the rule keeps
+STATUS_NO_CAPTION = "no_caption"  # clip_score with clip_score.missing=remove: the sample has no caption
 REMOVAL_STATUSES = (STATUS_NEAR_DUPLICATE, STATUS_SMALL_IMAGE, STATUS_ASPECT_RATIO, STATUS_SHORT_CAPTION,
-                    STATUS_BLOCKED_CAPTION)
+                    STATUS_BLOCKED_CAPTION, STATUS_LOW_ALIGNMENT, STATUS_NO_CAPTION)
 
 
 def is_removal(status):
@@ -75,6 +77,7 @@ BAND = "band"  # index of the distance band the kept sample is written in; -1 if
 
 # --- columns of rows in flight (Ray Data, between read, decode and embed; never written) ---
 IMAGE = "image"  # the image member's bytes, as read from the tar
+CAPTION = "caption"  # the sample's caption (its .txt member, else the parquet's caption column); null if none
 PIXELS = "pixels"  # the decoded uint8 crop [size, size, 3] the model's preprocessing asks for
 
 # --- selection policies shipped with the package (prune/select/policies.py registers them) ---
@@ -141,15 +144,17 @@ def shard_id_of(path: str) -> str:
     return name[: -len(".tar")] if name.endswith(".tar") else name
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            (KEY, pa.string()),
-            (SHARD, pa.string()),
-            (STATUS, pa.string()),
-            (EMBEDDING, pa.list_(pa.float16(), dim)),
-        ]
-    )
+# embeddings/ with embed.text (a backend with a text tower): per sample beside the image embedding
+TEXT_EMBEDDING = "text_embedding"  # the caption's, fixed-size list<float16>, L2-normalized; null: no caption
+CLIP_SCORE = "clip_score"  # cosine of the image and caption embeddings (float32); null: no caption or not ok
+
+
+def embeddings_schema(dim: int, text_dim: int | None = None) -> pa.Schema:
+    """embeddings/NNNNN.parquet; with `text_dim`, the caption's embedding and the clip score too."""
+    fields = [(KEY, pa.string()), (SHARD, pa.string()), (STATUS, pa.string()), (EMBEDDING, pa.list_(pa.float16(), dim))]
+    if text_dim is not None:
+        fields += [(TEXT_EMBEDDING, pa.list_(pa.float16(), text_dim)), (CLIP_SCORE, pa.float32())]
+    return pa.schema(fields)
 
 
 SCORES_SCHEMA = pa.schema(

@@ -5,7 +5,18 @@ is a `ShardStage` with `removes = True`, as filter.py) plus its import below; a 
 names it in `stages:` and configures it under the section its fields name.
 """
 
-from . import assign, dedup, embed, export, filter, import_embeddings, prototypes, select, write  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    assign,
+    clip_score,
+    dedup,
+    embed,
+    export,
+    filter,
+    import_embeddings,
+    prototypes,
+    select,
+    write,
+)
 
 # train_encoder.py and evaluate.py hold the stages of the `train-encoder` and `evaluate` jobs,
 # which build them directly: they are not `run` stages and are not registered

@@ -31,8 +31,15 @@ from prune.embed.settings import DecodeConfig, EmbedConfig
 from prune.io.storage import OutputDir
 
 from ..decoding import COUNT, POS, ShardInput, decoded_dataset
-from ..embed_staging import STAGE_WRITE_CPUS, FinalizeTask, embeddings_complete, finalize_as_staged, stage_rows
-from ..pending import pending
+from ..embed_staging import (
+    STAGE_WRITE_CPUS,
+    FinalizeTask,
+    captionless,
+    embeddings_complete,
+    finalize_as_staged,
+    stage_rows,
+)
+from ..pending import pending, per_shard
 from ..runtime import cluster_gpus
 from ..stage import STAGES, Context, Resources, Stage
 
@@ -44,6 +51,7 @@ class EmbedStats:
     shards_reused: int
     actor_resources: Optional[dict] = None  # Ray resources of one actor, and how many actors
     torch_threads: Optional[int] = None
+    without_caption: Optional[int] = None  # with embed.text: samples embedded fine that had no caption
 
 
 class EmbedActor:
@@ -62,18 +70,34 @@ class EmbedActor:
     def __call__(self, batch: dict) -> pa.Table:
         ok = batch[schema.STATUS] == schema.STATUS_OK
         n, dim = len(ok), self.embedder.dim
-        vecs = np.zeros((n, dim), dtype=np.float16)
+        vecs = np.zeros((n, dim), dtype=np.float32)
         if ok.any():
-            vecs[ok] = self.embedder.embed(batch[schema.PIXELS][ok]).astype(np.float16)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim, mask=pa.array(~ok))
-        return pa.table({
+            vecs[ok] = self.embedder.embed(batch[schema.PIXELS][ok])
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.astype(np.float16).reshape(-1)), dim, mask=pa.array(~ok))
+        columns = {
             schema.SHARD: pa.array(batch[schema.SHARD], pa.string()),
             schema.KEY: pa.array(batch[schema.KEY], pa.string()),
             POS: pa.array(batch[POS], pa.int64()),
             COUNT: pa.array(batch[COUNT], pa.int64()),
             schema.STATUS: pa.array(batch[schema.STATUS], pa.string()),
             schema.EMBEDDING: emb,
-        })
+        }
+        if schema.CAPTION in batch:
+            columns |= self.captions(batch[schema.CAPTION], ok, vecs)
+        return pa.table(columns)
+
+    def captions(self, captions: np.ndarray, ok: np.ndarray, images: np.ndarray) -> dict:
+        """The batch's captions through the text tower, in the same pass: their embeddings and
+        each one's cosine with its image (null where the sample has no caption or failed)."""
+        has = ok & np.array([c is not None for c in captions], dtype=bool)
+        dim = self.embedder.text_dim
+        text = np.zeros((len(ok), dim), dtype=np.float32)
+        if has.any():
+            text[has] = self.embedder.embed_text([str(c) for c in captions[has]])
+        score = np.einsum("ij,ij->i", text, images).astype(np.float32)
+        return {schema.TEXT_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(text.astype(np.float16).reshape(-1)), dim,
+                                                                         mask=pa.array(~has)),
+                schema.CLIP_SCORE: pa.array(score, pa.float32(), mask=~has)}
 
 
 def _embedded(fp: str, urls: dict, out: OutputDir, shard: str) -> bool:
@@ -125,7 +149,13 @@ class EmbedStage(Stage):
     def complete(self, ctx: Context) -> Optional[EmbedStats]:
         if self.todo(ctx):
             return None
-        return EmbedStats(len(ctx.shards), 0, len(ctx.shards))
+        return self.count_captions(ctx, EmbedStats(len(ctx.shards), 0, len(ctx.shards)))
+
+    def count_captions(self, ctx: Context, stats: EmbedStats) -> EmbedStats:
+        """With embed.text, how many samples had no caption (a null score, never a failure)."""
+        if self.embed.text:
+            stats.without_caption = sum(per_shard(ctx.out, ctx.shards, captionless).values())
+        return stats
 
     def run(self, ctx: Context) -> EmbedStats:
         out, shards = ctx.out, ctx.shards
@@ -133,7 +163,7 @@ class EmbedStage(Stage):
         self._todo = (None, None)  # what this run embeds is done after it: a later call checks afresh
         stats = EmbedStats(len(shards), 0, len(shards) - len(todo))
         if not todo:
-            return stats
+            return self.count_captions(ctx, stats)
         spec = preprocess_spec_for(self.embed)
         res = self.resources(ctx)
         device = "auto" if res.num_gpus else "cpu"
@@ -152,7 +182,7 @@ class EmbedStage(Stage):
         # one dataset for every shard to embed: one actor pool, so each actor loads the model
         # once for the whole run; a shard is finalized as soon as all of its rows are staged
         ds = decoded_dataset([ShardInput(s, shards[s]) for s in todo], self.decode, list(self.image_extensions), spec,
-                             index_out=ctx.out)
+                             index_out=ctx.out, caption_column=self.embed.caption_column if self.embed.text else None)
         ds = ds.map_batches(
             EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device),
             batch_size=embed.batch_for("cuda" if res.num_gpus else "cpu"),
@@ -164,4 +194,4 @@ class EmbedStage(Stage):
                  for s in todo}
         stats.shards_embedded = finalize_as_staged(ds, tasks)
         out.remove(run_dir)
-        return stats
+        return self.count_captions(ctx, stats)

@@ -6,7 +6,9 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from prune.settings import PLACEMENT, Section
+from prune.settings import PLACEMENT, Section, counted_when
+
+_WITH_TEXT = counted_when(lambda e: e.text)  # read only when captions are embedded
 
 
 class DecodeConfig(Section):
@@ -35,6 +37,11 @@ class EmbedConfig(Section):
     concurrency: Annotated[int, PLACEMENT] = Field(1, ge=1)  # embed actors; one GPU each on a GPU cluster
     num_cpus_per_actor: Annotated[float, PLACEMENT] = Field(1.0, gt=0)
     torch_threads: Annotated[Optional[int], PLACEMENT] = Field(None, ge=1)  # CPU actors: intra-op threads
+    # also embed each sample's caption with the model's text tower (open_clip) in the same actor
+    # pass, and record the caption-image cosine (`clip_score`) beside the image embedding
+    text: Annotated[bool, _WITH_TEXT] = False
+    # the caption: the sample's .txt member, else this column of the img2dataset parquet beside the tar
+    caption_column: Annotated[str, _WITH_TEXT] = "caption"
 
     def batch_for(self, device: str) -> int:
         """`batch_size`, else by device: on CPU a ViT-B-32 batch of 32 keeps its activations in cache

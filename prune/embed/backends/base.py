@@ -26,17 +26,23 @@ class Embedder(ABC):
     """Batch of uint8 NHWC crops -> float32 [N, dim], each row of unit length."""
 
     name: ClassVar[str]  # the `embed.backend` that selects this class
+    text_tower: ClassVar[bool] = False  # can embed captions (`embed.text`): a CLIP-style model
 
     model_id: str
     preprocess: PreprocessSpec
     dim: int
     random_init: bool = False
+    text_dim: Optional[int] = None  # with embed.text: the caption embeddings' size
 
     @abstractmethod
     def __init__(self, cfg: EmbedConfig, device: Optional[str] = None): ...
 
     @abstractmethod
     def embed(self, pixels_uint8: np.ndarray) -> np.ndarray: ...
+
+    def embed_text(self, captions: list[str]) -> np.ndarray:
+        """Captions -> float32 [N, text_dim], unit rows, in the image embeddings' space (embed.text)."""
+        raise NotImplementedError(f"embed.backend={self.name} has no text tower")
 
     # --- what the driver and the decode tasks need before any model is loaded ---------------
 
@@ -125,6 +131,10 @@ def check_weights(cfg: EmbedConfig) -> None:
         close = difflib.get_close_matches(cfg.model, known, n=3, cutoff=0.6)
         guess = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f" ({len(known)} known)"
         raise ConfigError(f"embed.model {cfg.model!r} is not an architecture of embed.backend={cfg.backend}{guess}")
+    if cfg.text and not BACKENDS.get(cfg.backend).text_tower:
+        text_backends = [n for n in BACKENDS.names() if BACKENDS.get(n).text_tower]
+        raise ConfigError(f"embed.text: embed.backend={cfg.backend} has no text tower to embed captions with; "
+                          f"use one that has ({', '.join(text_backends)}), or embed.text=false")
     if cfg.pretrained:
         BACKENDS.get(cfg.backend).find_weights(cfg)
     elif not cfg.allow_random_init:

@@ -11,6 +11,7 @@ from prune.embed.backends.base import BACKENDS, Embedder
 from prune.embed.decode import PreprocessSpec, normalize
 from prune.embed.errors import WeightsNotFoundError
 from prune.embed.settings import EmbedConfig
+from prune.embed.text import CaptionEncoder
 
 
 def resolve_open_clip_weights(model: str, pretrained: str, cache_dir: Optional[str]) -> str:
@@ -59,6 +60,7 @@ class OpenClipEmbedder(Embedder):
     """The image tower of any `open_clip.list_models()` architecture."""
 
     name = "open_clip"
+    text_tower = True
 
     @classmethod
     def spec_for(cls, cfg: EmbedConfig) -> PreprocessSpec:
@@ -98,16 +100,24 @@ class OpenClipEmbedder(Embedder):
         # otherwise fall back to the architecture's default mean/std
         self.preprocess = open_clip_preprocess_spec(cfg)
         self.visual = model.visual.eval().to(self.device)
-        del model  # the text tower is not needed
+        self.captions = None
+        if cfg.text:  # the text tower too, in the same actor (the captions ride in the image batches)
+            model.visual = torch.nn.Identity()
+            self.captions = CaptionEncoder(model.eval().to(self.device), cfg.model, self.device, self.precision)
+        del model
         if self.precision == "bf16":
             # bf16 weights, cast once; autocast in _forward keeps LayerNorm/softmax in fp32. Autocast
             # over fp32 weights re-casts the attention weights every call: 2.4x slower on CPU.
             self.visual = self.visual.to(torch.bfloat16)
+            if self.captions is not None:
+                self.captions.model = self.captions.model.to(torch.bfloat16)
         self.visual = self.visual.to(memory_format=torch.channels_last)
         self.model_id = self.id_for(cfg)
         with torch.inference_mode():
             probe = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size)
             self.dim = int(self._forward(probe).shape[-1])
+        if self.captions is not None:
+            self.text_dim = int(self.captions.encode(["a"]).shape[-1])
 
     def _forward(self, x):
         import torch
@@ -127,6 +137,14 @@ class OpenClipEmbedder(Embedder):
         with torch.inference_mode():
             feats = self._forward(normalize(pixels_uint8, self.preprocess, self.device))
             return F.normalize(feats, dim=-1).cpu().numpy().astype(np.float32)
+
+
+    def embed_text(self, captions: list[str]) -> np.ndarray:
+        if self.captions is None:
+            raise RuntimeError("the text tower was not loaded: embed.text is false")
+        if not captions:
+            return np.zeros((0, self.text_dim), dtype=np.float32)
+        return self.captions.encode(list(captions))
 
 
 def spec_from_open_clip(size, pp: dict) -> PreprocessSpec:
