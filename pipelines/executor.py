@@ -25,7 +25,7 @@ from prune.io.storage import OutputDir
 from prune.settings import fingerprint
 
 from . import runtime
-from .stage import Context, Stage
+from .stage import Context, Stage, check_order
 
 log = logging.getLogger("ssl_prune")
 
@@ -61,9 +61,7 @@ def dependencies(stages: list[Stage]) -> list[list[int]]:
         deps = set()
         for name in stage.reads:
             found = [j for j in earlier if stages[j].name == name or name in stages[j].provides]
-            if not found:
-                raise ValueError(f"stage {stage.label!r} needs {name!r} before it in the list")
-            deps.add(found[-1])
+            deps.add(found[-1])  # there is one: `check_order` ran first
         if stage.removes or stage.reads_removals:
             deps |= {j for j in earlier if stages[j].removes}
         behind.append(set().union(*({j} | behind[j] for j in deps)) if deps else set())
@@ -103,6 +101,8 @@ def execute(stages: list[Stage], ctx: Context, checked: bool = False,
     `on_stage_done(label, stats by label)`: called after each stage, run or reused."""
     if not checked:
         preflight(stages)
+    for split in dict.fromkeys(_split(s) for s in stages):  # no order that writes a removed sample
+        check_order([s for s in stages if _split(s) == split])
     done = Executed()
     reads = dependencies(stages)
     fps: list[str] = []

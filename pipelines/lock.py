@@ -137,10 +137,24 @@ def _refresh(out: OutputDir, me: dict) -> bool:
     return True
 
 
-def _beat(out: OutputDir, me: dict, stop: threading.Event, heartbeat_s: float) -> None:
+class HeldLock:
+    """What `output_lock` yields: `check()` raises once another driver took the lock over (the
+    run stops between stages instead of writing beside it)."""
+
+    def __init__(self, out: OutputDir):
+        self.out, self.lost = out, threading.Event()
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise OutputLocked(f"output {self.out.url}: another driver took the lock over (this one was taken for "
+                               f"dead: no heartbeat for {STALE_S:.0f} s); stopping before the next stage")
+
+
+def _beat(out: OutputDir, me: dict, stop: threading.Event, heartbeat_s: float, held: HeldLock) -> None:
     while not stop.wait(heartbeat_s):
         try:
             if not _refresh(out, me):
+                held.lost.set()
                 return
         except Exception:  # noqa: BLE001 - a missed beat is retried; the run goes on
             log.warning("output %s: could not refresh the lock", out.url)
@@ -163,10 +177,11 @@ def output_lock(out: OutputDir, heartbeat_s: float = HEARTBEAT_S):
     _acquire(out, me)
     _warn_if_advisory(out)
     stop = threading.Event()
-    thread = threading.Thread(target=_beat, args=(out, me, stop, heartbeat_s), name="ssl-prune-lock", daemon=True)
+    held = HeldLock(out)
+    thread = threading.Thread(target=_beat, args=(out, me, stop, heartbeat_s, held), name="ssl-prune-lock", daemon=True)
     thread.start()
     try:
-        yield
+        yield held
     finally:
         stop.set()
         thread.join()

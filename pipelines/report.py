@@ -13,20 +13,23 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from prune import schema
+from prune.embed.text import decode_caption
 from prune.io.storage import OutputDir, split_url
 from prune.io.tables import read_scores
 from prune.io.tar_index_cache import index_for
 from prune.io.tar_spans import read_member
-from prune.report.html import data_plots, import_plotting, render, timings_plot
+from prune.report.html import alignment_plot, data_plots, import_plotting, render, timings_plot
 from prune.report.summary import (
+    Alignment,
     Counts,
     best_picks,
     chosen_clusters,
     duplicate_groups,
+    shard_alignment,
     shard_counts,
     shard_picks,
 )
@@ -61,16 +64,29 @@ def _dups(out: OutputDir, shard: str) -> list:
 
 
 def _thumbs(wanted: dict, extensions: tuple, out: OutputDir, shard: str) -> dict:
-    """key -> thumbnail URI of the wanted samples of one input shard (read once)."""
+    """key -> (thumbnail URI, caption) of the wanted samples of one input shard (read once)."""
     url, keys = wanted[shard]
     found = {}
     fs, path = split_url(url)
     with fs.open(path, "rb") as f:  # the embed stage's index or the headers, then only the pictured images' bytes
         for sample in index_for(out, shard, url, f).samples():
             if sample.key in keys and sample.key not in found:
-                member = sample.member(extensions)
-                found[sample.key] = thumbnail_uri(read_member(f, member)) if member else None
+                member, txt = sample.member(extensions), sample.member(("txt",))
+                found[sample.key] = (thumbnail_uri(read_member(f, member)) if member else None,
+                                     decode_caption(read_member(f, txt)) if txt else None)
     return found
+
+
+def _alignment(out: OutputDir, shard: str) -> Optional[Alignment]:
+    """A shard's clip scores beside its selection (None: its embeddings have none)."""
+    import pyarrow.parquet as pq
+
+    with out.open(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
+        pf = pq.ParquetFile(f)
+        if schema.CLIP_SCORE not in pf.schema_arrow.names:
+            return None
+        score = pf.read(columns=[schema.CLIP_SCORE]).column(0).to_numpy(zero_copy_only=False).astype("float32")
+    return shard_alignment(shard, read_scores(out, shard, columns=[schema.KEY, schema.STATUS, schema.KEEP]), score)
 
 
 @dataclass
@@ -81,6 +97,8 @@ class ReportParts:
     grids: dict  # cluster -> kind -> [(thumbnail URI, distance, kept, key)]
     duplicates: list  # [((kept URI, key), [(URI, key, similarity)], n_removed)]
     plot_uris: dict  # the data plots (the stage timings are drawn with the manifest)
+    low_pairs: list = field(default_factory=list)  # with embed.text: [(URI, caption, score, status, kept, key)]
+    without_caption: int = 0
 
 
 def prepare_report(out: OutputDir, cfg: dict, k: int, check: Callable[[], None] = lambda: None) -> ReportParts:
@@ -104,6 +122,10 @@ def prepare_report(out: OutputDir, cfg: dict, k: int, check: Callable[[], None] 
         for found in per_shard(out, shards, _dups).values():
             groups += found
     groups = sorted(groups, key=lambda g: -g.n_removed)[:6]
+    alignment = None
+    for part in per_shard(out, shards, _alignment).values():
+        if part is not None:
+            alignment = part if alignment is None else alignment.merge(part)
     check()
 
     wanted: dict[str, tuple[str, set]] = {}
@@ -116,17 +138,24 @@ def prepare_report(out: OutputDir, cfg: dict, k: int, check: Callable[[], None] 
         want(g.kept_shard, g.kept_key)
         for shard, key, _ in g.removed:
             want(shard, key)
+    for _, shard, key, _, _ in (alignment.lowest if alignment else []):
+        want(shard, key)
     extensions = tuple(cfg.get("image_extensions") or schema.IMAGE_EXTENSIONS_DEFAULT)
     thumbs = per_shard(out, sorted(wanted), functools.partial(_thumbs, wanted, extensions))
     check()
-    uri = lambda shard, key: thumbs.get(shard, {}).get(key)  # noqa: E731
+    uri = lambda shard, key: thumbs.get(shard, {}).get(key, (None, None))[0]  # noqa: E731
 
     grids: dict = {c: {} for c in clusters}
     for p in sorted(picks, key=lambda p: (p.cluster, p.kind, p.rank)):
         grids[p.cluster].setdefault(p.kind, []).append((uri(p.shard, p.key), p.distance, p.kept, p.key))
     duplicates = [((uri(g.kept_shard, g.kept_key), g.kept_key), [(uri(s, key), key, sim) for s, key, sim in g.removed],
                    g.n_removed) for g in groups]
-    return ReportParts(counts, grids, duplicates, data_plots(counts))
+    plots = data_plots(counts)
+    if alignment is None:
+        return ReportParts(counts, grids, duplicates, plots)
+    low = [(uri(shard, key), thumbs.get(shard, {}).get(key, (None, None))[1], score, status, kept, key)
+           for score, shard, key, status, kept in alignment.lowest]
+    return ReportParts(counts, grids, duplicates, plots | alignment_plot(alignment), low, alignment.without_caption)
 
 
 def build_report(output: str, parts: Optional[ReportParts] = None) -> str:
@@ -138,7 +167,7 @@ def build_report(output: str, parts: Optional[ReportParts] = None) -> str:
         k = int(manifest.get("stages", {}).get("prototypes", {}).get("k") or 0)
         parts = prepare_report(out, manifest.get("config", {}), k)
     page = render(manifest, parts.counts, parts.grids, parts.duplicates,
-                  parts.plot_uris | timings_plot(manifest.get("timings_s", {})))
+                  parts.plot_uris | timings_plot(manifest.get("timings_s", {})), parts.low_pairs, parts.without_caption)
     with out.open_atomic(REPORT_FILE) as f:
         f.write(page.encode())
     return out.path(REPORT_FILE)

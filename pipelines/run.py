@@ -64,11 +64,12 @@ def run_stages(
     own = stages[0].input_shards() if not input_spec else None
     shards = own if own is not None else resolve_shards(input_spec)
     out.makedirs()
-    with output_lock(out):
-        return _locked_run(stages, shards, out, output, ray_cfg, config, t_start)
+    with output_lock(out) as held:
+        return _locked_run(stages, shards, out, output, ray_cfg, config, t_start, held.check)
 
 
-def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_start: float) -> dict:
+def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_start: float,
+                still_ours=lambda: None) -> dict:
     out.remove(schema.MANIFEST)
     runtime.defer(ray_cfg)  # started by the first stage (or check) that needs it
     first = next(iter(shards.values()))
@@ -76,8 +77,13 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
         runtime.ensure()
         check_worker_storage(out, first)
     report = ReportInAdvance(out, config or {}, stages)  # its parts are prepared while the write stage runs
+    def stage_done(label: str, stats: dict) -> None:
+        still_ours()  # a driver that lost its lock stops before the next stage
+        report.stage_done(label, stats)
+
     try:
-        done = execute(stages, Context(out, shards), checked=True, on_stage_done=report.stage_done)
+        done = execute(stages, Context(out, shards), checked=True, on_stage_done=stage_done)
+        still_ours()
         manifest = _manifest(stages, shards, out, done, config, t_start)
     except BaseException:
         report.cancel()  # no thread of a failed run goes on reading its outputs

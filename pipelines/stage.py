@@ -155,21 +155,24 @@ class Stage(ABC):
 STAGES: Registry[type[Stage]] = Registry("stage")
 
 
-def check_order(names: list[str]) -> None:
-    """A job's stage list, checked by what each stage reads: every stage it reads comes earlier, and
-    every curation stage comes before the stages that read all removals (select), so no order can
-    write a sample a curation stage removed. ValueError says what is wrong and the list that works."""
-    for i, name in enumerate(names):
+def check_order(stages: list) -> None:
+    """A job's stage list (stage classes or instances, of one split), checked by what each stage
+    reads: every stage it reads comes earlier, and every curation stage comes before the stages
+    that read all removals (select), so no order can write a sample a curation stage removed.
+    ValueError says what is wrong and the list that works. The config checks it when it is
+    loaded, and the executor again before any work (a list built in Python)."""
+    names = [s.name for s in stages]
+    for i, (name, stage) in enumerate(zip(names, stages)):
         if name in names[:i]:
             raise ValueError(f"stage {name!r} is listed twice")
-        before = {n for earlier in names[:i] for n in (earlier, *STAGES.get(earlier).provides)}
-        missing = [r for r in STAGES.get(name).reads if r not in before]
+        before = {n for earlier in stages[:i] for n in (earlier.name, *earlier.provides)}
+        missing = [r for r in stage.reads if r not in before]
         if missing:
             raise ValueError(f"stage {name!r} needs {', '.join(repr(m) for m in missing)} before it in the list")
-    for i, name in enumerate(names):
-        if not STAGES.get(name).reads_removals:
+    for i, (name, stage) in enumerate(zip(names, stages)):
+        if not stage.reads_removals:
             continue
-        late = [n for n in names[i + 1:] if STAGES.get(n).removes]
+        late = [s.name for s in stages[i + 1:] if s.removes]
         if late:
             fixed = [n for n in names[:i] if n not in late] + late + [n for n in names[i:] if n not in late]
             raise ValueError(f"curation stage {late[0]!r} comes after {name!r}, which selects from the removals of the "

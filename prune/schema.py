@@ -54,11 +54,13 @@ REMOVAL_STATUSES = (STATUS_NEAR_DUPLICATE, STATUS_SMALL_IMAGE, STATUS_ASPECT_RAT
 
 
 def is_removal(status):
-    """Which statuses are a curation stage's removal: neither ok nor a failure (numpy, vectorized)."""
+    """Which statuses are a curation stage's removal: a reason that is neither ok nor a failure
+    (numpy, vectorized; a null is none)."""
     import numpy as np
 
     status = np.asarray(status, dtype=object)
-    return (status != STATUS_OK) & ~np.isin(status, FAILURE_STATUSES)
+    named = np.array([isinstance(s, str) and s != "" for s in status.ravel()], dtype=bool).reshape(status.shape)
+    return named & (status != STATUS_OK) & ~np.isin(status, FAILURE_STATUSES)
 
 
 # Shard-level failures (the shard yields no samples at all); recorded in the manifest.
@@ -99,6 +101,9 @@ META_SELECT_FINGERPRINT = b"select_fingerprint"  # scores: selection their keep/
 META_EXPORT_FINGERPRINT = b"export_fingerprint"  # export/: the selection and settings it lists
 META_REMOVALS_FINGERPRINT = b"removals_fingerprint"  # removals/<stage>/: the curation that removed these samples
 META_STAGE_FINGERPRINT = b"stage_fingerprint"  # any other shard stage's per-shard file (pipelines/shard_stage.py)
+# scores written by versions before each stage owned its outputs, whose statuses a dedup rewrote
+# (even after select): never the current selection's own, whatever their select stamp says
+META_LEGACY_CURATED_BY = b"curated_by"
 
 # --- output layout --------------------------------------------------------------------
 EMBEDDINGS_DIR = "embeddings"

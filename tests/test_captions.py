@@ -154,6 +154,33 @@ def test_the_clip_score_stage_removes_exactly_the_rule_s_pairs(ray_cluster, capt
     statuses = {r[schema.KEY]: r[schema.STATUS] for r in _scores(out)}
     assert {k for k, s in statuses.items() if s == schema.STATUS_LOW_ALIGNMENT} == {k for k, s in scored.items() if s < floor}
     assert {k for k, s in statuses.items() if s == schema.STATUS_NO_CAPTION} == {"000020001", "000020002", "000020003"}
+    _the_report_shows_the_lowest_pairs_with_their_captions(out, scored, tmp_path)
+
+
+def _the_report_shows_the_lowest_pairs_with_their_captions(out, scored: dict, tmp_path) -> None:
+    """As a person sees it: rendered in headless Chromium, every image loaded, the agreement plot
+    and the lowest pairs with their captions on the page, a screenshot that is not blank."""
+    import html
+    import re
+
+    from PIL import Image
+
+    from .test_report import _chromium
+
+    page = out / "report.html"
+    dom = _chromium("--virtual-time-budget=10000", "--dump-dom", page.as_uri()).stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    assert re.search(r'data-broken-images="0"', body), body
+    assert 'alt="alignment"' in dom and "Lowest caption-image agreement" in dom
+    lowest = sorted(scored, key=lambda k: scored[k])[0]
+    assert f"<b>{scored[lowest]:.3f}</b>" in dom and "low alignment" in dom
+    pairs = dom[dom.index("Lowest caption-image agreement"):]
+    assert html.escape("a photo of") in pairs  # the captions are on the page beside their images
+    shot = tmp_path / "report_captions.png"
+    _chromium("--window-size=1280,3200", f"--screenshot={shot}", page.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    print(f"screenshot of the report: {shot}")
+    assert (pixels < 128).mean() > 0.03
 
 
 def test_the_clip_score_stage_needs_the_scores(caption_shards, tmp_path):

@@ -183,6 +183,15 @@ def test_dedup_stage_removes_the_planted_copies_and_accounts_for_them(ray_cluste
     assert again["counts"] == c
     assert not list(out.glob("dedup")), "dedup writes only removals/dedup/"
 
+    # scores an older version wrote (its dedup rewrote their statuses, stamped curated_by) are never
+    # taken for this selection's, whatever their select stamp says: select makes them again
+    first = sorted((out / "scores").glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    pq.write_table(table.replace_schema_metadata((table.schema.metadata or {}) | {b"curated_by": b"old"}), first)
+    legacy = run(_config(copies_dir["dir"], out))
+    assert not legacy["stages"]["select"]["reused"] and legacy["counts"] == c
+    assert b"curated_by" not in (pq.read_schema(first).metadata or {})
+
     # dedup dropped from the stage list: its removals are undone, the selection made afresh
     plain = run(_config(copies_dir["dir"], out, stages=("embed", "prototypes", "assign", "select", "write")))
     p = plain["counts"]
@@ -259,7 +268,10 @@ def test_two_curation_stages_compose_and_both_removals_reach_the_shards_and_coun
     c = manifest["counts"]
     assert c["removed_by_reason"] == {schema.STATUS_NEAR_DUPLICATE: len(dups), schema.STATUS_BLOCKED_CAPTION: len(blocked)}
     assert c["input_samples"] == 135 == c["kept"] + c["pruned"] + c["removed"] + c["failed"]
-    assert c["kept"] == len(kept) and manifest["stages"]["filter"]["totals"] == {schema.STATUS_BLOCKED_CAPTION: len(blocked)}
+    # the copies' shard has no parquet: what the rules could not look at is counted, not guessed
+    unchecked = sum(1 for copy in copies_dir["pairs"] if copy not in dups)
+    assert c["kept"] == len(kept) and manifest["stages"]["filter"]["totals"] == {
+        schema.STATUS_BLOCKED_CAPTION: len(blocked), "unchecked_no_metadata": unchecked, "shards_unreadable_metadata": 0}
 
     # the filter alone changed: dedup is reused, filter, select and write run again
     again = run(_config(copies_dir["dir"], out, stages=("embed", "prototypes", "assign", "dedup", "filter", "select", "write"),

@@ -203,3 +203,13 @@ def test_a_curation_stage_after_select_is_refused_in_one_line_naming_the_fix(tmp
     assert "comes after 'select'" in message and fixed in message and "\n" not in message
     fixed_list = fixed.removeprefix("stages=[").removesuffix("]").split(", ")
     assert validate_config(small_config(tmp_path, tmp_path, stages=fixed_list)).stages == fixed_list
+
+
+def test_the_executor_checks_the_order_of_a_list_built_in_python(tmp_path):
+    """The config is not the only way in: a stage list handed to `execute` is checked too."""
+    from pipelines.stage import STAGES
+
+    stages = [STAGES.get(n)() for n in ("embed", "prototypes", "assign", "select", "dedup", "write")]
+    with pytest.raises(ValueError, match="curation stage 'dedup' comes after 'select'"):
+        execute(stages, _ctx(tmp_path), checked=True)
+    assert not list(tmp_path.iterdir())  # refused before any work

@@ -162,12 +162,15 @@ def _just_after_a_beat(lock_file) -> None:
 
 def test_the_heartbeat_never_writes_over_another_drivers_lock(tmp_path, caplog):
     out, lock_file = OutputDir(str(tmp_path)), tmp_path / LOCK_FILE
-    with output_lock(out, heartbeat_s=0.2):
+    with output_lock(out, heartbeat_s=0.2) as held:
+        held.check()  # ours: the run goes on
         _just_after_a_beat(lock_file)
         _lock(tmp_path, host="other-node", pid=1, token="theirs")  # as a driver that took us for dead
         _wait_for(lambda: "now belongs to pid 1 on other-node" in caplog.text)
         time.sleep(0.5)  # beats would have come
         assert json.loads(lock_file.read_text())["token"] == "theirs"
+        with pytest.raises(OutputLocked, match="another driver took the lock over"):
+            held.check()  # the run stops before its next stage instead of writing beside the other
     assert json.loads(lock_file.read_text())["token"] == "theirs"  # release deletes only our own lock
     assert caplog.text.count("now belongs to") == 1  # it stopped beating
 

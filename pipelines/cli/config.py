@@ -71,7 +71,7 @@ class RunConfig(JobConfig):
         if not value:
             raise ValueError("must name at least one stage")
         names = [STAGES.check(name) for name in value]
-        check_order(names)
+        check_order([STAGES.get(name) for name in names])
         return names
 
     @model_validator(mode="after")

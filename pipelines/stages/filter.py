@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 from prune import schema
 from prune.filter.rules import removal_reasons
 from prune.filter.settings import FilterConfig
+from prune.io.shards import sibling_metadata_or_error
 from prune.io.storage import OutputDir
-from prune.io.tables import after_removals, read_assignment, read_removals, shard_metadata
+from prune.io.tables import after_removals, imported_metadata, read_assignment, read_removals
 
 from ..shard_stage import ShardJob, ShardStage
 from ..stage import STAGES
@@ -40,17 +41,23 @@ class FilterStage(ShardStage):
         keys = samples.column(schema.KEY).to_numpy(zero_copy_only=False)
         status = after_removals(job.out, job.shard, keys, samples.column(schema.STATUS).to_numpy(zero_copy_only=False),
                                 job.removals)
-        metadata = shard_metadata(job.out, job.shard, job.url)
+        metadata, why = sibling_metadata_or_error(job.url)  # an I/O error that persists fails the task
+        if metadata is None and not why:
+            metadata = imported_metadata(job.out, job.shard)
         reason = np.full(len(keys), None, dtype=object)
+        found = np.zeros(len(keys), bool)
         if metadata is not None and schema.KEY in metadata.column_names:
             at = pc.index_in(pa.array(keys, pa.string()), value_set=pc.cast(metadata.column(schema.KEY), pa.string()))
             found = at.is_valid().to_numpy(zero_copy_only=False)
             reason[found] = removal_reasons(metadata, self.filter)[at.fill_null(0).to_numpy(zero_copy_only=False)[found]]
-        removed = (status == schema.STATUS_OK) & (reason != None)  # noqa: E711 (elementwise)
+        candidate = status == schema.STATUS_OK
+        removed = candidate & (reason != None)  # noqa: E711 (elementwise)
         table = pa.table({schema.KEY: pa.array(keys[removed], pa.string()),
                           schema.STATUS: pa.array(reason[removed], pa.string())})
         self.write_shard(job, table)
-        return _by_reason(table)
+        # what the rules could not look at: counted, so a run shows how much went unchecked
+        return _by_reason(table) | {"unchecked_no_metadata": int((candidate & ~found).sum()),
+                                    "shards_unreadable_metadata": int(bool(why))}
 
     def shard_counts(self, out: OutputDir, shard: str) -> dict:
         return _by_reason(read_removals(out, self.name, shard))

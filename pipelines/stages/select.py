@@ -32,14 +32,14 @@ import ray
 from prune import schema
 from prune.io.settings import WriteConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import after_removals, load_centroids, read_assignment, read_scores
+from prune.io.tables import after_removals, file_metadata, load_centroids, read_assignment, read_scores
 from prune.select import cuts
 from prune.select.budgets import ClusterStats, dense_sums, distance_sums
 from prune.select.policies import Policy, block_priorities, policy_class, selection_groups
 from prune.select.settings import SelectConfig
 from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogram
 
-from ..pending import pending, per_shard, stamped
+from ..pending import pending, per_shard
 from ..runtime import TASKS_PER_CPU, batches, map_reduce, resolve, run_tasks
 from ..stage import STAGES, Context, Stage
 
@@ -200,6 +200,13 @@ def _apply(task: SelectTask, shard: str, found: cuts.Cuts, hist: np.ndarray) -> 
     return _counts(shard, table, ok, keep, band, meta)
 
 
+def selected_with(fp: str, out: OutputDir, shard: str) -> bool:
+    """The shard's scores are this selection's: its stamp, and not a file an older version's dedup
+    rewrote (`META_LEGACY_CURATED_BY`: its statuses are not the assignment's and the removals')."""
+    meta = file_metadata(out, schema.SCORES_DIR, shard)
+    return meta.get(schema.META_SELECT_FINGERPRINT, b"").decode() == fp and schema.META_LEGACY_CURATED_BY not in meta
+
+
 def count_selected(out: OutputDir, shard: str) -> ShardSelection:
     """The counts of a scores file already selected with this fingerprint (nothing rewritten)."""
     table = read_scores(out, shard, columns=[schema.STATUS, schema.KEEP, schema.BAND])
@@ -246,8 +253,7 @@ class SelectStage(Stage):
         return ray.put(plan_strata(hist, self.select.strata, self.select.drop_hardest))
 
     def complete(self, ctx: Context) -> Optional[SelectStats]:
-        is_done = functools.partial(stamped, schema.SCORES_DIR, schema.META_SELECT_FINGERPRINT, ctx.fingerprint)
-        if pending(ctx.out, ctx.shards, is_done):
+        if pending(ctx.out, ctx.shards, functools.partial(selected_with, ctx.fingerprint)):
             return None
         stats = SelectStats(self.edges())
         for res in per_shard(ctx.out, ctx.shards, count_selected).values():

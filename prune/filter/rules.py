@@ -35,10 +35,11 @@ def removal_reasons(metadata: pa.Table, rules: FilterConfig) -> np.ndarray:
     if sides is not None:
         w, h = sides
         with np.errstate(invalid="ignore", divide="ignore"):
+            # np.minimum/maximum keep a null (NaN) side: a comparison with NaN removes nothing
             if rules.min_image_side:
-                mark(np.fmin(w, h) < rules.min_image_side, schema.STATUS_SMALL_IMAGE)
+                mark(np.minimum(w, h) < rules.min_image_side, schema.STATUS_SMALL_IMAGE)
             if rules.max_aspect_ratio is not None:
-                mark(np.fmax(w, h) / np.fmin(w, h) > rules.max_aspect_ratio, schema.STATUS_ASPECT_RATIO)
+                mark(np.maximum(w, h) / np.minimum(w, h) > rules.max_aspect_ratio, schema.STATUS_ASPECT_RATIO)
     if CAPTION in metadata.column_names:
         caption = pc.fill_null(pc.cast(metadata.column(CAPTION), pa.string()), None)
         known = caption.is_valid().to_numpy(zero_copy_only=False)

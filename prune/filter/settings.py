@@ -20,11 +20,13 @@ class FilterConfig(Section):
     @field_validator("caption_blocklist")
     @classmethod
     def _compiles(cls, value: Optional[str]) -> Optional[str]:
-        import re
+        """Checked by the engine that runs it (Arrow's RE2: no look-around, no back-references)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
         if value is not None:
             try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a regular expression: {exc}") from None
+                pc.match_substring_regex(pa.array([""]), value, ignore_case=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ValueError(f"not a regular expression RE2 runs (no look-around or back-references): {exc}") from None
         return value

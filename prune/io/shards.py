@@ -188,11 +188,27 @@ def sibling_path(tar_url: str, suffix: str) -> str:
 
 def read_sibling_metadata(tar_url: str) -> Optional[pa.Table]:
     """img2dataset's per-shard parquet beside the tar, if there is one (never required)."""
-    fs, path = split_url(sibling_path(tar_url, ".parquet"))
     try:
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).read()
-    except Exception:  # a broken sidecar is not worth losing the shard over
+        return sibling_metadata_or_error(tar_url)[0]
+    except OSError:
         return None
+
+
+def sibling_metadata_or_error(tar_url: str, attempts: int = 3, backoff_s: float = 1.0) -> tuple[Optional[pa.Table], str]:
+    """(the parquet beside the tar, or None; why not, "" when there is none to read). A stage that
+    decides by the metadata (filter) must tell "no parquet" from "a parquet it could not read":
+    an I/O error is retried `attempts` times and then raised; a damaged file is ("", the reason)."""
+    fs, path = split_url(sibling_path(tar_url, ".parquet"))
+    for attempt in range(attempts):
+        try:
+            if not fs.exists(path):
+                return None, ""
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).read(), ""
+        except OSError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(backoff_s * 2**attempt)
+        except Exception as exc:  # noqa: BLE001 - not Parquet: the caller records why
+            return None, f"{path} is not a readable Parquet file: {exc}"[:300]
+    raise AssertionError("unreachable")

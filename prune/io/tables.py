@@ -126,7 +126,12 @@ def shard_metadata(out: OutputDir, shard: str, url: str):
     """The sample metadata of a unit of work: img2dataset's parquet beside the tar, or what the
     import stage carried from precomputed embeddings (imported/NNNNN.parquet); None: neither."""
     metadata = read_sibling_metadata(url)
-    if metadata is None and out.exists(schema.IMPORTED_DIR, schema.shard_file(shard)):
-        with out.open(schema.IMPORTED_DIR, schema.shard_file(shard)) as f:
-            metadata = pq.read_table(f)
-    return metadata
+    return metadata if metadata is not None else imported_metadata(out, shard)
+
+
+def imported_metadata(out: OutputDir, shard: str):
+    """What the import stage carried for a unit of work (imported/NNNNN.parquet), or None."""
+    if not out.exists(schema.IMPORTED_DIR, schema.shard_file(shard)):
+        return None
+    with out.open(schema.IMPORTED_DIR, schema.shard_file(shard)) as f:
+        return pq.read_table(f)

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from prune.report.summary import DIST_EDGES, Counts
+from prune.report.summary import DIST_EDGES, SCORE_EDGES, Alignment, Counts
 from prune.report.thumbnails import png_uri
 
 KINDS = ("nearest", "farthest", "random")
@@ -22,6 +22,9 @@ td.n { text-align: right; } .plots img { width: 560px; margin: 4px; border: 1px 
 .grid img.kept { border-color: #2a9d4b; } .grid img.pruned { border-color: #d1495b; }
 .grid img.dupkept { border-color: #2a6fd1; } .label { width: 70px; font-size: 12px; color: #555; }
 .note { color: #555; font-size: 13px; }
+.pairs { display: flex; flex-wrap: wrap; gap: 8px; } .pair { width: 180px; font-size: 12px; }
+.pair img { width: 96px; height: 96px; border: 3px solid #bbb; image-rendering: pixelated; display: block; }
+.pair img.kept { border-color: #2a9d4b; } .pair img.pruned { border-color: #d1495b; }
 """
 # set by the page itself once loaded: how many <img> failed to load (a test reads it)
 CHECK = """<script>
@@ -69,7 +72,7 @@ def data_plots(counts: Counts) -> dict[str, str]:
     ax.bar(centers, kept, width, color="#2a9d4b", label="kept")
     ax.bar(centers, pruned, width, bottom=kept, color="#d1495b", label="pruned")
     if removed.any():
-        ax.bar(centers, removed, width, bottom=kept + pruned, color="#999999", label="removed (near-duplicate)")
+        ax.bar(centers, removed, width, bottom=kept + pruned, color="#999999", label="removed (curation)")
     ax.set(xlabel="distance to the nearest prototype (1 - cosine)", ylabel="samples", title="Distances: kept vs pruned")
     ax.legend()
     out["distances"] = _figure_uri(fig)
@@ -88,6 +91,31 @@ def data_plots(counts: Counts) -> dict[str, str]:
         ax.set_xscale("log")
     out["kept_share"] = _figure_uri(fig)
     return out
+
+
+def alignment_plot(alignment: Alignment) -> dict[str, str]:
+    """{"alignment": PNG data URI} of the clip score of kept, pruned and removed pairs."""
+    colors = {"kept": "#2a9d4b", "pruned": "#d1495b", "low_alignment": "#999999", "removed (other)": "#cccccc"}
+    total = sum(alignment.hists.values())
+    used = np.nonzero(total)[0] if not np.isscalar(total) else np.zeros(0, int)
+    if not len(used):
+        return {}
+    lo, hi = used.min(), used.max() + 1
+    step = max(1, -(-(hi - lo) // 40))
+    edges = SCORE_EDGES[lo : hi + step : step]
+    fig, ax = _figure()
+    bottom = None
+    for name, color in colors.items():
+        h = np.add.reduceat(np.asarray(alignment.hists.get(name, np.zeros(len(SCORE_EDGES) - 1)))[lo:hi],
+                            np.arange(0, hi - lo, step))
+        centers = (edges[:-1] + edges[1:])[: len(h)] / 2
+        if h.any():
+            ax.bar(centers, h, edges[1] - edges[0], bottom=bottom, color=color, label=name.replace("_", " "))
+        bottom = h if bottom is None else bottom + h
+    ax.set(xlabel="clip score (cosine of caption and image)", ylabel="samples",
+           title="Caption-image agreement: kept vs removed")
+    ax.legend()
+    return {"alignment": _figure_uri(fig)}
 
 
 def timings_plot(timings: dict) -> dict[str, str]:
@@ -115,9 +143,23 @@ def _img(uri: str | None, css: str, title: str) -> str:
     return f'<img class="{css}" src="{uri}" title="{html.escape(title)}" alt="{html.escape(title)}">'
 
 
-def render(manifest: dict, counts: Counts, grids: dict, duplicates: list, plot_uris: dict) -> str:
+def _pairs(low_pairs: list, without_caption: int) -> str:
+    """The lowest-agreeing pairs: each image with its caption, score and fate."""
+    cells = "".join(
+        f"<div class='pair'>{_img(uri, 'kept' if kept else 'pruned', key)}<b>{score:.3f}</b> "
+        f"{html.escape(status.replace('_', ' ') if status != 'ok' else ('kept' if kept else 'pruned'))}<br>"
+        f"{html.escape((caption or '[no caption read]')[:160])}</div>"
+        for uri, caption, score, status, kept, key in low_pairs)
+    return ("<h2>Lowest caption-image agreement</h2><p class='note'>The pairs whose caption agrees least with "
+            f"the image (clip score, lowest first); {without_caption:,} samples had no caption (no score). "
+            "Green border: kept; red: not kept.</p>" f"<div class='pairs'>{cells}</div>")
+
+
+def render(manifest: dict, counts: Counts, grids: dict, duplicates: list, plot_uris: dict,
+           low_pairs: list = (), without_caption: int = 0) -> str:
     """The page. `grids`: cluster -> kind -> [(uri, distance, kept, key)]; `duplicates`:
-    [(kept (uri, key), [(uri, key, similarity)], n_removed)]."""
+    [(kept (uri, key), [(uri, key, similarity)], n_removed)]; `low_pairs` (with embed.text):
+    [(uri, caption, score, status, kept, key)]."""
     c = manifest.get("counts", {})
     cfg = manifest.get("config", {})
     sel = cfg.get("select", {})
@@ -143,7 +185,7 @@ def render(manifest: dict, counts: Counts, grids: dict, duplicates: list, plot_u
                  "their prototype, the farthest, and a random few. Green border: kept; red: pruned.</p>")
     for cl, kinds in grids.items():
         total, kept, gone = (int(a[cl]) for a in (counts.cluster_total, counts.cluster_kept, counts.cluster_removed))
-        removed = f", {gone:,} removed as near-duplicates" if gone else ""
+        removed = f", {gone:,} removed by curation" if gone else ""
         parts.append(f"<h3>cluster {cl}: {total:,} samples, {kept:,} kept ({kept / max(total, 1):.0%}){removed}</h3>")
         for kind in KINDS:
             cells = "".join(_img(uri, "kept" if k else "pruned", f"{key} d={d:.3f} {'kept' if k else 'pruned'}")
@@ -156,6 +198,8 @@ def render(manifest: dict, counts: Counts, grids: dict, duplicates: list, plot_u
             cells = _img(kuri, "dupkept", f"kept {kkey}") + "".join(
                 _img(u, "pruned", f"{key} cos={s:.4f}") for u, key, s in removed)
             parts.append(f"<div class='grid'><span class='label'>{n} removed</span>{cells}</div>")
+    if low_pairs:
+        parts.append(_pairs(low_pairs, without_caption))
     bands = manifest.get("bands") or []
     if bands:
         parts.append("<h2>Bands</h2><p class='note'>A prefix of the pruned shards is a smaller keep fraction.</p>" +

@@ -126,3 +126,39 @@ def duplicate_groups(shard: str, dedup: pa.Table, n: int = 4, per_group: int = 5
         groups.setdefault(t, []).append((shard, key, float(sim)))
     largest = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:n]
     return [DuplicateGroup(t[0], t[1], tuple(m[:per_group]), len(m)) for t, m in largest]
+
+
+SCORE_EDGES = np.linspace(-1.0, 1.0, 401)  # caption-image cosine
+LOWEST = 12  # the lowest-agreeing pairs the report shows
+
+
+@dataclass
+class Alignment:
+    """With embed.text: the clip score of kept, pruned and removed samples, and the lowest pairs."""
+
+    hists: dict = field(default_factory=dict)  # "kept" | "pruned" | "low_alignment" | "removed (other)" -> counts
+    without_caption: int = 0
+    lowest: list = field(default_factory=list)  # [(score, shard, key, status, kept)], lowest first
+
+    def merge(self, other: "Alignment") -> "Alignment":
+        hists = {k: self.hists.get(k, 0) + other.hists.get(k, 0) for k in {*self.hists, *other.hists}}
+        return Alignment(hists, self.without_caption + other.without_caption,
+                         sorted(self.lowest + other.lowest)[:LOWEST])
+
+
+def shard_alignment(shard: str, scores: pa.Table, clip_score: np.ndarray) -> Alignment:
+    """One shard's scores (KEY, STATUS, KEEP) and clip scores (NaN: no caption, same rows)."""
+    status = scores.column(schema.STATUS).to_numpy(zero_copy_only=False)
+    keep = scores.column(schema.KEEP).to_numpy(zero_copy_only=False).astype(bool)
+    keys = scores.column(schema.KEY).to_numpy(zero_copy_only=False)
+    removed = schema.is_removal(status)
+    low = status == schema.STATUS_LOW_ALIGNMENT
+    scored = ~np.isnan(clip_score) & ((status == schema.STATUS_OK) | removed)
+    groups = {"kept": keep, "pruned": (status == schema.STATUS_OK) & ~keep, "low_alignment": low,
+              "removed (other)": removed & ~low}
+    hists = {name: np.histogram(clip_score[scored & m], SCORE_EDGES)[0] for name, m in groups.items()}
+    rows = np.nonzero(scored)[0]
+    order = rows[np.argsort(clip_score[rows], kind="stable")[:LOWEST]]
+    lowest = [(float(clip_score[r]), shard, str(keys[r]), str(status[r]), bool(keep[r])) for r in order]
+    no_caption = int((np.isnan(clip_score) & ((status == schema.STATUS_OK) | removed)).sum())
+    return Alignment(hists, no_caption, lowest)
