@@ -113,7 +113,7 @@ def test_nodes_lost_during_assign_and_write(pipeline_run, shards_dir, local_clus
     cluster, workers = local_cluster({"num_cpus": 0}, [{"num_cpus": 1}] * 3)
     out = tmp_path / "out"
     shutil.copytree(pipeline_run["out"], out)
-    for stale in ("scores", "pruned", "prototypes"):  # embeddings reused; the rest made again
+    for stale in ("assign", "scores", "pruned", "prototypes"):  # embeddings reused; the rest made again
         shutil.rmtree(out / stale)
     (out / schema.MANIFEST).unlink()
     config = tmp_path / "run.yaml"

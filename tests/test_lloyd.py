@@ -350,14 +350,15 @@ def test_fit_cpus_beyond_every_live_node_is_a_warning_not_an_error(ray_cluster, 
     assert "kmeans.fit_num_cpus=10000" in msg and "waits for a node with 10000 CPUs" in msg and "autoscaler" in msg
 
 
-def test_assign_tasks_get_the_output_dir_with_its_storage_options(ray_cluster, tmp_path):
+def test_shard_tasks_get_the_output_dir_with_its_storage_options(ray_cluster, tmp_path):
     """The assign workers once rebuilt OutputDir(url) in the worker, dropping e.g. an S3 endpoint;
-    an AssignTask carries the OutputDir itself through Ray, with its options."""
-    from pipelines.stages.assign import AssignTask
+    a shard stage's job (assign's, every curation stage's) carries the OutputDir itself through
+    Ray, with its options."""
+    from pipelines.shard_stage import ShardJob
     from prune.io.storage import OutputDir
 
     out = OutputDir(str(tmp_path), auto_mkdir=True)
-    task = AssignTask(out, "00000", "x.tar", ray.put(np.eye(4, dtype=np.float32)), "fp")
+    task = ShardJob(out, "00000", "x.tar", "fp")
     got = ray.get(ray.remote(num_cpus=0)(lambda t: (t.out.url, t.out.storage_options)).remote(task))
     assert got == (out.url, out.storage_options) and out.storage_options == {"auto_mkdir": True}
 

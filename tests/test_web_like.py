@@ -1,10 +1,12 @@
 """The web-like pool is what it claims: long-tailed classes, altered near-copies of popular
-originals that are themselves in the pool, off-distribution junk, in img2dataset's layout."""
+originals that are themselves in the pool, off-distribution junk, web-like captions (most
+describe the image, some name another class, some say nothing), in img2dataset's layout."""
 
 import glob
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,6 +20,7 @@ from PIL import Image
 
 from pipelines.cli import main
 from prune import schema
+from prune.demo import captions as cap
 from prune.demo.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from prune.demo.web_like import (
     COMPOSITION_FILE,
@@ -30,6 +33,7 @@ from prune.demo.web_like import (
     KINDS,
     write_web_like_shards,
 )
+from prune.embed.text import MAX_CAPTION_CHARS
 from prune.io.shards import read_shard
 
 from .conftest import REPO, subprocess_env
@@ -212,11 +216,12 @@ def test_parquet_and_stats_match_the_json(pool, samples):
     for tar in built.tars:
         stem = tar[: -len(".tar")]
         table = pq.read_table(stem + ".parquet")
-        assert {"kind", "copy_of", "label", "label_name", "index", "sha256"} <= set(table.column_names)
+        columns = ("kind", "copy_of", "label", "label_name", "index", "url", "uid", "caption", "caption_kind",
+                   "caption_label", "caption_copied")
+        assert set(columns) <= set(table.column_names)
         for row in table.to_pylist():
             meta = metas[row["key"]]
-            assert {c: row[c] for c in ("kind", "copy_of", "label", "label_name", "index", "url")} == {
-                c: meta[c] for c in ("kind", "copy_of", "label", "label_name", "index", "url")}
+            assert {c: row[c] for c in columns} == {c: meta[c] for c in columns}
         stats = json.loads(Path(stem + schema.STATS_SUFFIX).read_text())
         assert stats["count"] == stats["successes"] == table.num_rows == SHARD_SIZE
 
@@ -252,6 +257,12 @@ def test_same_arguments_give_identical_tars(pool, tmp_path):
         ({"copy_share": 0.6, "junk_share": 0.4}, r"copy_share \+ junk_share must be < 1"),
         ({"popular": 1000}, "popular"),
         ({"copy_exponent": -1}, "copy_exponent"),
+        ({"caption_mix": {"wrong": 1.5}}, r"caption_mix: the wrong share must be a number in \[0, 1\], got 1.5"),
+        ({"caption_mix": {"spam": -0.1}}, r"caption_mix: the spam share must be a number in \[0, 1\]"),
+        ({"caption_mix": {"wrong": 0.6, "spam": 0.5}}, r"caption_mix: the shares wrong \+ spam sum to 1.1, more than 1"),
+        ({"caption_mix": {"describes": 0.9, "wrong": 0.2}}, "caption_mix: the describes share is the rest, 0.8"),
+        ({"caption_mix": {"junk": 0.1}}, "caption_mix: unknown caption kind 'junk'"),
+        ({"copy_same_caption": 1.5}, r"copy_same_caption must be in \[0, 1\]"),
     ],
 )
 def test_bad_arguments_name_the_argument(tmp_path, kwargs, named):
@@ -271,9 +282,14 @@ def test_cli_writes_a_web_like_pool(tmp_path):
     res = _cli([str(out), "--web-like", "--count", "600", "--shard-size", "200"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert len(res.stdout.splitlines()) == 1 and "402 original, 180 copy, 18 junk" in res.stdout
+    # 582 originals and copies at the default mix (407.4, 69.8, 58.2, 23.3, 23.3 to rounding), the 18 junk
+    # at its say-nothing part (10, 4, 4)
+    assert "captions: 408 describes, 70 wrong, 68 noise, 27 empty, 27 spam" in res.stdout
     assert sorted(os.listdir(out)) == sorted(
         [f"0000{i}{ext}" for i in range(3) for ext in (".tar", ".parquet", schema.STATS_SUFFIX)] + [COMPOSITION_FILE])
-    assert json.loads((out / COMPOSITION_FILE).read_text())["kinds"] == {"original": 402, "copy": 180, "junk": 18}
+    composition = json.loads((out / COMPOSITION_FILE).read_text())
+    assert composition["kinds"] == {"original": 402, "copy": 180, "junk": 18}
+    assert composition["caption_mix"] == cap.DEFAULT_CAPTION_MIX
 
 
 def test_cli_bad_option_is_one_line_and_exit_2(tmp_path):
@@ -291,6 +307,12 @@ def test_cli_bad_option_is_one_line_and_exit_2(tmp_path):
         (["--web-like", "--start", "10"], "drop --split and --start"),
         (["--web-like", "--imbalance", "0.5"], "imbalance (largest class / smallest class) must be >= 1"),
         (["--web-like", "--count", "60000"], "needs"),
+        (["--caption-mix", "wrong=0.1"], "--caption-mix applies only with --web-like"),
+        (["--web-like", "--caption-mix", "wrong=1.5"], "--caption-mix: the wrong share must be a number in [0, 1], got 1.5"),
+        (["--web-like", "--caption-mix", "wrong=0.7,noise=0.4"], "--caption-mix: the shares wrong + noise sum to 1.1"),
+        (["--web-like", "--caption-mix", "wrong=abc"], "--caption-mix: the wrong share must be a number in [0, 1], got 'abc'"),
+        (["--web-like", "--caption-mix", "wrong"], "--caption-mix: expected KIND=SHARE pairs"),
+        (["--web-like", "--caption-mix", "typo=0.1"], "--caption-mix: unknown caption kind 'typo'"),
     ],
 )
 def test_cli_options_the_user_must_fix(tmp_path, capsys, args, named):
@@ -299,3 +321,237 @@ def test_cli_options_the_user_must_fix(tmp_path, capsys, args, named):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and named in err and err.startswith("ssl-prune: error: ")
     assert not (tmp_path / "pool").exists()
+
+
+# -- captions ---------------------------------------------------------------------------------------
+
+def classes_named(text: str) -> set[int]:
+    """The classes whose nouns occur in `text` as whole words ("-" part of a word: a t-shirt is no shirt)."""
+    return {label for label, name in enumerate(CLASS_NAMES) for noun in cap.CLASS_NOUNS[name]
+            if re.search(rf"(?<![\w-]){re.escape(noun)}(?![\w-])", text, re.IGNORECASE)}
+
+
+@pytest.fixture(scope="module")
+def captioned(pool):
+    """[(meta, .txt bytes, parquet row)] over all shards, in pool order."""
+    out = []
+    for tar in pool[1].tars:
+        members = dict(read_tar(tar))
+        rows = {r["key"]: r for r in pq.read_table(tar[: -len(".tar")] + ".parquet").to_pylist()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                out.append((json.loads(data), members[f"{key}.txt"], rows[key]))
+    return out
+
+
+def caption_counts(metas, kinds=(KIND_ORIGINAL, KIND_COPY, KIND_JUNK)) -> dict:
+    return {k: sum(m["caption_kind"] == k and m["kind"] in kinds for m in metas) for k in cap.CAPTION_KINDS}
+
+
+def assert_counts_follow(counts: dict, shares: dict, n: int) -> None:
+    assert sum(counts.values()) == n
+    for kind, share in shares.items():
+        assert abs(counts.get(kind, 0) - n * share) < 1, (kind, counts, shares)
+
+
+def test_caption_kinds_match_the_mix(pool, captioned):
+    metas = [m for m, _, _ in captioned]
+    garment = caption_counts(metas, (KIND_ORIGINAL, KIND_COPY))
+    assert_counts_follow(garment, cap.DEFAULT_CAPTION_MIX, COUNT - 36)
+    junk = caption_counts(metas, (KIND_JUNK,))
+    say = {k: cap.DEFAULT_CAPTION_MIX[k] for k in cap.SAYS_NOTHING}
+    assert_counts_follow(junk, {k: v / sum(say.values()) for k, v in say.items()} | {cap.DESCRIBES: 0, cap.WRONG: 0}, 36)
+    composition = pool[1].composition
+    assert composition["caption_mix"] == cap.DEFAULT_CAPTION_MIX
+    assert composition["caption_kinds"] == caption_counts(metas)
+    assert composition["caption_kinds_per_kind"] == {kind: caption_counts(metas, (kind,)) for kind in KINDS}
+    assert json.loads((pool[0] / COMPOSITION_FILE).read_text()) == composition
+
+
+def test_txt_json_and_parquet_carry_the_same_caption(captioned):
+    for meta, txt, row in captioned:
+        assert txt == meta["caption"].encode() and row["caption"] == meta["caption"]
+        assert (row["caption_kind"], row["caption_label"], row["caption_copied"]) == (
+            meta["caption_kind"], meta["caption_label"], meta["caption_copied"])
+        assert (txt == b"") == (meta["caption_kind"] == cap.EMPTY)  # an empty .txt member, as img2dataset writes
+
+
+def test_describing_captions_name_the_class_and_wrong_ones_another(captioned):
+    by_kind = {}
+    for meta, _, _ in captioned:
+        text, kind, label = meta["caption"], meta["caption_kind"], meta["caption_label"]
+        by_kind.setdefault(kind, []).append(meta)
+        if kind == cap.DESCRIBES:
+            assert label == meta["label"] and classes_named(text) == {label}, text
+        elif kind == cap.WRONG:
+            assert label != meta["label"] and classes_named(text) == {label}, text
+        else:
+            assert label is None and classes_named(text) == set(), text
+    describing = [m["caption"] for m in by_kind[cap.DESCRIBES]]
+    assert len(set(describing)) > 0.7 * len(describing)  # varied templates, nouns and attributes
+    nouns = {noun for text in describing for name in CLASS_NAMES for noun in cap.CLASS_NOUNS[name]
+             if re.search(rf"(?<![\w-]){re.escape(noun)}(?![\w-])", text)}
+    assert len(nouns) > 30  # synonyms, not only the class names
+    assert sum(t.startswith("a photo of ") for t in describing) < 0.2 * len(describing)
+    wrong = [m["caption_label"] for m in by_kind[cap.WRONG]]
+    assert len(set(wrong)) == len(CLASS_NAMES)  # any other class
+
+
+def test_tone_and_texture_words_are_the_pixels(captioned):
+    """An original's own caption says what its pixels show: no "white" on a dark image."""
+    images, _ = load_fashion_mnist("train")
+    tone_words = {w: t for t, words in cap.TONE_WORDS.items() for w in words}
+    texture_words = {w: t for t, words in cap.TEXTURE_WORDS.items() for w in words}
+    seen = {}
+    for meta, _, _ in captioned:
+        if meta["kind"] != KIND_ORIGINAL or meta["caption_kind"] not in (cap.DESCRIBES, cap.WRONG):
+            continue
+        pixels = images[meta["index"]]
+        words = re.findall(r"[a-z]+", meta["caption"].lower().replace("black background", ""))
+        for w in words:
+            if w in tone_words:
+                assert tone_words[w] == cap.tone_of(pixels), meta["caption"]
+                seen[tone_words[w]] = seen.get(tone_words[w], 0) + 1
+            if w in texture_words:
+                assert texture_words[w] == cap.texture_of(pixels), meta["caption"]
+                seen[texture_words[w]] = seen.get(texture_words[w], 0) + 1
+    assert set(seen) == {"dark", "grey", "light", "plain", "patterned"}
+
+
+def test_tone_and_texture_of_pixels():
+    flat = np.zeros((28, 28), np.uint8)
+    flat[4:24, 6:22] = 200
+    assert (cap.tone_of(flat), cap.texture_of(flat)) == ("light", "plain")
+    assert cap.tone_of(np.where(flat, 150, 0)) == "grey" and cap.tone_of(np.where(flat, 60, 0)) == "dark"
+    checks = flat.copy()
+    checks[4:24, 6:22] = np.where((np.indices((20, 16)).sum(0) % 2) == 1, 250, 90)
+    assert cap.texture_of(checks) == "patterned"
+    strap = np.zeros((28, 28), np.uint8)
+    strap[10:12, 2:26] = 220  # too thin to have an interior
+    assert cap.texture_of(strap) is None and cap.tone_of(np.zeros((28, 28), np.uint8)) == "dark"
+
+
+def test_captions_that_say_nothing(captioned):
+    said = {}
+    for meta, _, _ in captioned:
+        said.setdefault(meta["caption_kind"], []).append(meta["caption"])
+    assert set(said[cap.EMPTY]) == {""}
+    assert all(cap.SPAM_WORDS_MIN <= len(t.split()) <= cap.SPAM_WORDS_MAX for t in said[cap.SPAM])  # hundreds of words
+    assert all(0 < len(t.split()) <= 6 for t in said[cap.NOISE])
+    file_names = [t for t in said[cap.NOISE] if re.search(r"\.(jpe?g|png|webp)$|^DSC|^Screenshot", t, re.IGNORECASE)]
+    assert 0.2 < len(file_names) / len(said[cap.NOISE]) < 0.8  # file names and boilerplate
+    assert {"free shipping", "click here", "buy now"} & set(said[cap.NOISE])
+
+
+def test_copies_carry_their_original_caption_or_their_own(pool, captioned):
+    originals = {m["key"]: m for m, _, _ in captioned if m["kind"] == KIND_ORIGINAL}
+    copies = [m for m, _, _ in captioned if m["kind"] == KIND_COPY]
+    carried = [m for m in copies if m["caption_copied"]]
+    for m in carried:
+        source = originals[m["copy_of"]]
+        assert (m["caption"], m["caption_kind"], m["caption_label"]) == (
+            source["caption"], source["caption_kind"], source["caption_label"])
+    assert pool[1].composition["copies_with_original_caption"] == len(carried)
+    assert 0.35 < len(carried) / len(copies) < 0.65  # copy_same_caption 0.5 (360 copies)
+    own = [m for m in copies if not m["caption_copied"]]
+    assert sum(m["caption"] != originals[m["copy_of"]]["caption"] for m in own) > 0.8 * len(own)
+    assert not any(m["caption_copied"] for m, _, _ in captioned if m["kind"] != KIND_COPY)
+
+
+def test_the_pipeline_reads_an_empty_caption_as_none(pool, captioned):
+    from pipelines.decoding import captions_of
+
+    metas = {m["key"]: m for m, _, _ in captioned}
+    for tar in pool[1].tars:
+        samples = read_shard(tar, EXTS).samples
+        for s, caption in zip(samples, captions_of(samples, tar, "caption")):
+            meta = metas[s.key]
+            expected = None if meta["caption_kind"] == cap.EMPTY else meta["caption"][:MAX_CAPTION_CHARS]
+            assert caption == expected
+
+
+@pytest.mark.parametrize(
+    "mix, same",
+    [({}, 1.0), ({"wrong": 1.0}, 0.5), ({"noise": 0.2, "empty": 0.3, "spam": 0.5}, 0.0),
+     ({"describes": 0.5, "wrong": 0.25, "spam": 0.25}, 1.0)],
+)
+def test_other_caption_mixes(tmp_path, mix, same):
+    built = write_web_like_shards(str(tmp_path), count=400, shard_size=400, seed=2, caption_mix=mix,
+                                  copy_same_caption=same)
+    metas = [json.loads(d) for name, d in read_tar(built.tars[0]) if name.endswith(".json")]
+    full = cap.caption_mix(mix)
+    assert built.composition["caption_mix"] == full and sum(full.values()) == pytest.approx(1)
+    assert_counts_follow(caption_counts(metas, (KIND_ORIGINAL, KIND_COPY)), full, 400 - 12)
+    assert {m["caption_kind"] for m in metas if m["kind"] == KIND_JUNK} <= set(cap.SAYS_NOTHING)
+    carried = sum(m["caption_copied"] for m in metas)
+    if same == 0.0:
+        assert carried == 0
+    elif same == 1.0 and len({k for k, v in full.items() if v}) == 1:  # one kind: every copy carries
+        assert carried == built.composition["kinds"][KIND_COPY] == 120
+    elif same == 1.0:  # kinds traded with samples of no family: almost every copy carries
+        assert carried >= 0.9 * 120
+    else:
+        assert 0.3 * 120 < carried < 0.7 * 120
+
+
+def test_captions_leave_the_images_as_they_were(tmp_path):
+    """Captions draw from their own generators: the caption settings change no image, no other field."""
+    a = write_web_like_shards(str(tmp_path / "a"), count=300, shard_size=300, seed=4)
+    b = write_web_like_shards(str(tmp_path / "b"), count=300, shard_size=300, seed=4,
+                              caption_mix={"wrong": 0.5, "spam": 0.3}, copy_same_caption=0.0)
+    ours = {"caption", "uid", "caption_kind", "caption_label", "caption_copied"}
+    differ = 0
+    for (na, da), (nb, db) in zip(read_tar(a.tars[0]), read_tar(b.tars[0])):
+        assert na == nb
+        if na.endswith(".jpg"):
+            assert da == db
+        elif na.endswith(".json"):
+            ma, mb = json.loads(da), json.loads(db)
+            assert {k: v for k, v in ma.items() if k not in ours} == {k: v for k, v in mb.items() if k not in ours}
+            differ += ma["caption"] != mb["caption"]
+    assert differ > 200
+    assert {k: v for k, v in a.composition.items() if "caption" not in k} == {
+        k: v for k, v in b.composition.items() if "caption" not in k}
+
+
+def test_class_nouns_are_unambiguous():
+    for label, name in enumerate(CLASS_NAMES):
+        for noun in cap.CLASS_NOUNS[name]:
+            assert classes_named(noun) == {label}, noun
+    assert tuple(cap.CLASS_NOUNS) == CLASS_NAMES
+
+
+def test_make_caption_is_a_function_of_its_arguments():
+    images, labels = load_fashion_mnist("train")
+    for kind in cap.CAPTION_KINDS:
+        a = cap.make_caption(int(labels[0]), images[0], kind, np.random.default_rng(7))
+        b = cap.make_caption(int(labels[0]), images[0], kind, np.random.default_rng(7))
+        assert a == b and a.kind == kind
+    with pytest.raises(ValueError, match="describing caption needs a class label"):
+        cap.make_caption(JUNK_LABEL, images[0], cap.DESCRIBES, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="caption kind must be one of"):
+        cap.make_caption(0, images[0], "junk", np.random.default_rng(0))
+
+
+def test_parse_caption_mix():
+    assert cap.parse_caption_mix(cap.format_mix(cap.DEFAULT_CAPTION_MIX)) == cap.DEFAULT_CAPTION_MIX
+    assert cap.parse_caption_mix("") == {cap.DESCRIBES: 1.0, cap.WRONG: 0.0, cap.NOISE: 0.0, cap.EMPTY: 0.0,
+                                         cap.SPAM: 0.0}
+    assert cap.parse_caption_mix(" wrong=0.25 , spam=0.25 ")[cap.DESCRIBES] == 0.5
+    assert cap.parse_caption_mix("describes=0.4,noise=0.6")[cap.NOISE] == 0.6
+    assert cap.parse_caption_mix("wrong=1")[cap.DESCRIBES] == 0.0
+    for bad, named in (("wrong=0.1,wrong=0.2", "wrong given twice"), ("=0.1", "KIND=SHARE"),
+                       ("noise=inf", "noise share"), ("empty=nan", "empty share")):
+        with pytest.raises(ValueError, match=named):
+            cap.parse_caption_mix(bad)
+
+
+def test_cli_caption_mix_reaches_the_pool(tmp_path, capsys):
+    out = tmp_path / "pool"
+    assert main(["demo-data", str(out), "--web-like", "--count", "300", "--shard-size", "300",
+                 "--caption-mix", "wrong=0.5,empty=0.1"]) == 0
+    # 291 originals and copies: 116.4, 145.5, 0, 29.1, 0 to rounding; the 9 junk say nothing: empty
+    assert "captions: 116 describes, 146 wrong, 0 noise, 38 empty, 0 spam" in capsys.readouterr().out
+    composition = json.loads((out / COMPOSITION_FILE).read_text())
+    assert composition["caption_mix"] == {"describes": 0.4, "wrong": 0.5, "noise": 0.0, "empty": 0.1, "spam": 0.0}

@@ -131,10 +131,12 @@ def _evaluate(args) -> int:
 
 
 def _demo_data(args) -> int:
+    from prune.demo.captions import parse_caption_mix
     from prune.demo.shards import write_demo_shards
     from prune.demo.web_like import COMPOSITION_FILE, SPLIT, write_web_like_shards
 
-    web_options = {"imbalance": args.imbalance, "copy_share": args.copy_share, "junk_share": args.junk_share}
+    web_options = {"imbalance": args.imbalance, "copy_share": args.copy_share, "junk_share": args.junk_share,
+                   "caption_mix": args.caption_mix}
     given = {name: value for name, value in web_options.items() if value is not None}
     if not args.web_like:
         if given:
@@ -150,13 +152,19 @@ def _demo_data(args) -> int:
         return 0
     if args.split != SPLIT or args.start:
         raise ConfigError(f"--web-like builds from the {SPLIT} split from its start: drop --split and --start")
+    if "caption_mix" in given:
+        try:
+            given["caption_mix"] = parse_caption_mix(given["caption_mix"])
+        except ValueError as exc:
+            raise ConfigError(f"--caption-mix: {exc}") from exc
     try:
         pool = write_web_like_shards(args.out, count=args.count, shard_size=args.shard_size, seed=args.seed, **given)
     except (FileNotFoundError, ValueError) as exc:  # no Fashion-MNIST installed, or bad counts or shares
         raise ConfigError(str(exc)) from exc
     kinds = ", ".join(f"{n} {kind}" for kind, n in pool.composition["kinds"].items())
-    print(f"wrote {len(pool.tars)} web-like shards ({args.count} Fashion-MNIST {SPLIT} samples: {kinds}) "
-          f"to {args.out}; summary in {args.out.rstrip('/')}/{COMPOSITION_FILE}")
+    captions = ", ".join(f"{n} {kind}" for kind, n in pool.composition["caption_kinds"].items())
+    print(f"wrote {len(pool.tars)} web-like shards ({args.count} Fashion-MNIST {SPLIT} samples: {kinds}; "
+          f"captions: {captions}) to {args.out}; summary in {args.out.rstrip('/')}/{COMPOSITION_FILE}")
     return 0
 
 
@@ -202,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--junk-share", type=float,
                    help=f"with --web-like: share of off-distribution junk images, in [0, 1) "
                         f"(default {web_like.DEFAULT_JUNK_SHARE:g})")
+    from prune.demo import captions
+
+    d.add_argument("--caption-mix", metavar="KIND=SHARE,...",
+                   help="with --web-like: shares of the non-junk samples' captions that name another class "
+                        "(wrong) or say nothing (noise: file names, boilerplate; empty; spam); kinds not named 0, "
+                        "the rest describe the image; junk says nothing "
+                        f"(default {captions.format_mix(captions.DEFAULT_CAPTION_MIX)}; '' for all describe)")
     d.set_defaults(fn=_demo_data)
     args = parser.parse_args(argv)
     if hasattr(args, "config") and args.config is None:

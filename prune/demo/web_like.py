@@ -3,9 +3,11 @@
 The balanced demo shards have none of what pruning is for on web data: the classes are equal,
 nothing is duplicated and nothing is junk. This pool, built from the train split, has
 long-tailed classes, many altered near-copies of a few popular images and a little
-off-distribution junk. Each sample's `.json` and parquet row say what it is (`kind`, and
-`copy_of` for copies) so an evaluation can score what a pruning run kept; the pipeline itself
-reads only the images.
+off-distribution junk, and web-like captions (prune/demo/captions.py): most describe the
+image, some name another class, some say nothing. Each sample's `.json` and parquet row say
+what it is (`kind`, and `copy_of` for copies) and what its caption is (`caption_kind`,
+`caption_label`, `caption_copied`) so an evaluation can score what a pruning run kept; the
+pipeline itself reads only the images and the captions.
 
 The layout is write_demo_shards': 9-digit keys, NNNNN.tar / .parquet / _stats.json, and the
 tars are byte-reproducible for the same arguments. A `composition.json` beside the shards
@@ -18,18 +20,26 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from prune.demo.captions import (
+    CAPTION_KINDS,
+    SAYS_NOTHING,
+    Caption,
+    make_caption,
+)
+from prune.demo.captions import caption_mix as complete_mix
 from prune.demo.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT, load_fashion_mnist
 from prune.demo.shards import (
     MAX_SHARD_SIZE,
     PARQUET_SCHEMA,
     _write_atomically,
-    caption_for,
     encode_image,
     sample_key,
     uid_for,
@@ -43,7 +53,6 @@ KINDS = (KIND_ORIGINAL, KIND_COPY, KIND_JUNK)
 
 JUNK_LABEL = -1  # junk has no class; evaluation's label reader skips negative labels
 JUNK_LABEL_NAME = "junk"
-JUNK_CAPTION = "untitled"
 JUNK_PATTERNS = ("noise", "flat", "stripes", "checkerboard", "gradient")
 
 COMPOSITION_FILE = "composition.json"  # not a shard: no `*.tar` glob or NNNNN pattern matches it
@@ -53,9 +62,20 @@ DEFAULT_IMBALANCE = 20.0
 DEFAULT_COPY_SHARE = 0.3
 DEFAULT_JUNK_SHARE = 0.03
 DEFAULT_COPY_EXPONENT = 1.0
+DEFAULT_COPY_SAME_CAPTION = 0.5  # a copy carries its original's caption verbatim half the time
 
 # The json/parquet fields this pool adds to write_demo_shards'.
-WEB_LIKE_SCHEMA = PARQUET_SCHEMA.append(pa.field("kind", pa.string())).append(pa.field("copy_of", pa.string()))
+WEB_LIKE_SCHEMA = pa.schema([
+    *PARQUET_SCHEMA,
+    pa.field("kind", pa.string()),
+    pa.field("copy_of", pa.string()),
+    pa.field("caption_kind", pa.string()),  # one of captions.CAPTION_KINDS
+    pa.field("caption_label", pa.int64()),  # the class the caption names (describes, wrong), else null
+    pa.field("caption_copied", pa.bool_()),  # a copy carrying its original's caption verbatim
+])
+# The caption plan and texts draw from their own generators, seeded by (seed, this, ...): the
+# images are those the same seed gave before captions varied, whatever the caption settings.
+_CAPTION_STREAM = 0xCA9
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,8 @@ def write_web_like_shards(
     junk_share: float = DEFAULT_JUNK_SHARE,
     popular: int | None = None,
     copy_exponent: float = DEFAULT_COPY_EXPONENT,
+    caption_mix: Mapping[str, float] | None = None,
+    copy_same_caption: float = DEFAULT_COPY_SAME_CAPTION,
     root: str = DEFAULT_ROOT,
 ) -> WebLikePool:
     """Write a web-like pool of `count` samples as shards 00000.tar, ... in out_dir.
@@ -84,12 +106,20 @@ def write_web_like_shards(
       among the originals (so mostly from the big classes), with Zipf(copy_exponent) counts;
     - the rest are originals, drawn without replacement per class; class sizes fall
       exponentially from the largest to the smallest, `imbalance` times smaller. Which class
-      is largest is drawn from `seed`.
+      is largest is drawn from `seed`;
+    - captions: of the originals and copies, `caption_mix` shares (kind -> share; kinds not
+      named 0, `describes` the rest; default captions.DEFAULT_CAPTION_MIX) describe the image, name
+      another class, or say nothing (noise, empty, spam), counts exact to rounding; junk
+      images say nothing, in the say-nothing kinds' proportions (noise alone if those are 0).
+      A share `copy_same_caption` of the copies carry their original's caption verbatim
+      (kinds are traded with a sample of no family to keep the counts; where none is left the
+      copy keeps its own); the rest have captions of their own.
 
     Samples are shuffled across shards and no two of one family (an original and its copies)
     sit next to each other where that can be avoided.
     """
-    plan = _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_exponent)
+    plan = _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_exponent,
+                 caption_mix, copy_same_caption)
     images, labels = load_fashion_mnist(SPLIT, root)
     rng = np.random.default_rng(seed)
     ranked = rng.permutation(len(CLASS_NAMES))  # ranked[r]: the class with the r-th largest size
@@ -112,24 +142,28 @@ def write_web_like_shards(
 
     keys = [sample_key(p // shard_size, p % shard_size) for p in range(len(items))]
     original_key = {it["index"]: k for it, k in zip(items, keys) if it["kind"] == KIND_ORIGINAL}
+    captions = _Captions(items, images, plan["caption_mix"], plan["copy_same_caption"], seed)
     os.makedirs(out_dir, exist_ok=True)
     tars = []
     for shard, first in enumerate(range(0, count, shard_size)):
         start_time = time.time()
         members, rows = [], []
-        for item, key in zip(items[first : first + shard_size], keys[first : first + shard_size]):
-            image, meta = _sample(item, key, images, labels, original_key, rng)
+        for pos in range(first, min(first + shard_size, count)):
+            key = keys[pos]
+            image, meta = _sample(items[pos], key, images, labels, original_key, rng, partial(captions.at, pos))
             members += [(f"{key}.jpg", image), (f"{key}.txt", meta["caption"].encode())]
             members.append((f"{key}.json", json.dumps(meta).encode()))
             rows.append(meta)
         tars.append(write_shard_files(out_dir, shard, members, rows, WEB_LIKE_SCHEMA, start_time))
 
-    composition = _composition(plan, items, original_key, tars, seed, imbalance, copy_share, junk_share, labels)
+    composition = _composition(plan, items, original_key, tars, seed, imbalance, copy_share, junk_share, labels,
+                               captions)
     _write_atomically(os.path.join(out_dir, COMPOSITION_FILE), json.dumps(composition, indent=2).encode())
     return WebLikePool(tars, composition)
 
 
-def _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_exponent) -> dict:
+def _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_exponent,
+          mix=None, copy_same_caption=DEFAULT_COPY_SAME_CAPTION) -> dict:
     """Check the arguments and size every part of the pool, before any image is read."""
     if not isinstance(count, (int, np.integer)) or count < 1:
         raise ValueError(f"count must be a positive integer, got {count!r}")
@@ -144,6 +178,12 @@ def _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_ex
         raise ValueError(f"copy_share + junk_share must be < 1 (originals are the rest), got {copy_share + junk_share}")
     if not copy_exponent >= 0:
         raise ValueError(f"copy_exponent must be >= 0, got {copy_exponent}")
+    try:
+        mix = complete_mix(mix)
+    except ValueError as exc:
+        raise ValueError(f"caption_mix: {exc}") from None
+    if isinstance(copy_same_caption, bool) or not 0 <= copy_same_caption <= 1:
+        raise ValueError(f"copy_same_caption must be in [0, 1], got {copy_same_caption!r}")
     n_junk, n_copy = round(count * junk_share), round(count * copy_share)
     n_orig = count - n_junk - n_copy
     n_classes = len(CLASS_NAMES)
@@ -161,7 +201,8 @@ def _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_ex
                          f"(the number of copies, at most the originals), got {popular!r}")
     zipf = 1.0 / np.arange(1, popular + 1) ** copy_exponent
     copies = [1 + extra for extra in _apportion(n_copy - popular, zipf)] if popular else []
-    return {"class_sizes": class_sizes, "copies": copies, "popular": popular, "junk": n_junk}
+    return {"class_sizes": class_sizes, "copies": copies, "popular": popular, "junk": n_junk,
+            "caption_mix": mix, "copy_same_caption": float(copy_same_caption)}
 
 
 def _apportion(total: int, weights: np.ndarray) -> list[int]:
@@ -205,34 +246,115 @@ def _spread_families(items: list[dict], rng, tries: int = 64) -> list[dict]:
     return items
 
 
-def _sample(item, key, images, labels, original_key, rng) -> tuple[bytes, dict]:
-    """A sample's jpg bytes and its metadata (the json member and the parquet row)."""
+def _sample(item, key, images, labels, original_key, rng,
+            caption_of: Callable[[int, np.ndarray], tuple[Caption, bool]]) -> tuple[bytes, dict]:
+    """A sample's jpg bytes and its metadata (the json member and the parquet row);
+    caption_of(label, pixels) gives its caption and whether it is its original's."""
     kind, index = item["kind"], item["index"]
     copy_of = None
     if kind == KIND_JUNK:
-        image = encode_image(_junk(item["pattern"], rng))
-        label, label_name, caption = JUNK_LABEL, JUNK_LABEL_NAME, JUNK_CAPTION
+        pixels = _junk(item["pattern"], rng)
+        image = encode_image(pixels)
+        label, label_name = JUNK_LABEL, JUNK_LABEL_NAME
         url = f"https://example.invalid/web-like/junk/{item['pattern']}/{item['n']}.jpg"
     else:
         label = int(labels[index])
         label_name = CLASS_NAMES[label]
-        caption = caption_for(label_name)
         if kind == KIND_ORIGINAL:
-            image = encode_image(images[index])
+            pixels = images[index]
+            image = encode_image(pixels)
             url = f"https://example.invalid/fmnist/{SPLIT}/{index}.jpg"
         else:
             pixels, quality = _alter(images[index], rng)
             image = encode_image(pixels, quality=quality)
             url = f"https://example.invalid/web-like/copy/{index}-{item['n']}.jpg"
             copy_of = original_key[index]
+    caption, copied = caption_of(label, pixels)
     side = images.shape[1]
     meta = {
-        "key": key, "uid": uid_for(url, caption), "url": url, "caption": caption, "status": "success", "error_message": None,
-        "width": side, "height": side, "original_width": side, "original_height": side, "exif": None,
-        "sha256": hashlib.sha256(image).hexdigest(), "label": label, "label_name": label_name,
+        "key": key, "uid": uid_for(url, caption.text), "url": url, "caption": caption.text, "status": "success",
+        "error_message": None, "width": side, "height": side, "original_width": side, "original_height": side,
+        "exif": None, "sha256": hashlib.sha256(image).hexdigest(), "label": label, "label_name": label_name,
         "index": None if index is None else int(index), "split": SPLIT, "kind": kind, "copy_of": copy_of,
+        "caption_kind": caption.kind, "caption_label": caption.label, "caption_copied": copied,
     }
     return image, meta
+
+
+class _Captions:
+    """Which kind of caption each sample gets, which copies carry their original's, and the texts.
+
+    The plan (kinds, who copies whom) is drawn once from (seed, _CAPTION_STREAM, 0); each
+    sample's text from its own generator, (seed, _CAPTION_STREAM, 1, position), so a text does
+    not depend on the order the samples are written in, and a copy's original's text is the
+    same whenever it is made.
+    """
+
+    def __init__(self, items: list[dict], images: np.ndarray, mix: dict, copy_same_caption: float, seed: int):
+        self.items, self.images, self.seed = items, images, seed
+        self.kinds, self.copied_from = _plan_captions(
+            items, mix, copy_same_caption, np.random.default_rng([seed, _CAPTION_STREAM, 0]))
+        self._originals: dict[int, Caption] = {}  # position -> caption, for originals whose copies carry it
+
+    def at(self, pos: int, label: int, pixels: np.ndarray) -> tuple[Caption, bool]:
+        """The caption of the sample at `pos` (class `label`, these pixels), and whether it is its original's."""
+        source = self.copied_from[pos]
+        if source is None:
+            return self._make(pos, label, pixels), False
+        if source not in self._originals:
+            self._originals[source] = self._make(source, label, self.images[self.items[source]["index"]])
+        return self._originals[source], True
+
+    def _make(self, pos: int, label: int, pixels: np.ndarray) -> Caption:
+        return make_caption(label, pixels, self.kinds[pos], np.random.default_rng([self.seed, _CAPTION_STREAM, 1, pos]))
+
+
+def _plan_captions(items: list[dict], mix: dict, copy_same_caption: float, rng) -> tuple[list[str], list]:
+    """Each position's caption kind, and for copies that carry their original's caption, the
+    original's position (else None).
+
+    The originals and copies get exactly _apportion(n, mix) captions of each kind, shuffled;
+    junk gets the say-nothing kinds in their proportions. Then each copy drawn to carry its
+    original's caption takes its original's kind, trading kinds with a random sample of no
+    family (an original without copies, or a copy that keeps its own caption), which keeps the
+    counts exact.
+    """
+    kinds: list = [None] * len(items)
+    garment = [i for i, it in enumerate(items) if it["kind"] != KIND_JUNK]
+    junk = [i for i, it in enumerate(items) if it["kind"] == KIND_JUNK]
+    says_nothing = np.array([mix[k] for k in SAYS_NOTHING])
+    for positions, names, weights in (
+        (garment, CAPTION_KINDS, np.array([mix[k] for k in CAPTION_KINDS])),
+        (junk, SAYS_NOTHING, says_nothing if says_nothing.sum() > 0 else np.array([1.0, 0.0, 0.0])),
+    ):
+        drawn = np.repeat(np.arange(len(names)), _apportion(len(positions), weights))[rng.permutation(len(positions))]
+        for pos, k in zip(positions, drawn.tolist()):
+            kinds[pos] = names[k]
+
+    source_of = {it["index"]: i for i, it in enumerate(items) if it["kind"] == KIND_ORIGINAL}
+    copies = [i for i, it in enumerate(items) if it["kind"] == KIND_COPY]
+    carry = [i for i, u in zip(copies, rng.random(len(copies)).tolist()) if u < copy_same_caption]
+    pinned = set(carry) | {source_of[items[i]["index"]] for i in copies}
+    free: dict[str, list[int]] = {k: [] for k in CAPTION_KINDS}
+    for i in garment:
+        if i not in pinned:
+            free[kinds[i]].append(i)
+    copied_from: list = [None] * len(items)
+    for i in carry:
+        source = source_of[items[i]["index"]]
+        need, have = kinds[source], kinds[i]
+        if need != have:
+            if not free[need]:
+                continue  # nothing left to trade with: this copy keeps a caption of its own
+            pool = free[need]
+            j = int(rng.integers(len(pool)))
+            other = pool[j]
+            pool[j] = pool[-1]
+            pool.pop()
+            kinds[other], kinds[i] = have, need
+            free[have].append(other)
+        copied_from[i] = source
+    return kinds, copied_from
 
 
 def _alter(pixels: np.ndarray, rng) -> tuple[np.ndarray, int]:
@@ -280,9 +402,14 @@ def _junk(pattern: str, rng, side: int = 28) -> np.ndarray:
     return np.where(on, hi, lo).astype(np.uint8)
 
 
-def _composition(plan, items, original_key, tars, seed, imbalance, copy_share, junk_share, labels) -> dict:
-    """The summary composition.json holds: counts per kind, per class, and of the copies."""
+def _composition(plan, items, original_key, tars, seed, imbalance, copy_share, junk_share, labels,
+                 captions: _Captions) -> dict:
+    """The summary composition.json holds: counts per kind, per class, of the copies and of the captions."""
     kinds = {k: sum(it["kind"] == k for it in items) for k in KINDS}
+    caption_kinds = {k: captions.kinds.count(k) for k in CAPTION_KINDS}
+    per_kind = {kind: {k: 0 for k in CAPTION_KINDS} for kind in KINDS}
+    for it, k in zip(items, captions.kinds):
+        per_kind[it["kind"]][k] += 1
 
     def per_class(kind):
         counts = np.bincount([labels[it["index"]] for it in items if it["kind"] == kind], minlength=len(CLASS_NAMES))
@@ -306,4 +433,9 @@ def _composition(plan, items, original_key, tars, seed, imbalance, copy_share, j
         "max_copies_of_one_source": max(plan["copies"], default=0),
         "copies_per_source": dict(sorted(copies_per_source.items(), key=lambda kv: (-kv[1], kv[0]))),
         "junk_patterns": {p: sum(it.get("pattern") == p for it in items) for p in JUNK_PATTERNS},
+        "caption_mix": plan["caption_mix"],
+        "copy_same_caption": plan["copy_same_caption"],
+        "caption_kinds": caption_kinds,
+        "caption_kinds_per_kind": per_kind,
+        "copies_with_original_caption": sum(c is not None for c in captions.copied_from),
     }
