@@ -24,26 +24,36 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from prune import schema
-from prune.io.embeddings_in import ImportConfig, normalized, read_part
+from prune.io.embeddings_in import ImportConfig, normalized, read_part, with_scores
 from prune.io.key_ranges import KeyRanges
 from prune.io.shards import read_shard
 from prune.io.storage import OutputDir
 
 SHARD_INDEX = "__shard"  # staged rows: the index of the input shard a row belongs to
 VECTOR = "__vector"  # staged rows: the vector as stored (float32), normalized when aligned
+TEXT_VECTOR = "__text_vector"  # staged rows: the caption's vector as stored, where the layout has them
+
+
+def _vectors(unit: np.ndarray, ok: np.ndarray) -> pa.Array:
+    flat = pa.array(np.where(ok[:, None], unit, 0).astype(np.float16).reshape(-1), pa.float16())
+    return pa.FixedSizeListArray.from_arrays(flat, unit.shape[1], mask=pa.array(~ok))
 
 
 def write_imported(out: OutputDir, shard: str, url: str, fp: str, model_id: str, keys: pa.Array, unit: np.ndarray,
-                   ok: np.ndarray, status: np.ndarray, carried: pa.Table | None, shard_error: str = "") -> None:
+                   ok: np.ndarray, status: np.ndarray, carried: pa.Table | None, shard_error: str = "",
+                   text: tuple | None = None) -> None:
     """What the import stage makes of one unit of work, joined to a tar or not: embeddings/NNNNN.parquet
-    (unit-norm float16, null where not ok, stamped like the embed stage's) and, when columns are
-    carried, imported/NNNNN.parquet."""
+    (unit-norm float16, null where not ok, stamped like the embed stage's; with `text`, from
+    `with_scores`, the captions' vectors and clip scores too) and, when columns are carried,
+    imported/NNNNN.parquet."""
     dim = unit.shape[1]
-    flat = pa.array(np.where(ok[:, None], unit, 0).astype(np.float16).reshape(-1), pa.float16())
-    table = pa.table({schema.KEY: keys, schema.SHARD: pa.array([shard] * len(keys), pa.string()),
-                      schema.STATUS: pa.array(status, pa.string()),
-                      schema.EMBEDDING: pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(~ok))},
-                     schema=schema.embeddings_schema(dim))
+    columns = {schema.KEY: keys, schema.SHARD: pa.array([shard] * len(keys), pa.string()),
+               schema.STATUS: pa.array(status, pa.string()), schema.EMBEDDING: _vectors(unit, ok)}
+    if text is not None:
+        text_unit, text_ok, score = text
+        columns |= {schema.TEXT_EMBEDDING: _vectors(text_unit, text_ok),
+                    schema.CLIP_SCORE: pa.array(score, pa.float32(), mask=np.isnan(score))}
+    table = pa.table(columns, schema=schema.embeddings_schema(dim, text[0].shape[1] if text is not None else None))
     if carried is not None and carried.num_columns:
         with out.open_atomic(schema.IMPORTED_DIR, schema.shard_file(shard)) as f:
             pq.write_table(carried.add_column(0, schema.KEY, keys), f)
@@ -92,20 +102,24 @@ def route_part(task: RouteTask) -> dict:
     from .runtime import resolve
 
     ranges: KeyRanges = resolve(task.ranges)
-    keys, vectors, carried = read_part(task.settings, task.url)
+    keys, vectors, carried, text = read_part(task.settings, task.url)
     rows, where = ranges.route(keys)  # grouped by shard; a row may go to more than one
     dim = vectors.shape[1]
     flat = pa.array(vectors[rows].reshape(-1), pa.float32())
     table = pa.table({schema.KEY: pa.array(keys, pa.string()).take(pa.array(rows)),
                       SHARD_INDEX: pa.array(where, pa.int32()),
                       VECTOR: pa.FixedSizeListArray.from_arrays(flat, max(dim, 1)) if dim else pa.nulls(len(rows))})
+    if text is not None and text.size:
+        table = table.append_column(TEXT_VECTOR, pa.FixedSizeListArray.from_arrays(
+            pa.array(text[rows].reshape(-1), pa.float32()), text.shape[1]))
     for name in carried.column_names:
         table = table.append_column(name, carried.column(name).take(pa.array(rows)))
     touched, starts = np.unique(where, return_index=True)
     with task.out.open_atomic(task.staging, "parts", f"{task.part}.parquet") as f, pq.ParquetWriter(f, table.schema) as w:
         for start, end in zip(starts, [*starts[1:], len(rows)]):  # one row group per shard
             w.write_table(table.slice(int(start), int(end - start)))
-    return {"part": task.part, "shards": touched.tolist(), "rows": len(keys), "dim": dim}
+    return {"part": task.part, "shards": touched.tolist(), "rows": len(keys), "dim": dim,
+            "text": text is not None and bool(text.size)}
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class AlignTask:
     model_id: str
     dim: int
     error: str = ""  # the tar could not be read: no sample at all
+    with_text: bool = False  # the parts carry the captions' vectors
 
 
 def align_shard(task: AlignTask) -> dict:
@@ -137,21 +152,26 @@ def align_shard(task: AlignTask) -> dict:
     rows = pa.concat_tables(pieces, promote_options="default") if pieces else None
     n, dim = len(keys), task.dim
     vectors = np.full((n, dim), np.nan, np.float32)
+    text = np.full((n, dim), np.nan, np.float32) if task.with_text else None
     found = np.zeros(n, bool)
     carried = None
     if rows is not None and len(rows):
         at = pc.index_in(pa.array(keys, pa.string()), value_set=rows.column(schema.KEY))
         found = at.is_valid().to_numpy(zero_copy_only=False)
         idx = at.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-        stored = rows.column(VECTOR).combine_chunks()
-        if pa.types.is_fixed_size_list(stored.type):
-            vectors[found] = stored.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[idx[found]]
-        carried = rows.drop_columns([schema.KEY, SHARD_INDEX, VECTOR]).take(pa.array(idx, mask=~found))
+        for column, into in ((VECTOR, vectors), (TEXT_VECTOR, text)):
+            stored = rows.column(column).combine_chunks() if into is not None and column in rows.column_names else None
+            if stored is not None and pa.types.is_fixed_size_list(stored.type):
+                into[found] = stored.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[idx[found]]
+        carried = rows.drop_columns([c for c in (schema.KEY, SHARD_INDEX, VECTOR, TEXT_VECTOR) if c in rows.column_names]
+                                    ).take(pa.array(idx, mask=~found))
     unit, ok = normalized(vectors)
     status = np.where(ok, schema.STATUS_OK, np.where(found, schema.STATUS_BAD_EMBEDDING, schema.STATUS_NO_IMPORTED))
     spoiled = tar_status != schema.STATUS_OK  # the tar's own word first: write could not copy these
     status, ok = np.where(spoiled, tar_status, status), ok & ~spoiled
+    scored = with_scores(unit, ok, text)
     write_imported(task.out, task.shard, task.url, task.fp, task.model_id, pa.array(keys, pa.string()), unit, ok,
-                   status, carried, task.error)
+                   status, carried, task.error, scored)
     return {"samples": n, "matched": int(found.sum()), "invalid": int((status == schema.STATUS_BAD_EMBEDDING).sum()),
-            "missing": int((status == schema.STATUS_NO_IMPORTED).sum())}
+            "missing": int((status == schema.STATUS_NO_IMPORTED).sum()),
+            "with_caption": int((~np.isnan(scored[2])).sum()) if scored is not None else 0}

@@ -107,12 +107,16 @@ def test_clip_retrieval_parts_join_back_to_the_tar_shards_and_write_copies_them(
     rows = rows[5:]
     root = tmp_path / "clip"
     (root / "img_emb").mkdir(parents=True)
+    (root / "text_emb").mkdir()
     (root / "metadata").mkdir()
     stray = ["zzzz-not-in-any-shard", "0"]  # in no shard's key range
+    text = np.where(ok[:, None], vec, 0) + rng.normal(0, 1.0, vec.shape).astype(np.float32)  # the captions' vectors
     for part, chunk in enumerate(np.array_split(rows, 3)):
         part_keys = [keys[i] for i in chunk] + (stray if part == 1 else [])
         part_vec = np.concatenate([vec[chunk], np.ones((2 if part == 1 else 0, vec.shape[1]), np.float32)])
         np.save(root / "img_emb" / f"img_emb_{part}.npy", part_vec.astype(np.float16))
+        part_text = np.concatenate([text[chunk], np.ones((2 if part == 1 else 0, vec.shape[1]), np.float32)])
+        np.save(root / "text_emb" / f"text_emb_{part}.npy", part_text.astype(np.float16))
         pq.write_table(pa.table({"key": part_keys, "url": [f"https://x.invalid/{k}" for k in part_keys]}),
                        root / "metadata" / f"metadata_{part}.parquet")
     out = tmp_path / "out"
@@ -134,9 +138,15 @@ def test_clip_retrieval_parts_join_back_to_the_tar_shards_and_write_copies_them(
         else:  # failed in the embed stage: the tar's own reason, or no embedding was ever computed
             assert s in (s_src, schema.STATUS_NO_IMPORTED)
     emb = got.column(schema.EMBEDDING).to_pylist()
+    score = got.column(schema.CLIP_SCORE).to_pylist()  # the captions' vectors followed their rows to the shards
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
     for i in np.flatnonzero(ok):
         if keys[i] not in dropped:
             assert np.allclose(np.asarray(emb[i], np.float32), vec[i], atol=2e-3)
+            expected = unit(vec[i].astype(np.float16).astype(np.float32)) @ unit(text[i].astype(np.float16).astype(np.float32))
+            assert score[i] == pytest.approx(expected, abs=1e-4)
+        else:
+            assert score[i] is None
     c = manifest["counts"]
     assert c["input_samples"] == pipeline_run["manifest"]["counts"]["input_samples"]
     assert c["failed_by_reason"][schema.STATUS_NO_IMPORTED] == stats["missing"]
@@ -164,3 +174,33 @@ def test_key_ranges_route_each_key_to_every_shard_whose_range_holds_it():
     spread = KeyRanges.of({f"{i:05d}": ("a", "z") for i in range(10)})
     with pytest.raises(KeysSayNoShard, match="keys must say their shard"):
         spread.route(["b", "c", "d"])
+
+
+def test_clip_retrievals_caption_embeddings_come_along_and_the_clip_score_stage_reads_them(pipeline_run, tmp_path):
+    keys, vec = _source(pipeline_run)
+    ok = np.isfinite(vec).all(axis=1)
+    keys, vec = [k for k, good in zip(keys, ok) if good], vec[ok]
+    rng = np.random.default_rng(1)
+    text = (vec + rng.normal(0, 1.0, vec.shape)).astype(np.float32)  # captions that agree with their image, more or less
+    text[:3] = np.nan  # no caption embedding for three samples (clip-retrieval writes NaN rows)
+    root = tmp_path / "clip"
+    for d in ("img_emb", "text_emb", "metadata"):
+        (root / d).mkdir(parents=True)
+    np.save(root / "img_emb" / "img_emb_0.npy", vec.astype(np.float16))
+    np.save(root / "text_emb" / "text_emb_0.npy", text.astype(np.float16))
+    pq.write_table(pa.table({"key": keys}), root / "metadata" / "metadata_0.parquet")
+    out = tmp_path / "out"
+    manifest = run(_config(out, stages=["import", "prototypes", "assign", "clip_score", "select"],
+                           import_embeddings={"path": str(root), "format": "clip_retrieval"},
+                           clip_score={"keep_top_fraction": 0.5}))
+    assert manifest["stages"]["import"]["with_caption"] == len(keys) - 3
+    got = pq.read_table(out / schema.EMBEDDINGS_DIR, columns=[schema.KEY, schema.CLIP_SCORE]).to_pylist()
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    expected = np.einsum("ij,ij->i", unit(vec.astype(np.float16).astype(np.float32)),
+                         unit(text.astype(np.float16).astype(np.float32)))
+    score = {r[schema.KEY]: r[schema.CLIP_SCORE] for r in got}
+    assert [score[k] for k in keys[:3]] == [None] * 3
+    np.testing.assert_allclose([score[k] for k in keys[3:]], expected[3:], atol=1e-5)
+    c = manifest["counts"]
+    n_scored = len(keys) - 3
+    assert c["removed_by_reason"] == {schema.STATUS_LOW_ALIGNMENT: n_scored - int(np.floor(0.5 * n_scored + 0.5))}

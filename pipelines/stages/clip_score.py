@@ -19,7 +19,6 @@ import pyarrow as pa
 from prune import schema
 from prune.align import cut
 from prune.align.settings import ClipScoreConfig
-from prune.embed.settings import EmbedConfig
 from prune.io.storage import OutputDir
 from prune.io.tables import after_removals, read_assignment, read_embeddings, read_removals
 from prune.select import cuts
@@ -82,19 +81,26 @@ class ClipScoreStage(ShardStage):
     removes = True
 
     clip_score: ClipScoreConfig = field(default_factory=lambda: ClipScoreConfig(keep_top_fraction=0.3))
-    embed: EmbedConfig = field(default_factory=EmbedConfig, metadata={"fingerprint": False})  # its scores come with embed's fingerprint
     _cut: Optional[float] = field(default=None, init=False, repr=False, compare=False)  # set by run(), read by the tasks
 
-    def setup(self) -> None:
-        if not self.embed.text:
-            raise ConfigError("the clip_score stage needs the captions' scores: set embed.text=true (a backend with "
-                              "a text tower, e.g. open_clip), or leave clip_score out of the stages")
-
     def run(self, ctx: Context) -> ClipScoreStats:
+        self.check_scores(ctx)
         self._cut = self.min_kept(ctx)
         stats = super().run(ctx)
         stats.cut = self._cut
         return stats
+
+    def check_scores(self, ctx: Context) -> None:
+        """The embeddings carry clip scores (embed.text, or imported caption embeddings): else one line."""
+        import pyarrow.parquet as pq
+
+        shard = min(ctx.shards)
+        with ctx.out.open(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
+            names = pq.read_schema(f).names
+        if schema.CLIP_SCORE not in names:
+            raise ConfigError("the clip_score stage needs the captions' scores, and the embeddings have none: set "
+                              "embed.text=true (a backend with a text tower, e.g. open_clip), import caption embeddings "
+                              "with the image ones, or leave clip_score out of the stages")
 
     def min_kept(self, ctx: Context) -> Optional[float]:
         """The lowest score kept: min_score, raised to the top fraction's exact cut."""

@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 
 from prune import schema
-from prune.io.embeddings_in import ImportConfig, list_parts, normalized, probe_dim, read_part
+from prune.io.embeddings_in import ImportConfig, list_parts, normalized, probe_dim, read_part, with_scores
 from prune.io.key_ranges import KeyRanges, KeysSayNoShard
 from prune.io.storage import InputError, OutputDir
 from prune.settings import ConfigError
@@ -43,6 +43,7 @@ class ImportStats:
     missing: int = 0  # joined: tar samples no imported row has the key of
     unmatched: int = 0  # joined: imported rows no tar sample has the key of (or a second row of one)
     shard_failures: dict = field(default_factory=dict)  # joined: shard -> why its tar gave no sample
+    with_caption: int = 0  # samples whose caption's embedding came along (their clip score is recorded)
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,17 @@ class ImportTask:
 
 def import_part(task: ImportTask) -> dict:
     """One embeddings file -> embeddings/NNNNN.parquet (and imported/NNNNN.parquet)."""
-    keys, vectors, carried = read_part(task.settings, task.url)
+    keys, vectors, carried, text = read_part(task.settings, task.url)
     dim = task.dim
     if vectors.shape[1] not in (0, dim):
         raise ValueError(f"{task.url}: embeddings of dimension {vectors.shape[1]}, the others' is {dim}")
     unit, ok = normalized(vectors if vectors.shape[1] else np.full((len(keys), dim), np.nan, np.float32))
     status = np.where(ok, schema.STATUS_OK, schema.STATUS_BAD_EMBEDDING)
+    scored = with_scores(unit, ok, text)
     write_imported(task.out, task.shard, task.url, task.fp, task.model_id, pa.array(keys, pa.string()), unit, ok,
-                   status, carried)
-    return {"samples": len(keys), "invalid": int((~ok).sum()), "dim": dim}
+                   status, carried, text=scored)
+    return {"samples": len(keys), "invalid": int((~ok).sum()), "dim": dim,
+            "with_caption": int((~np.isnan(scored[2])).sum()) if scored is not None else 0}
 
 
 @STAGES.register
@@ -111,6 +114,7 @@ class ImportStage(Stage):
         for rec in run_tasks(import_part, tasks, desc="import: embeddings"):
             stats.samples += rec["samples"]
             stats.invalid += rec["invalid"]
+            stats.with_caption += rec["with_caption"]
             stats.dim = stats.dim or rec["dim"]
         mark_done(ctx.out, schema.EMBEDDINGS_DIR, ctx.fingerprint, stats.__dict__)
         return stats
@@ -138,18 +142,20 @@ class ImportStage(Stage):
                 raise InputError(f"import_embeddings with input: {exc.cause}") from None
             raise
         imported_rows = 0
+        with_text = any(rec["text"] for rec in routed_parts)
         for rec in routed_parts:
             imported_rows += rec["rows"]
             for i in rec["shards"]:
                 by_shard.setdefault(i, []).append(rec["part"])
         position = {s: i for i, s in enumerate(index.shards)}
         aligned = [AlignTask(ctx.out, s, position.get(s, -1), url, tuple(sorted(by_shard.get(position.get(s, -1), []))),
-                             staging, ctx.fingerprint, self.model_id, dim, stats.shard_failures.get(s, ""))
+                             staging, ctx.fingerprint, self.model_id, dim, stats.shard_failures.get(s, ""), with_text)
                    for s, url in sorted(ctx.shards.items())]
         for rec in run_tasks(align_shard, aligned, desc="import: align to shards"):
             stats.samples += rec["samples"]
             stats.invalid += rec["invalid"]
             stats.missing += rec["missing"]
+            stats.with_caption += rec["with_caption"]
             imported_rows -= rec["matched"]
         stats.unmatched = imported_rows
         ctx.out.remove(staging)

@@ -6,6 +6,10 @@ Two layouts, the ones users have:
 - `clip_retrieval`: clip-retrieval's inference output, `img_emb/img_emb_N.npy` with the rows of
   `metadata/metadata_N.parquet` beside it (same order).
 
+The captions' embeddings come along where the layout has them (clip-retrieval's
+`text_emb/text_emb_N.npy`, or the Parquet's `text_embedding_col`), and the embeddings written then
+carry `text_embedding` and `clip_score` as the embed stage's do with `embed.text`.
+
 Each file (part) becomes one unit of work, named like a shard (`00003` for img_emb_3.npy, or the
 file's rank among the Parquet files), so the stages after embed run unchanged.
 """
@@ -35,6 +39,7 @@ class ImportConfig(Section):
     format: Literal["parquet", "clip_retrieval"] = FORMAT_PARQUET
     key_col: NonEmptyStr = schema.KEY  # identifies a sample (clip-retrieval: a metadata column)
     embedding_col: NonEmptyStr = schema.EMBEDDING  # parquet format only
+    text_embedding_col: NonEmptyStr = schema.TEXT_EMBEDDING  # parquet format only, used when present
     # columns carried to export/ (for img2dataset re-downloads and DataComp ids) when present
     columns: list[str] = ["url", "caption", "uid"]
 
@@ -63,6 +68,12 @@ def _metadata_url(npy_url: str) -> str:
     return posixpath.join(root, "metadata", "metadata_" + _NPY.search(name).group(1) + ".parquet")
 
 
+def _text_url(npy_url: str) -> str:
+    """clip-retrieval's caption embeddings of an embeddings part: ../text_emb/text_emb_N.npy."""
+    root, name = posixpath.split(posixpath.dirname(npy_url))[0], posixpath.basename(npy_url)
+    return posixpath.join(root, "text_emb", "text_emb_" + _NPY.search(name).group(1) + ".npy")
+
+
 def _read_parquet(url: str, columns: Optional[list] = None) -> pa.Table:
     fs, path = split_url(url)
     with fs.open(path, "rb") as f:
@@ -82,8 +93,10 @@ def _matrix(col: pa.Array) -> np.ndarray:
     return out
 
 
-def read_part(cfg: ImportConfig, url: str) -> tuple[list, np.ndarray, pa.Table]:
-    """One part -> (keys, float32 [n, d] vectors as stored, carried metadata columns)."""
+def read_part(cfg: ImportConfig, url: str) -> tuple[list, np.ndarray, pa.Table, Optional[np.ndarray]]:
+    """One part -> (keys, float32 [n, d] vectors as stored, carried metadata columns, the captions'
+    float32 [n, t] vectors as stored or None where the layout has none)."""
+    text = None
     if cfg.format == FORMAT_CLIP_RETRIEVAL:
         fs, path = split_url(url)
         with fs.open(path, "rb") as f:
@@ -91,16 +104,37 @@ def read_part(cfg: ImportConfig, url: str) -> tuple[list, np.ndarray, pa.Table]:
         meta = _read_parquet(_metadata_url(url))
         if len(meta) != len(vectors):
             raise ValueError(f"{url}: {len(vectors)} embeddings but {len(meta)} metadata rows")
+        text_fs, text_path = split_url(_text_url(url))
+        if text_fs.exists(text_path):
+            with text_fs.open(text_path, "rb") as f:
+                text = np.asarray(np.load(f), dtype=np.float32)
+            if len(text) != len(vectors):
+                raise ValueError(f"{_text_url(url)}: {len(text)} caption embeddings but {len(vectors)} image embeddings")
     else:
         meta = _read_parquet(url)
         if cfg.embedding_col not in meta.column_names:
             raise ValueError(f"{url}: no column {cfg.embedding_col!r} (import_embeddings.embedding_col)")
         vectors = _matrix(meta.column(cfg.embedding_col).combine_chunks())
+        if cfg.text_embedding_col in meta.column_names:
+            text = _matrix(meta.column(cfg.text_embedding_col).combine_chunks())
     if cfg.key_col not in meta.column_names:
         raise ValueError(f"{url}: no key column {cfg.key_col!r} (import_embeddings.key_col)")
     keys = [str(k) for k in meta.column(cfg.key_col).to_pylist()]
     carried = meta.select([c for c in cfg.columns if c in meta.column_names and c != cfg.key_col])
-    return keys, np.asarray(vectors, dtype=np.float32), carried
+    return keys, np.asarray(vectors, dtype=np.float32), carried, text
+
+
+def with_scores(unit: np.ndarray, ok: np.ndarray, text: Optional[np.ndarray]):
+    """(unit caption vectors, where there is one, each pair's cosine) from the captions' vectors as
+    stored; None without them. A row with no direction (or a failed image) has no score."""
+    if text is None or not text.size:
+        return None
+    if text.shape[1] != unit.shape[1]:
+        raise ValueError(f"caption embeddings of dimension {text.shape[1]}, image embeddings of {unit.shape[1]}: "
+                         "not one model's space")
+    text_unit, text_ok = normalized(text)
+    score = np.where(text_ok & ok, np.einsum("ij,ij->i", text_unit, unit), np.nan).astype(np.float32)
+    return text_unit, text_ok, score
 
 
 def probe_dim(cfg: ImportConfig, parts: dict[str, str]) -> int:
@@ -121,7 +155,7 @@ def probe_dim(cfg: ImportConfig, parts: dict[str, str]) -> int:
             field = found.field(cfg.embedding_col) if cfg.embedding_col in found.names else None
         if field is not None and pa.types.is_fixed_size_list(field.type):
             return field.type.list_size
-        _, vectors, _ = read_part(cfg, url)
+        _, vectors, _, _ = read_part(cfg, url)
         if vectors.shape[1]:
             return vectors.shape[1]
     raise InputError(f"import_embeddings.path {cfg.path}: no embedding in any file")
