@@ -116,7 +116,7 @@ def test_embed_text_changes_the_embed_fingerprint_only_when_on(tmp_path):
     assert fp(**{"embed.text": True}) != fp() and fp(**{"embed.text": True}) != fp(**{"embed.text": True, "embed.caption_column": "x"})
 
 
-CURATED = ["embed", "prototypes", "assign", "clip_score", "select", "write"]
+CURATED = ["embed", "prototypes", "assign", "clip_score", "select", "write", "export"]
 
 
 def _scores(out) -> list[dict]:
@@ -144,6 +144,9 @@ def test_the_clip_score_stage_removes_exactly_the_rule_s_pairs(ray_cluster, capt
     assert c["removed_by_reason"] == {schema.STATUS_LOW_ALIGNMENT: len(low)}
     assert c["kept"] == len(best) + 3  # keep_fraction 1.0: every survivor, the 3 without a caption too
     assert c["input_samples"] == c["kept"] + c["pruned"] + c["removed"] + c["failed"]
+    exported = pq.read_table(out / schema.EXPORT_IDS_DIR).to_pylist()  # the kept ids, each with its score
+    assert {r[schema.KEY] for r in exported} == {r[schema.KEY] for r in rows if r[schema.KEEP]}
+    assert all(r[schema.CLIP_SCORE] == pytest.approx(scored[r[schema.KEY]]) for r in exported if r[schema.KEY] in scored)
 
     # a threshold, and captionless pairs removed: the embeddings are reused, only curation onwards runs
     floor = float(np.median(list(scored.values())))

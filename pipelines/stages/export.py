@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prune import schema
@@ -59,6 +60,16 @@ class ExportTask:
     staging: str  # where the task leaves its uids as DataComp pairs (.npy) when that format is asked
 
 
+def with_clip_scores(out: OutputDir, shard: str, table: pa.Table) -> pa.Table:
+    """The kept ids with each pair's clip score, when the embeddings have them (embed.text)."""
+    with out.open(schema.EMBEDDINGS_DIR, schema.shard_file(shard)) as f:
+        pf = pq.ParquetFile(f)
+        if schema.CLIP_SCORE not in pf.schema_arrow.names:
+            return table
+        scores = pf.read(columns=[schema.KEY, schema.CLIP_SCORE])
+    return table.join(scores, schema.KEY, join_type="left outer").sort_by(schema.KEY)
+
+
 def export_shard(task: ExportTask) -> dict:
     """One shard's kept ids -> export/ids/NNNNN.parquet; -> {shard, kept} or {shard, error}."""
     scores = read_scores(task.out, task.shard,
@@ -68,6 +79,7 @@ def export_shard(task: ExportTask) -> dict:
     if error:
         return {"shard": task.shard, "error": error}
     table = kept_ids(task.shard, scores, metadata, task.settings)
+    table = with_clip_scores(task.out, task.shard, table)
     with task.out.open_atomic(schema.EXPORT_IDS_DIR, schema.shard_file(task.shard)) as f:
         pq.write_table(table.replace_schema_metadata({schema.META_EXPORT_FINGERPRINT: task.fp.encode()}), f)
     record = {"shard": task.shard, "kept": len(table)}
