@@ -52,3 +52,9 @@ def test_without_the_columns_nothing_is_removed():
 def test_a_bad_filter_setting_names_its_key(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(small_config(tmp_path, tmp_path, **override))
+
+
+def test_a_removal_is_a_reason_that_is_neither_ok_nor_a_failure():
+    assert schema.is_removal(list(schema.REMOVAL_STATUSES)).all()  # every shipped curation stage's reasons
+    assert not schema.is_removal([schema.STATUS_OK, *schema.FAILURE_STATUSES, None, ""]).any()
+    assert schema.is_removal(["a_new_stage_reason"]).all()  # a new stage brings its own, no list to extend
