@@ -30,12 +30,11 @@ from PIL import Image
 
 from prune.demo.captions import (
     CAPTION_KINDS,
-    SAYS_NOTHING,
     Caption,
-    make_caption,
 )
 from prune.demo.captions import caption_mix as complete_mix
 from prune.demo.fashion_mnist import CLASS_NAMES, DEFAULT_ROOT, load_fashion_mnist
+from prune.demo.pool_captions import KIND_COPY, KIND_JUNK, KIND_ORIGINAL, KINDS, CaptionPlan, apportion  # noqa: F401 (KINDS: re-exported)
 from prune.demo.shards import (
     MAX_SHARD_SIZE,
     PARQUET_SCHEMA,
@@ -45,11 +44,6 @@ from prune.demo.shards import (
     uid_for,
     write_shard_files,
 )
-
-KIND_ORIGINAL = "original"  # a Fashion-MNIST train image, used once
-KIND_COPY = "copy"  # an altered near-copy of a popular original that is itself in the pool
-KIND_JUNK = "junk"  # off-distribution: noise, flat colour, stripes, checkerboard, gradient
-KINDS = (KIND_ORIGINAL, KIND_COPY, KIND_JUNK)
 
 JUNK_LABEL = -1  # junk has no class; evaluation's label reader skips negative labels
 JUNK_LABEL_NAME = "junk"
@@ -75,7 +69,6 @@ WEB_LIKE_SCHEMA = pa.schema([
 ])
 # The caption plan and texts draw from their own generators, seeded by (seed, this, ...): the
 # images are those the same seed gave before captions varied, whatever the caption settings.
-_CAPTION_STREAM = 0xCA9
 
 
 @dataclass(frozen=True)
@@ -142,7 +135,7 @@ def write_web_like_shards(
 
     keys = [sample_key(p // shard_size, p % shard_size) for p in range(len(items))]
     original_key = {it["index"]: k for it, k in zip(items, keys) if it["kind"] == KIND_ORIGINAL}
-    captions = _Captions(items, images, plan["caption_mix"], plan["copy_same_caption"], seed)
+    captions = CaptionPlan(items, images, plan["caption_mix"], plan["copy_same_caption"], seed)
     os.makedirs(out_dir, exist_ok=True)
     tars = []
     for shard, first in enumerate(range(0, count, shard_size)):
@@ -188,7 +181,7 @@ def _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_ex
     n_orig = count - n_junk - n_copy
     n_classes = len(CLASS_NAMES)
     weights = float(imbalance) ** (-np.arange(n_classes) / (n_classes - 1))
-    class_sizes = _apportion(n_orig, weights)
+    class_sizes = apportion(n_orig, weights)
     if n_orig < 1 or class_sizes[-1] < 1:
         raise ValueError(
             f"count={count} leaves {n_orig} originals: too few for {n_classes} classes with imbalance={imbalance} "
@@ -200,21 +193,9 @@ def _plan(count, shard_size, imbalance, copy_share, junk_share, popular, copy_ex
         raise ValueError(f"popular must be in {1 if n_copy else 0}..{min(n_copy, n_orig)} "
                          f"(the number of copies, at most the originals), got {popular!r}")
     zipf = 1.0 / np.arange(1, popular + 1) ** copy_exponent
-    copies = [1 + extra for extra in _apportion(n_copy - popular, zipf)] if popular else []
+    copies = [1 + extra for extra in apportion(n_copy - popular, zipf)] if popular else []
     return {"class_sizes": class_sizes, "copies": copies, "popular": popular, "junk": n_junk,
             "caption_mix": mix, "copy_same_caption": float(copy_same_caption)}
-
-
-def _apportion(total: int, weights: np.ndarray) -> list[int]:
-    """Split `total` in proportion to `weights` (largest remainders, ties to the first):
-    non-increasing weights give non-increasing parts."""
-    if total <= 0 or len(weights) == 0:
-        return [0] * len(weights)
-    exact = total * weights / weights.sum()
-    parts = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - parts), kind="stable")[: total - parts.sum()]:
-        parts[i] += 1
-    return parts.tolist()
 
 
 def _spread_families(items: list[dict], rng, tries: int = 64) -> list[dict]:
@@ -281,82 +262,6 @@ def _sample(item, key, images, labels, original_key, rng,
     return image, meta
 
 
-class _Captions:
-    """Which kind of caption each sample gets, which copies carry their original's, and the texts.
-
-    The plan (kinds, who copies whom) is drawn once from (seed, _CAPTION_STREAM, 0); each
-    sample's text from its own generator, (seed, _CAPTION_STREAM, 1, position), so a text does
-    not depend on the order the samples are written in, and a copy's original's text is the
-    same whenever it is made.
-    """
-
-    def __init__(self, items: list[dict], images: np.ndarray, mix: dict, copy_same_caption: float, seed: int):
-        self.items, self.images, self.seed = items, images, seed
-        self.kinds, self.copied_from = _plan_captions(
-            items, mix, copy_same_caption, np.random.default_rng([seed, _CAPTION_STREAM, 0]))
-        self._originals: dict[int, Caption] = {}  # position -> caption, for originals whose copies carry it
-
-    def at(self, pos: int, label: int, pixels: np.ndarray) -> tuple[Caption, bool]:
-        """The caption of the sample at `pos` (class `label`, these pixels), and whether it is its original's."""
-        source = self.copied_from[pos]
-        if source is None:
-            return self._make(pos, label, pixels), False
-        if source not in self._originals:
-            self._originals[source] = self._make(source, label, self.images[self.items[source]["index"]])
-        return self._originals[source], True
-
-    def _make(self, pos: int, label: int, pixels: np.ndarray) -> Caption:
-        return make_caption(label, pixels, self.kinds[pos], np.random.default_rng([self.seed, _CAPTION_STREAM, 1, pos]))
-
-
-def _plan_captions(items: list[dict], mix: dict, copy_same_caption: float, rng) -> tuple[list[str], list]:
-    """Each position's caption kind, and for copies that carry their original's caption, the
-    original's position (else None).
-
-    The originals and copies get exactly _apportion(n, mix) captions of each kind, shuffled;
-    junk gets the say-nothing kinds in their proportions. Then each copy drawn to carry its
-    original's caption takes its original's kind, trading kinds with a random sample of no
-    family (an original without copies, or a copy that keeps its own caption), which keeps the
-    counts exact.
-    """
-    kinds: list = [None] * len(items)
-    garment = [i for i, it in enumerate(items) if it["kind"] != KIND_JUNK]
-    junk = [i for i, it in enumerate(items) if it["kind"] == KIND_JUNK]
-    says_nothing = np.array([mix[k] for k in SAYS_NOTHING])
-    for positions, names, weights in (
-        (garment, CAPTION_KINDS, np.array([mix[k] for k in CAPTION_KINDS])),
-        (junk, SAYS_NOTHING, says_nothing if says_nothing.sum() > 0 else np.array([1.0, 0.0, 0.0])),
-    ):
-        drawn = np.repeat(np.arange(len(names)), _apportion(len(positions), weights))[rng.permutation(len(positions))]
-        for pos, k in zip(positions, drawn.tolist()):
-            kinds[pos] = names[k]
-
-    source_of = {it["index"]: i for i, it in enumerate(items) if it["kind"] == KIND_ORIGINAL}
-    copies = [i for i, it in enumerate(items) if it["kind"] == KIND_COPY]
-    carry = [i for i, u in zip(copies, rng.random(len(copies)).tolist()) if u < copy_same_caption]
-    pinned = set(carry) | {source_of[items[i]["index"]] for i in copies}
-    free: dict[str, list[int]] = {k: [] for k in CAPTION_KINDS}
-    for i in garment:
-        if i not in pinned:
-            free[kinds[i]].append(i)
-    copied_from: list = [None] * len(items)
-    for i in carry:
-        source = source_of[items[i]["index"]]
-        need, have = kinds[source], kinds[i]
-        if need != have:
-            if not free[need]:
-                continue  # nothing left to trade with: this copy keeps a caption of its own
-            pool = free[need]
-            j = int(rng.integers(len(pool)))
-            other = pool[j]
-            pool[j] = pool[-1]
-            pool.pop()
-            kinds[other], kinds[i] = have, need
-            free[have].append(other)
-        copied_from[i] = source
-    return kinds, copied_from
-
-
 def _alter(pixels: np.ndarray, rng) -> tuple[np.ndarray, int]:
     """A web-style near-copy: crop 85-96% of the side and resize back, shift by up to a pixel,
     scale brightness by 0.7-1.3; returns the pixels and a JPEG quality in 30..95 to save them at.
@@ -403,7 +308,7 @@ def _junk(pattern: str, rng, side: int = 28) -> np.ndarray:
 
 
 def _composition(plan, items, original_key, tars, seed, imbalance, copy_share, junk_share, labels,
-                 captions: _Captions) -> dict:
+                 captions: CaptionPlan) -> dict:
     """The summary composition.json holds: counts per kind, per class, of the copies and of the captions."""
     kinds = {k: sum(it["kind"] == k for it in items) for k in KINDS}
     caption_kinds = {k: captions.kinds.count(k) for k in CAPTION_KINDS}
