@@ -11,6 +11,7 @@ from prune.embed.backends import (
     WeightsNotFoundError,
     check_weights,
     make_embedder,
+    model_id_for,
     preprocess_spec_for,
 )
 from prune.embed.decode import decode_image, normalize
@@ -95,3 +96,70 @@ def test_timm_weights_load_from_a_local_file(tmp_path):
     assert not emb.random_init and emb.model_id.endswith("weights.safetensors")
     for name, tensor in src.state_dict().items():
         assert torch.equal(emb.model.state_dict()[name], tensor), name
+
+
+# --- an open_clip checkpoint directory (open_clip_config.json + open_clip_model.safetensors) ---------
+
+def _clip_dir(path, dtype="float32"):
+    """A tiny CLIP written as `train-clip` writes it (open_clip's own layout), with random weights."""
+    from prune.train.clip import build_clip, save_clip
+    from prune.train.clip_settings import ClipModelConfig
+
+    cfg = ClipModelConfig(embed_dim=32, vision={"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+                          text={"context_length": 16, "width": 32, "heads": 2, "layers": 1},
+                          mean=(0.3, 0.3, 0.3), std=(0.4, 0.4, 0.4), interpolation="bilinear")
+    torch.manual_seed(0)
+    save_clip(str(path), build_clip(cfg), cfg, dtype)
+    return str(path)
+
+
+def test_an_open_clip_directory_embeds_as_open_clip_itself_does(tmp_path):
+    """embed.pretrained=DIR: the image and text embeddings are open_clip's own encode_image /
+    encode_text of the model create_model("local-dir:DIR") builds, on the same inputs."""
+    import open_clip
+
+    d = _clip_dir(tmp_path / "clip")
+    cfg = EmbedConfig(backend="open_clip", pretrained=d, precision="fp32", text=True, torch_threads=2)
+    check_weights(cfg)
+    emb = make_embedder(cfg)
+    spec = preprocess_spec_for(cfg)
+    assert emb.preprocess == spec and (spec.size, spec.mean, spec.interpolation) == (32, (0.3,) * 3, "bilinear")
+    reference = open_clip.create_model(f"local-dir:{d}").eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    captions = ["a photo of a sneaker", "dark ankle boots", "x", "women's plain white tee, size M on sale"]
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(reference.encode_image(normalize(pixels, spec)), dim=-1).numpy()
+        text = reference.encode_text(open_clip.get_tokenizer(f"local-dir:{d}")(captions), normalize=True).numpy()
+    np.testing.assert_allclose(emb.embed(pixels), image, atol=1e-5)
+    np.testing.assert_allclose(emb.embed_text(captions), text, atol=1e-5)
+    # open_clip's own spelling is accepted too, and names the same model
+    assert make_embedder(EmbedConfig(backend="open_clip", pretrained=f"local-dir:{d}", precision="fp32")).model_id == emb.model_id
+
+
+def test_an_open_clip_directory_is_identified_by_its_weights_not_its_path(tmp_path):
+    import hashlib
+    import shutil
+
+    d = _clip_dir(tmp_path / "a")
+    moved = shutil.copytree(d, tmp_path / "b")
+    ids = [model_id_for(EmbedConfig(backend="open_clip", pretrained=str(p))) for p in (d, moved)]
+    sha = hashlib.sha256(open(f"{d}/open_clip_model.safetensors", "rb").read()).hexdigest()
+    assert ids == [f"open_clip:local-dir:{sha[:16]}"] * 2
+    _clip_dir(tmp_path / "b", dtype="float16")  # other weights in the same place: another id
+    assert model_id_for(EmbedConfig(backend="open_clip", pretrained=str(moved))) != ids[0]
+
+
+def test_an_incomplete_open_clip_directory_is_named_in_one_line(tmp_path):
+    d = tmp_path / "clip"
+    d.mkdir()
+    cfg = EmbedConfig(backend="open_clip", pretrained=str(d))
+    with pytest.raises(WeightsNotFoundError, match=r"has no open_clip_config\.json .*open_clip_model\.safetensors") as e:
+        check_weights(cfg)
+    assert "\n" not in str(e.value)
+    _clip_dir(d)
+    (d / "open_clip_model.safetensors").unlink()
+    with pytest.raises(WeightsNotFoundError, match=r"has open_clip_config\.json but no weights") as e:
+        check_weights(cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(WeightsNotFoundError, match="no directory"):
+        check_weights(EmbedConfig(backend="open_clip", pretrained=f"local-dir:{tmp_path / 'nowhere'}"))

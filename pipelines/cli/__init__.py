@@ -1,4 +1,4 @@
-"""The `ssl-prune` command: `run`, `train-encoder`, `evaluate` (CONFIG [key=value ...]) and `demo-data OUT`.
+"""The `ssl-prune` command: `run`, `train-encoder`, `train-clip`, `evaluate` (CONFIG [key=value ...]) and `demo-data OUT`.
 
 Errors a user can fix (config, missing weights, missing input) print one line and exit 2;
 anything else is a bug and keeps its traceback.
@@ -17,9 +17,9 @@ from prune.settings import ConfigError
 # The Python API, imported on first use (PEP 562): `--help`, `demo-data` and config errors do not
 # wait for Ray, torch and faiss to import.
 _API = {
-    "run": "jobs", "evaluate": "jobs", "train_encoder": "jobs",
+    "run": "jobs", "evaluate": "jobs", "train_encoder": "jobs", "train_clip": "jobs",
     "load_config": "config", "validate_config": "config",
-    "RunConfig": "config", "EvaluateConfig": "config", "TrainEncoderConfig": "config",
+    "RunConfig": "config", "EvaluateConfig": "config", "TrainEncoderConfig": "config", "TrainClipConfig": "config",
 }
 
 
@@ -117,6 +117,20 @@ def _train_encoder(args) -> int:
     return 0
 
 
+def _train_clip(args) -> int:
+    from .config import TrainClipConfig, load_config
+    from .jobs import train_clip
+
+    cfg = load_config(args.config, args.overrides, TrainClipConfig)
+    if args.print_config and _printed(cfg):
+        return 0
+    _quick_exit()
+    result = train_clip(cfg)
+    print(f"ssl-prune: CLIP {result.model_id} trained on {result.pairs} image-caption pairs, {result.steps} steps "
+          f"(final loss {result.loss:.4f}); checkpoint in {result.checkpoint}")
+    return 0
+
+
 def _evaluate(args) -> int:
     from .config import EvaluateConfig, load_config
     from .jobs import evaluate
@@ -177,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     for verb, fn, help_text, example in (
         ("run", _run, "prune shards: embed, prototypes, assign, [dedup,] select, write [, export]", "demo, laion"),
         ("train-encoder", _train_encoder, "train a self-supervised encoder (SimCLR) with Ray Train", "train_fmnist"),
+        ("train-clip", _train_clip, "train a small CLIP (open_clip's model and loss) on image-caption shards",
+         "train_clip_fmnist"),
         ("evaluate", _evaluate, "accuracy vs keep fraction per policy, on labeled shards", "evaluate_web"),
     ):
         t = sub.add_parser(verb, help=help_text)

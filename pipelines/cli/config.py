@@ -30,6 +30,7 @@ from prune.evaluate.settings import EvaluateSection
 from prune.io.settings import WriteConfig
 from prune.select.settings import SelectConfig
 from prune.settings import ConfigError, Extensions, NonEmptyStr, Section
+from prune.train.clip_settings import ClipModelConfig, ClipTrainConfig
 from prune.train.settings import TrainConfig
 
 
@@ -103,6 +104,25 @@ class TrainEncoderConfig(JobConfig):
     def _local(cls, value: str) -> str:
         if "://" in value and not value.startswith("file://"):
             raise ValueError("must be a local (or shared) directory: Ray Train and the exported encoder are files")
+        return value
+
+
+class TrainClipConfig(JobConfig):
+    """`ssl-prune train-clip`: image-caption shards in, a CLIP checkpoint directory out.
+
+    `output` is the directory open_clip loads (`create_model("local-dir:OUTPUT")`) and the open_clip
+    backend embeds with (`embed.pretrained=OUTPUT`).
+    """
+
+    input: NonEmptyStr
+    model: ClipModelConfig = ClipModelConfig()  # open_clip's model_cfg (and preprocess_cfg), typed
+    train: ClipTrainConfig = ClipTrainConfig()
+
+    @field_validator("output")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError("must be a local (or shared) directory: the checkpoint is files open_clip reads")
         return value
 
 

@@ -14,12 +14,13 @@ from pipelines.run import run_stages
 from pipelines.stage import Context
 from pipelines.stages.embed import EmbedStage
 from pipelines.stages.evaluate import EvaluateStage, EvaluateStats
+from pipelines.stages.train_clip import TrainClipStage, TrainClipStats
 from pipelines.stages.train_encoder import TrainEncoderStage, TrainStats
 from prune import schema
 from prune.evaluate.layout import TEST_DIR, TRAIN_DIR
 from prune.io.storage import OutputDir
 
-from .config import EvaluateConfig, RunConfig, TrainEncoderConfig
+from .config import EvaluateConfig, RunConfig, TrainClipConfig, TrainEncoderConfig
 
 
 def run(cfg: RunConfig) -> dict:
@@ -36,6 +37,16 @@ def train_encoder(cfg: TrainEncoderConfig) -> TrainStats:
     how = runtime.connect(cfg.ray)
     done = execute([TrainEncoderStage.from_config(cfg)], Context(out, shards, ray=how))
     return done.stats[TrainEncoderStage.name]
+
+
+def train_clip(cfg: TrainClipConfig) -> TrainClipStats:
+    """`ssl-prune train-clip`: one stage, a CLIP (open_clip's model and loss) on the input's image-caption pairs."""
+    shards = resolve_shards(cfg.input)
+    out = OutputDir(cfg.output)
+    out.makedirs()
+    runtime.defer(cfg.ray)  # Ray starts only when there is training to do (a complete directory is reused)
+    done = execute([TrainClipStage.from_config(cfg)], Context(out, shards))
+    return done.stats[TrainClipStage.name]
 
 
 def evaluate(cfg: EvaluateConfig) -> EvaluateStats:

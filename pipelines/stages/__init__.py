@@ -18,8 +18,8 @@ from . import (  # noqa: F401  (registration)
     write,
 )
 
-# train_encoder.py and evaluate.py hold the stages of the `train-encoder` and `evaluate` jobs,
-# which build them directly: they are not `run` stages and are not registered
+# train_encoder.py, train_clip.py and evaluate.py hold the stages of the `train-encoder`, `train-clip`
+# and `evaluate` jobs, which build them directly: they are not `run` stages and are not registered
 
 # `ssl-prune run`'s stages, in order, when the config does not list its own
 RUN_STAGES = ("embed", "prototypes", "assign", "select", "write")

@@ -1,7 +1,19 @@
-"""The open_clip backend: the image tower of any open_clip architecture, weights from the local cache."""
+"""The open_clip backend: the image (and text) tower of any open_clip architecture, weights from the
+local cache, a weights file, or a checkpoint directory in open_clip's own layout.
+
+A directory `embed.pretrained` names (or open_clip's spelling of it, `local-dir:DIR`) holds
+`open_clip_config.json` (`model_cfg`, `preprocess_cfg`) and its weights
+(`open_clip_model.safetensors`), as `ssl-prune train-clip` writes it and as
+`open_clip.create_model("local-dir:DIR")` loads it. The architecture is then the directory's
+`model_cfg` (embed.model is not read), the crop its `preprocess_cfg`, and the model id names the
+weights by content (a sha256 prefix), so fingerprints follow the weights, not the path.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 from typing import Optional
 
@@ -13,6 +25,79 @@ from prune.embed.errors import WeightsNotFoundError
 from prune.embed.settings import EmbedConfig
 from prune.embed.text import CaptionEncoder
 
+# open_clip's own names (open_clip.constants.HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME) and schema prefix
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+LOCAL_DIR = "local-dir:"
+
+
+def open_clip_dir(pretrained: Optional[str]) -> Optional[str]:
+    """The checkpoint directory `embed.pretrained` names (a directory, or `local-dir:DIR`); None
+    for a tag or a weights file."""
+    if not pretrained:
+        return None
+    path = os.path.expanduser(pretrained.removeprefix(LOCAL_DIR))
+    return path if pretrained.startswith(LOCAL_DIR) or os.path.isdir(path) else None
+
+
+def read_open_clip_dir(path: str) -> tuple[dict, str]:
+    """(open_clip_config.json, the weights file open_clip loads) of a checkpoint directory;
+    WeightsNotFoundError names what is missing, in one line."""
+    from pathlib import Path
+
+    from open_clip.factory import _find_checkpoint_in_dir  # the file create_model("local-dir:") picks
+
+    layout = f"an open_clip checkpoint directory holds {OPEN_CLIP_CONFIG} and {OPEN_CLIP_WEIGHTS}"
+    if not os.path.isdir(path):
+        raise WeightsNotFoundError(f"embed.pretrained: no directory {path!r} ({layout})")
+    config_path = os.path.join(path, OPEN_CLIP_CONFIG)
+    if not os.path.isfile(config_path):
+        raise WeightsNotFoundError(f"embed.pretrained: {path!r} has no {OPEN_CLIP_CONFIG} ({layout})")
+    st = os.stat(config_path)
+    config = _read_json(config_path, st.st_mtime_ns, st.st_size)
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise WeightsNotFoundError(f"embed.pretrained: {config_path} has no model_cfg ({layout})")
+    weights = _find_checkpoint_in_dir(Path(path))
+    if weights is None:
+        raise WeightsNotFoundError(f"embed.pretrained: {path!r} has {OPEN_CLIP_CONFIG} but no weights ({layout})")
+    return config, weights
+
+
+@functools.lru_cache(maxsize=16)
+def _read_json(path: str, _mtime_ns: int, _size: int):
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as exc:
+            raise WeightsNotFoundError(f"embed.pretrained: {path} is not valid JSON ({exc})") from None
+
+
+def weights_sha256(path: str) -> str:
+    """sha256 of a weights file, hashed once per file version (the driver and every actor ask)."""
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, _mtime_ns: int, _size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_preprocess_spec(config: dict) -> PreprocessSpec:
+    """The eval crop create_model("local-dir:") sets: preprocess_cfg over open_clip's defaults, the
+    size the vision tower's."""
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    pp = merge_preprocess_dict(asdict(PreprocessCfg()), config.get("preprocess_cfg") or {})
+    size = config["model_cfg"].get("vision_cfg", {}).get("image_size", pp["size"])
+    return spec_from_open_clip(size, pp)
+
 
 def resolve_open_clip_weights(model: str, pretrained: str, cache_dir: Optional[str]) -> str:
     """A checkpoint path for `pretrained` (a file, or a tag found in the local cache)."""
@@ -23,7 +108,7 @@ def resolve_open_clip_weights(model: str, pretrained: str, cache_dir: Optional[s
     tags = open_clip.list_pretrained_tags_by_model(model)
     if pretrained not in tags:
         raise WeightsNotFoundError(
-            f"embed.pretrained={pretrained!r} is neither a checkpoint file nor a known tag of "
+            f"embed.pretrained={pretrained!r} is neither a checkpoint file or directory nor a known tag of "
             f"{model} (tags: {', '.join(tags) or 'none'})"
         )
     cfg = open_clip.get_pretrained_cfg(model, pretrained)
@@ -57,18 +142,28 @@ def resolve_open_clip_weights(model: str, pretrained: str, cache_dir: Optional[s
 
 @BACKENDS.register
 class OpenClipEmbedder(Embedder):
-    """The image tower of any `open_clip.list_models()` architecture."""
+    """The image tower of any `open_clip.list_models()` architecture, or of a checkpoint directory."""
 
     name = "open_clip"
     text_tower = True
 
     @classmethod
     def spec_for(cls, cfg: EmbedConfig) -> PreprocessSpec:
-        return open_clip_preprocess_spec(cfg)
+        d = open_clip_dir(cfg.pretrained)
+        return dir_preprocess_spec(read_open_clip_dir(d)[0]) if d else open_clip_preprocess_spec(cfg)
 
     @classmethod
     def find_weights(cls, cfg: EmbedConfig) -> str:
-        return resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir)
+        d = open_clip_dir(cfg.pretrained)
+        return read_open_clip_dir(d)[1] if d else resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir)
+
+    @classmethod
+    def id_for(cls, cfg: EmbedConfig) -> str:
+        """A directory's weights by content (`open_clip:local-dir:<sha256 prefix>`); else backend:model:tag."""
+        d = open_clip_dir(cfg.pretrained)
+        if d is None:
+            return super().id_for(cfg)
+        return f"{cls.name}:{LOCAL_DIR}{weights_sha256(read_open_clip_dir(d)[1])[:16]}"
 
     @classmethod
     def known_models(cls) -> list[str]:
@@ -80,10 +175,16 @@ class OpenClipEmbedder(Embedder):
         import open_clip
         import torch
 
-        if cfg.model not in open_clip.list_models():
+        directory = open_clip_dir(cfg.pretrained)
+        if directory is None and cfg.model not in open_clip.list_models():
             raise ValueError(f"embed.model={cfg.model!r} is not an open_clip architecture")
         self._setup_device(cfg, device)
-        if cfg.pretrained:
+        # the name open_clip builds the model and its tokenizer from: the directory's config, or the architecture
+        model_name = LOCAL_DIR + directory if directory else cfg.model
+        if directory:
+            read_open_clip_dir(directory)  # names what is missing; create_model finds the same weights
+            weights = None
+        elif cfg.pretrained:
             weights = resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir)
         elif cfg.allow_random_init:
             weights = None
@@ -95,15 +196,15 @@ class OpenClipEmbedder(Embedder):
             )
         torch.manual_seed(cfg.seed)  # random init must be identical in every actor
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = open_clip.create_model(cfg.model, pretrained=weights, device="cpu")
-        # from the tag's config, as the decode tasks use: a checkpoint loaded by path would
-        # otherwise fall back to the architecture's default mean/std
-        self.preprocess = open_clip_preprocess_spec(cfg)
+        model = open_clip.create_model(model_name, pretrained=weights, device="cpu")
+        # from the tag's (or the directory's) config, as the decode tasks use: a checkpoint loaded
+        # by path would otherwise fall back to the architecture's default mean/std
+        self.preprocess = self.spec_for(cfg)
         self.visual = model.visual.eval().to(self.device)
         self.captions = None
         if cfg.text:  # the text tower too, in the same actor (the captions ride in the image batches)
             model.visual = torch.nn.Identity()
-            self.captions = CaptionEncoder(model.eval().to(self.device), cfg.model, self.device, self.precision)
+            self.captions = CaptionEncoder(model.eval().to(self.device), model_name, self.device, self.precision)
         del model
         if self.precision == "bf16":
             # bf16 weights, cast once; autocast in _forward keeps LayerNorm/softmax in fp32. Autocast
