@@ -83,6 +83,11 @@ class RunConfig(JobConfig):
         if self.input is None and tars:
             raise PydanticCustomError("no_tars", f"the {tars[0]} stage reads tar shards: give `input`, or leave "
                                                   f"'{tars[0]}' out of the stages", {"key": "stages"})
+        if "clip_score" in self.stages and "embed" in self.stages and not self.embed.text:
+            raise PydanticCustomError("no_scores", "the clip_score stage reads the captions' scores the embed stage "
+                                                   "records with embed.text=true (a backend with a text tower, e.g. "
+                                                   "open_clip); set it, or leave clip_score out of the stages",
+                                      {"key": "embed.text"})
         return self
 
     def stage_list(self) -> list[Stage]:
