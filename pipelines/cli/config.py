@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Annotated, Optional
+from typing import Annotated, ClassVar, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -95,40 +95,41 @@ class RunConfig(JobConfig):
         return [STAGES.get(name).from_config(self) for name in self.stages]
 
 
-class TrainEncoderConfig(JobConfig):
-    """`ssl-prune train-encoder`: shards in, an encoder checkpoint directory out.
+class LocalOutputJob(JobConfig):
+    """A job whose output is a checkpoint directory of files (`_why_local` says whose)."""
 
-    `output` is the checkpoint directory (encoder.safetensors + encoder.json) and Ray Train's state.
-    """
-
-    input: NonEmptyStr
-    train: TrainConfig = TrainConfig()
+    _why_local: ClassVar[str] = "the checkpoint is files"
 
     @field_validator("output")
     @classmethod
     def _local(cls, value: str) -> str:
         if "://" in value and not value.startswith("file://"):
-            raise ValueError("must be a local (or shared) directory: Ray Train and the exported encoder are files")
+            raise ValueError(f"must be a local (or shared) directory: {cls._why_local}")
         return value
 
 
-class TrainClipConfig(JobConfig):
+class TrainEncoderConfig(LocalOutputJob):
+    """`ssl-prune train-encoder`: shards in, an encoder checkpoint directory out.
+
+    `output` is the checkpoint directory (encoder.safetensors + encoder.json) and Ray Train's state.
+    """
+
+    _why_local: ClassVar[str] = "Ray Train and the exported encoder are files"
+    input: NonEmptyStr
+    train: TrainConfig = TrainConfig()
+
+
+class TrainClipConfig(LocalOutputJob):
     """`ssl-prune train-clip`: image-caption shards in, a CLIP checkpoint directory out.
 
     `output` is the directory open_clip loads (`create_model("local-dir:OUTPUT")`) and the open_clip
     backend embeds with (`embed.pretrained=OUTPUT`).
     """
 
+    _why_local: ClassVar[str] = "the checkpoint is files open_clip reads"
     input: NonEmptyStr
     model: ClipModelConfig = ClipModelConfig()  # open_clip's model_cfg (and preprocess_cfg), typed
     train: ClipTrainConfig = ClipTrainConfig()
-
-    @field_validator("output")
-    @classmethod
-    def _local(cls, value: str) -> str:
-        if "://" in value and not value.startswith("file://"):
-            raise ValueError("must be a local (or shared) directory: the checkpoint is files open_clip reads")
-        return value
 
 
 class EvaluateConfig(JobConfig):
