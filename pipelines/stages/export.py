@@ -1,15 +1,19 @@
 """Export stage: the kept set as ids, after select, for users who need ids rather than tars.
 
-Per input shard a task joins the kept rows of its scores with the img2dataset parquet beside the
-tar and writes `export/ids/NNNNN.parquet` (key, shard, `export.id_col`, url and caption when present,
-distance, cluster, band), stamped with this stage's fingerprint. With `export.formats` naming
-`datacomp`, the driver then gathers the uids into DataComp's subset file
-(`export/datacomp_subset.npy`: sorted `u8,u8` pairs, its resharder's `--subset-file`).
+A shard stage (the executor's per-shard part runs it: skipping, batching, retries, progress): per
+input shard it joins the kept rows of its scores with the img2dataset parquet beside the tar and
+writes `export/ids/NNNNN.parquet` (key, shard, `export.id_col`, url and caption when present,
+distance, cluster, band, and clip_score when the embeddings have it), stamped with this stage's
+fingerprint. With `export.formats` naming `datacomp`, a last pass of tasks parses each shard's
+uids into DataComp's pairs and the driver gathers them into the subset file
+(`export/datacomp_subset.npy`: sorted `u8,u8` pairs, its resharder's `--subset-file`): the driver
+only concatenates and sorts.
 
-The uids are parsed in the tasks (staged as .npy); the driver only concatenates and sorts them.
-A shard whose parquet lacks the id column, or whose ids are not 128-bit hex, is recorded with the
-reason in the stage's stats (the manifest), never fatal; a first shard without the column is a
-config error before any task starts, since then every shard would fail alike.
+A shard whose parquet lacks the id column is recorded with the reason in the stage's stats (the
+manifest) and in `export/_failed/NNNNN.json` (no ids file, so `export/ids` reads as one dataset),
+never fatal; a first shard without the column is a config
+error before any task starts, since then every shard would fail alike. Uids that are not 128-bit
+hex are left out of the subset file and counted.
 """
 
 from __future__ import annotations
@@ -33,12 +37,13 @@ from prune.io.exports import (
     uid_pairs,
 )
 from prune.io.storage import OutputDir
-from prune.io.tables import npy_bytes, read_scores, shard_metadata
+from prune.io.tables import file_footer, npy_bytes, read_scores, shard_metadata
 from prune.settings import ConfigError
 
-from ..pending import mark_done, marked_stats, pending, stamped
-from ..runtime import run_tasks
-from ..stage import STAGES, Context, Stage
+from ..pending import mark_done, marked_stats
+from ..runtime import run_batched
+from ..shard_stage import ShardJob, ShardStage, ShardStats
+from ..stage import STAGES, Context
 
 
 @dataclass
@@ -48,16 +53,6 @@ class ExportStats:
     shard_failures: dict = field(default_factory=dict)  # shard -> why it has no export file
     datacomp_uids: Optional[int] = None  # rows of the subset file, when written
     invalid_uids: int = 0  # kept samples whose id is not a 128-bit hex uid (not in the subset file)
-
-
-@dataclass(frozen=True)
-class ExportTask:
-    out: OutputDir
-    shard: str
-    url: str
-    settings: ExportConfig
-    fp: str
-    staging: str  # where the task leaves its uids as DataComp pairs (.npy) when that format is asked
 
 
 def with_clip_scores(out: OutputDir, shard: str, table: pa.Table) -> pa.Table:
@@ -70,77 +65,105 @@ def with_clip_scores(out: OutputDir, shard: str, table: pa.Table) -> pa.Table:
     return table.join(scores, schema.KEY, join_type="left outer").sort_by(schema.KEY)
 
 
-def export_shard(task: ExportTask) -> dict:
-    """One shard's kept ids -> export/ids/NNNNN.parquet; -> {shard, kept} or {shard, error}."""
-    scores = read_scores(task.out, task.shard,
-                         columns=[schema.KEY, schema.KEEP, schema.DISTANCE, schema.CLUSTER, schema.BAND])
-    metadata = shard_metadata(task.out, task.shard, task.url)
-    error = missing_id_col(task.shard, metadata, task.settings.id_col)
-    if error:
-        return {"shard": task.shard, "error": error}
-    table = kept_ids(task.shard, scores, metadata, task.settings)
-    table = with_clip_scores(task.out, task.shard, table)
-    with task.out.open_atomic(schema.EXPORT_IDS_DIR, schema.shard_file(task.shard)) as f:
-        pq.write_table(table.replace_schema_metadata({schema.META_EXPORT_FINGERPRINT: task.fp.encode()}), f)
-    record = {"shard": task.shard, "kept": len(table)}
-    if FORMAT_DATACOMP in task.settings.formats:  # parsed here, in the task: the driver only concatenates
-        pairs, bad = uid_pairs(table.column(task.settings.id_col).to_pylist())
-        task.out.write_bytes(npy_bytes(pairs), task.staging, f"{task.shard}.npy")
-        record["invalid_uids"] = len(bad)
-    return record
+@dataclass(frozen=True)
+class UidTask:
+    out: OutputDir
+    shard: str
+    id_col: str
+
+
+def shard_uids(task: UidTask) -> tuple[np.ndarray, int]:
+    """One shard's exported uids as DataComp pairs (parsed here, in a task); -> (pairs, invalid)."""
+    with task.out.open(schema.EXPORT_IDS_DIR, schema.shard_file(task.shard)) as f:
+        ids = pq.ParquetFile(f).read(columns=[task.id_col]).column(0).to_pylist()
+    pairs, bad = uid_pairs(ids)
+    return pairs, len(bad)
+
+
+FAILED_DIR = f"{schema.EXPORT_DIR}/_failed"  # per shard that has no ids file: why, and for which fingerprint
+
+
+def _failure(out: OutputDir, shard: str) -> dict:
+    name = f"{shard}.json"
+    return out.read_json(FAILED_DIR, name) if out.exists(FAILED_DIR, name) else {}
+
+
+def exported(fp: str, out: OutputDir, shard: str) -> bool:
+    """Done with this fingerprint: its ids file is stamped with it, or its failure is recorded for it."""
+    meta, _ = file_footer(out, schema.EXPORT_IDS_DIR, shard)
+    return meta.get(schema.META_EXPORT_FINGERPRINT, b"").decode() == fp or _failure(out, shard).get("fingerprint") == fp
 
 
 @STAGES.register
 @dataclass
-class ExportStage(Stage):
+class ExportStage(ShardStage):
     name = "export"
     reads = ("select",)  # the scores' keep column: a change of export settings re-runs the export alone
+    output_dir = schema.EXPORT_IDS_DIR
+    stamp_key = schema.META_EXPORT_FINGERPRINT
 
     export: ExportConfig = field(default_factory=ExportConfig)
 
-    def _datacomp(self) -> bool:
-        return FORMAT_DATACOMP in self.export.formats
+    def process_shard(self, job: ShardJob) -> dict:
+        """One shard's kept ids -> export/ids/NNNNN.parquet (empty, with the reason, when it cannot)."""
+        scores = read_scores(job.out, job.shard,
+                             columns=[schema.KEY, schema.KEEP, schema.DISTANCE, schema.CLUSTER, schema.BAND])
+        metadata = shard_metadata(job.out, job.shard, job.url)
+        error = missing_id_col(job.shard, metadata, self.export.id_col)
+        if error:
+            job.out.remove(schema.EXPORT_IDS_DIR, schema.shard_file(job.shard))
+            job.out.write_json({"fingerprint": job.fingerprint, "error": error}, FAILED_DIR, f"{job.shard}.json")
+            return {"error": error}
+        table = with_clip_scores(job.out, job.shard, kept_ids(job.shard, scores, metadata, self.export))
+        self.write_shard(job, table)
+        job.out.remove(FAILED_DIR, f"{job.shard}.json")
+        return {"kept": len(table)}
+
+    def done_check(self, ctx: Context):
+        return functools.partial(exported, ctx.fingerprint)
+
+    def shard_counts(self, out: OutputDir, shard: str) -> dict:
+        failure = _failure(out, shard)
+        if failure:
+            return {"error": failure["error"]}
+        return {"kept": file_footer(out, schema.EXPORT_IDS_DIR, shard)[1]}
+
+    def summarize(self, computed: dict, reused: dict) -> ExportStats:
+        failures = {s: c["error"] for s, c in (*computed.items(), *reused.items()) if "error" in c}
+        kept = ShardStats.of({s: c for s, c in computed.items() if "error" not in c},
+                             {s: c for s, c in reused.items() if "error" not in c}).totals.get("kept", 0)
+        return ExportStats(kept=kept, shards=len(computed) + len(reused), shard_failures=dict(sorted(failures.items())))
 
     def complete(self, ctx: Context) -> Optional[ExportStats]:
-        recorded = marked_stats(ctx.out, schema.EXPORT_DIR, ctx.fingerprint)
-        if recorded is None:
-            return None
-        stats = ExportStats(**recorded)
-        exported = [s for s in ctx.shards if s not in stats.shard_failures]
-        if pending(ctx.out, exported, functools.partial(stamped, schema.EXPORT_IDS_DIR, schema.META_EXPORT_FINGERPRINT,
-                                                        ctx.fingerprint)):
-            return None
-        return stats
+        recorded = marked_stats(ctx.out, schema.EXPORT_DIR, ctx.fingerprint)  # the subset file too, when asked
+        return ExportStats(**recorded) if recorded is not None and super().complete(ctx) is not None else None
 
     def run(self, ctx: Context) -> ExportStats:
-        out, fp, shards = ctx.out, ctx.fingerprint, sorted(ctx.shards)
+        out, shards = ctx.out, sorted(ctx.shards)
         if self.export.id_col != schema.KEY and shards:
             error = missing_id_col(shards[0], shard_metadata(out, shards[0], ctx.shards[shards[0]]), self.export.id_col)
             if error:
                 raise ConfigError(error)
-        out.remove(schema.EXPORT_DIR)  # another selection's ids must not mix with these (cheap to redo)
-        staging = f"{schema.STAGING_DIR}/export-{fp}"
-        stats = ExportStats(shards=len(shards))
-        tasks = [ExportTask(out, s, ctx.shards[s], self.export, fp, staging) for s in shards]
-        for rec in run_tasks(export_shard, tasks, desc="export: kept ids"):
-            if "error" in rec:
-                stats.shard_failures[rec["shard"]] = rec["error"]
-            else:
-                stats.kept += rec["kept"]
-                stats.invalid_uids += rec.get("invalid_uids", 0)
-        if self._datacomp():
-            if stats.kept > self.export.max_datacomp_rows:
-                raise ConfigError(f"export.max_datacomp_rows: {stats.kept} kept uids, more than "
-                                  f"{self.export.max_datacomp_rows} (16 bytes each in one process)")
-            parts = []
-            for s in shards:
-                if s not in stats.shard_failures:
-                    with out.open(staging, f"{s}.npy") as f:
-                        parts.append(np.load(f))
-            uids = subset_file(parts)
-            stats.datacomp_uids = len(uids)
-            with out.open_atomic(schema.EXPORT_DIR, DATACOMP_FILE) as f:
-                f.write(npy_bytes(uids))
-            out.remove(staging)
-        mark_done(out, schema.EXPORT_DIR, fp, stats.__dict__)
+        for name in out.listdir(schema.EXPORT_IDS_DIR):  # another input's shards must not mix with these
+            if name.removesuffix(".parquet") not in ctx.shards:
+                out.remove(schema.EXPORT_IDS_DIR, name)
+        stats = super().run(ctx)
+        if FORMAT_DATACOMP in self.export.formats:
+            self.write_subset(ctx, stats)
+        mark_done(out, schema.EXPORT_DIR, ctx.fingerprint, stats.__dict__)
         return stats
+
+    def write_subset(self, ctx: Context, stats: ExportStats) -> None:
+        """DataComp's subset file from every exported shard's uids, parsed in tasks."""
+        if stats.kept > self.export.max_datacomp_rows:
+            raise ConfigError(f"export.max_datacomp_rows: {stats.kept} kept uids, more than "
+                              f"{self.export.max_datacomp_rows} (16 bytes each in one process)")
+        tasks = [UidTask(ctx.out, s, self.export.id_col) for s in sorted(ctx.shards) if s not in stats.shard_failures]
+        parts = []
+        for pairs, bad in run_batched(shard_uids, tasks, desc="export: datacomp uids"):
+            parts.append(pairs)
+            stats.invalid_uids += bad
+        uids = subset_file(parts)
+        stats.datacomp_uids = len(uids)
+        with ctx.out.open_atomic(schema.EXPORT_DIR, DATACOMP_FILE) as f:
+            f.write(npy_bytes(uids))
