@@ -59,8 +59,7 @@ def is_removal(status):
     import numpy as np
 
     status = np.asarray(status, dtype=object)
-    named = np.array([isinstance(s, str) and s != "" for s in status.ravel()], dtype=bool).reshape(status.shape)
-    return named & (status != STATUS_OK) & ~np.isin(status, FAILURE_STATUSES)
+    return ~np.isin(status, (STATUS_OK, "", None, *FAILURE_STATUSES))
 
 
 # Shard-level failures (the shard yields no samples at all); recorded in the manifest.

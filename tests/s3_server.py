@@ -8,6 +8,7 @@ at it (s3fs/botocore honour AWS_ENDPOINT_URL); set them in the process and in Ra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,3 +66,23 @@ class S3Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def s3_with_bucket(bucket: str):
+    """A running server with one bucket, the AWS_* variables pointing this process (and its
+    children) at it for the block; -> (server, an s3fs filesystem on it)."""
+    import pytest
+    import s3fs
+
+    with S3Server() as server, pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_PROFILE", raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached client made before would not know the endpoint
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+        fs.mkdir(bucket)
+        try:
+            yield server, fs
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()

@@ -212,19 +212,10 @@ def test_a_store_without_conditional_create_warns_that_the_lock_is_advisory(capl
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server with one bucket; AWS_* variables point this process and its children at it."""
-    import s3fs
+    from .s3_server import s3_with_bucket
 
-    from .s3_server import S3Server
-
-    with S3Server() as server, pytest.MonkeyPatch.context() as mp:
-        for k, v in server.env.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()  # a cached client made before would not know the endpoint
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-        fs.mkdir(BUCKET)
+    with s3_with_bucket(BUCKET) as (_, fs):
         yield fs
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_conditional_writes_on_s3(s3):

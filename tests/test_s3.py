@@ -33,27 +33,16 @@ from prune.io.tar_index_cache import load_index
 from prune.io.tar_spans import tar_index
 
 from .conftest import REPO, small_config, start_session_ray
-from .s3_server import S3Server
+from .s3_server import s3_with_bucket
 
 BUCKET = "ssl-prune-test"
-
-
-def _clear_s3fs_instances():
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
 def s3():
     """A running S3 server with one bucket; AWS_* variables point this process at it."""
-    with S3Server() as server, pytest.MonkeyPatch.context() as mp:
-        for k, v in server.env.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_PROFILE", raising=False)
-        _clear_s3fs_instances()  # a cached client made before would not know the endpoint
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-        fs.mkdir(BUCKET)
+    with s3_with_bucket(BUCKET) as (server, fs):
         yield {"server": server, "fs": fs, "client": boto3.client("s3")}
-        _clear_s3fs_instances()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from prune import schema
 from prune.align import cut
 from prune.align.settings import ClipScoreConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import after_removals, read_assignment, read_embeddings, read_removals
+from prune.io.tables import counts_by_reason, read_embeddings, read_removals, surviving
 from prune.select import cuts
 from prune.settings import ConfigError
 
@@ -38,9 +38,8 @@ class ClipScoreStats(ShardStats):
 def scored_samples(out: OutputDir, shard: str, removals: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A shard's keys, whether each is still a candidate (ok, not removed before), and its clip score
     (NaN: no caption)."""
-    samples = read_assignment(out, shard, [schema.KEY, schema.STATUS])
+    samples, status = surviving(out, shard, removals)
     keys = samples.column(schema.KEY).to_numpy(zero_copy_only=False)
-    status = after_removals(out, shard, keys, samples.column(schema.STATUS).to_numpy(zero_copy_only=False), removals)
     emb = read_embeddings(out, shard, [schema.CLIP_SCORE])  # rows in the assignment's order
     score = emb.column(schema.CLIP_SCORE).to_numpy(zero_copy_only=False).astype(np.float32)
     return keys, status == schema.STATUS_OK, score
@@ -132,12 +131,12 @@ class ClipScoreStage(ShardStage):
         gone = reason != None  # noqa: E711 (elementwise)
         self.write_shard(job, pa.table({schema.KEY: pa.array(keys[gone], pa.string()),
                                         schema.STATUS: pa.array(reason[gone], pa.string())}))
-        counts = _by_reason(reason[gone])
+        counts = counts_by_reason(reason[gone])
         counts["scored"] = int((candidate & ~np.isnan(score)).sum())
         return counts
 
     def shard_counts(self, out: OutputDir, shard: str) -> dict:
-        return _by_reason(read_removals(out, self.name, shard).column(schema.STATUS).to_numpy(zero_copy_only=False))
+        return counts_by_reason(read_removals(out, self.name, shard).column(schema.STATUS).to_numpy(zero_copy_only=False))
 
     def summarize(self, computed: dict, reused: dict) -> ClipScoreStats:
         base = ShardStats.of(computed, reused)
@@ -145,6 +144,3 @@ class ClipScoreStage(ShardStage):
         return ClipScoreStats(base.shards_computed, base.shards_reused, base.totals, self._cut, scored)
 
 
-def _by_reason(reasons: np.ndarray) -> dict:
-    values, counts = np.unique(np.asarray(reasons, dtype=str), return_counts=True)
-    return {str(v): int(n) for v, n in zip(values, counts)}

@@ -30,7 +30,7 @@ from prune import schema
 from prune.dedup.semdedup import dedup_cluster
 from prune.dedup.settings import DedupConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import after_removals, ok_matrix, read_assignment, read_embeddings, read_parquet, write_removals
+from prune.io.tables import ok_matrix, read_embeddings, read_parquet, surviving, write_removals
 
 from ..pending import footer, per_shard
 from ..runtime import cluster_cpus, run_tasks
@@ -80,11 +80,9 @@ def partition(task: PartitionTask) -> int:
     """A group of shards' ok samples -> one file per cluster bucket; returns the rows written."""
     parts: list[pa.Table] = []
     for shard in task.shards:
-        scores = read_assignment(task.out, shard, columns=[schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE])
+        scores, status = surviving(task.out, shard, task.removals, (schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE))
         emb = read_embeddings(task.out, shard, columns=[schema.STATUS, schema.EMBEDDING])
         emb_ok, x = ok_matrix(emb)  # embeddings rows line up with the assignment's (assign keeps the order)
-        status = after_removals(task.out, shard, scores.column(schema.KEY).to_numpy(zero_copy_only=False),
-                                scores.column(schema.STATUS).to_numpy(zero_copy_only=False), task.removals)
         rows = np.nonzero(status == schema.STATUS_OK)[0]
         # the embedding of each used row: its position among the embeddings' ok rows
         vec_of_row = np.cumsum(emb_ok) - 1

@@ -19,7 +19,7 @@ from prune.filter.rules import removal_reasons
 from prune.filter.settings import FilterConfig
 from prune.io.shards import sibling_metadata_or_error
 from prune.io.storage import OutputDir
-from prune.io.tables import after_removals, imported_metadata, read_assignment, read_removals
+from prune.io.tables import counts_by_reason, imported_metadata, read_removals, surviving
 
 from ..shard_stage import ShardJob, ShardStage
 from ..stage import STAGES
@@ -37,10 +37,8 @@ class FilterStage(ShardStage):
     filter: FilterConfig = field(default_factory=FilterConfig)
 
     def process_shard(self, job: ShardJob) -> dict:
-        samples = read_assignment(job.out, job.shard, [schema.KEY, schema.STATUS])
+        samples, status = surviving(job.out, job.shard, job.removals)  # what the curation stages before it left
         keys = samples.column(schema.KEY).to_numpy(zero_copy_only=False)
-        status = after_removals(job.out, job.shard, keys, samples.column(schema.STATUS).to_numpy(zero_copy_only=False),
-                                job.removals)
         metadata, why = sibling_metadata_or_error(job.url)  # an I/O error that persists fails the task
         if metadata is None and not why:
             metadata = imported_metadata(job.out, job.shard)
@@ -56,13 +54,10 @@ class FilterStage(ShardStage):
                           schema.STATUS: pa.array(reason[removed], pa.string())})
         self.write_shard(job, table)
         # what the rules could not look at: counted, so a run shows how much went unchecked
-        return _by_reason(table) | {"unchecked_no_metadata": int((candidate & ~found).sum()),
-                                    "shards_unreadable_metadata": int(bool(why))}
+        return counts_by_reason(reason[removed]) | {"unchecked_no_metadata": int((candidate & ~found).sum()),
+                                                    "shards_unreadable_metadata": int(bool(why))}
 
     def shard_counts(self, out: OutputDir, shard: str) -> dict:
-        return _by_reason(read_removals(out, self.name, shard))
+        return counts_by_reason(read_removals(out, self.name, shard).column(schema.STATUS).to_numpy(zero_copy_only=False))
 
 
-def _by_reason(removals: pa.Table) -> dict:
-    reasons, counts = np.unique(removals.column(schema.STATUS).to_numpy(zero_copy_only=False).astype(str), return_counts=True)
-    return {str(r): int(n) for r, n in zip(reasons, counts)}

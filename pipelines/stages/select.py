@@ -32,7 +32,7 @@ import ray
 from prune import schema
 from prune.io.settings import WriteConfig
 from prune.io.storage import OutputDir
-from prune.io.tables import after_removals, file_metadata, load_centroids, read_assignment, read_scores
+from prune.io.tables import file_metadata, load_centroids, read_scores, surviving
 from prune.select import cuts
 from prune.select.budgets import ClusterStats, dense_sums, distance_sums
 from prune.select.policies import Policy, block_priorities, policy_class, selection_groups
@@ -95,14 +95,7 @@ class SelectTask:
 def assigned(task: SelectTask, shard: str, columns=None) -> tuple[pa.Table, np.ndarray]:
     """A shard's assignment (`columns`, KEY and STATUS among them) with the statuses the curation
     stages' removals give; -> (that table, the statuses)."""
-    table = read_assignment(task.out, shard, columns)
-    status = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
-    if task.removals:
-        status = after_removals(task.out, shard, table.column(schema.KEY).to_numpy(zero_copy_only=False), status,
-                                task.removals)
-        if not (status == table.column(schema.STATUS).to_numpy(zero_copy_only=False)).all():
-            table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
-    return table, status
+    return surviving(task.out, shard, task.removals, columns)
 
 
 def _load(task: SelectTask, shard: str) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:

@@ -66,6 +66,26 @@ def after_removals(out: OutputDir, shard: str, keys, status, removals) -> np.nda
     return status
 
 
+def surviving(out: OutputDir, shard: str, removals, columns=(schema.KEY, schema.STATUS)) -> tuple[pa.Table, np.ndarray]:
+    """A shard's assignment (`columns`, KEY and STATUS among them) with the statuses the curation
+    stages `removals` give (`after_removals`); -> (that table, its statuses). What select and every
+    curation stage start from."""
+    table = read_assignment(out, shard, list(columns) if columns is not None else None)
+    assigned = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
+    if not removals:
+        return table, assigned
+    status = after_removals(out, shard, table.column(schema.KEY).to_numpy(zero_copy_only=False), assigned, removals)
+    if not (status == assigned).all():
+        table = table.set_column(table.schema.get_field_index(schema.STATUS), schema.STATUS, pa.array(status, pa.string()))
+    return table, status
+
+
+def counts_by_reason(reasons) -> dict:
+    """How many removals of each reason (a curation stage's per-shard counts)."""
+    values, counts = np.unique(np.asarray(reasons, dtype=object).astype(str), return_counts=True)
+    return {str(v): int(n) for v, n in zip(values, counts)}
+
+
 def write_removals(out: OutputDir, stage: str, shard: str, table: pa.Table, fp: str) -> None:
     """A curation stage's removals of one shard (KEY and STATUS first), stamped with its fingerprint."""
     if table.schema.names[:2] != schema.REMOVAL_SCHEMA.names:
