@@ -64,7 +64,7 @@ def captions_of(samples: list, url: str, column: str) -> list[Optional[str]]:
     """Each sample's caption: its .txt member (img2dataset writes one), else `column` of the parquet
     beside the tar (read only if some sample has no .txt); None where neither has one, or it is
     empty or not UTF-8 (the embed stage counts those)."""
-    found = [decode_caption(member[1]) if (member := s.member(("txt",))) else None for s in samples]
+    found = [decode_caption(member[1]) if (member := s.member((schema.CAPTION_MEMBER,))) else None for s in samples]
     if all(f is not None for f in found):
         return found
     metadata = read_sibling_metadata(url)

@@ -71,7 +71,7 @@ def _thumbs(wanted: dict, extensions: tuple, out: OutputDir, shard: str) -> dict
     with fs.open(path, "rb") as f:  # the embed stage's index or the headers, then only the pictured images' bytes
         for sample in index_for(out, shard, url, f).samples():
             if sample.key in keys and sample.key not in found:
-                member, txt = sample.member(extensions), sample.member(("txt",))
+                member, txt = sample.member(extensions), sample.member((schema.CAPTION_MEMBER,))
                 found[sample.key] = (thumbnail_uri(read_member(f, member)) if member else None,
                                      decode_caption(read_member(f, txt)) if txt else None)
     return found

@@ -78,6 +78,7 @@ BAND = "band"  # index of the distance band the kept sample is written in; -1 if
 
 # --- columns of rows in flight (Ray Data, between read, decode and embed; never written) ---
 IMAGE = "image"  # the image member's bytes, as read from the tar
+CAPTION_MEMBER = "txt"  # a sample's caption member in a tar (img2dataset's key.txt)
 CAPTION = "caption"  # the sample's caption (its .txt member, else the parquet's caption column); null if none
 PIXELS = "pixels"  # the decoded uint8 crop [size, size, 3] the model's preprocessing asks for
 

@@ -158,7 +158,7 @@ def _demo_data(args) -> int:
         try:
             paths = write_demo_shards(
                 args.out, split=args.split, count=args.count, shard_size=args.shard_size, seed=args.seed,
-                start=args.start,
+                start=args.start, captions=args.captions,
             )
         except (FileNotFoundError, ValueError) as exc:  # no Fashion-MNIST installed, or bad counts
             raise ConfigError(str(exc)) from exc
@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     d.add_argument("--start", type=int, default=0, help="index of the first image in the split (default 0)")
     d.add_argument("--seed", type=int, default=0, help="seed of the image order (default 0)")
+    d.add_argument("--captions", default="class", choices=["class", "describe"],
+                   help="without --web-like: 'a photo of a <class>' (default), or describing captions worded as "
+                        "the web-like pool's (held-out pairs for the pretraining judge's retrieval)")
     from prune.demo import web_like  # the defaults in the help
 
     d.add_argument("--web-like", action="store_true",

@@ -36,6 +36,7 @@ from prune.settings import ConfigError, fingerprint
 from .. import runtime
 from ..executor import as_dict
 from ..stage import Context, Stage
+from . import evaluate_pretrain
 
 log = logging.getLogger("ssl_prune")
 
@@ -63,6 +64,7 @@ class LabelTask:
     pixel_spec: Optional[PreprocessSpec]  # None: no classifier needs pixels
     draft: bool
     max_pixels: int
+    with_captions: bool = False  # the clip judge's held-out pairs (test split)
 
 
 def load_shard(task: LabelTask) -> ev.LabeledSet:
@@ -74,7 +76,10 @@ def load_shard(task: LabelTask) -> ev.LabeledSet:
     if shard_error:
         empty.shard_failures[task.shard] = shard_error
         return empty
-    _, vectors = ok_matrix(table)
+    ok, vectors = ok_matrix(table)
+    scores = None
+    if schema.CLIP_SCORE in table.column_names:  # embedded with text: the caption policies' scores
+        scores = table.column(schema.CLIP_SCORE).to_numpy(zero_copy_only=False)[ok].astype(np.float32)
     keys = table.column(schema.KEY).to_numpy(zero_copy_only=False)
     statuses = table.column(schema.STATUS).to_numpy(zero_copy_only=False)
     read = read_shard(task.url, task.image_extensions)
@@ -83,7 +88,8 @@ def load_shard(task: LabelTask) -> ev.LabeledSet:
         empty.excluded.update(str(st) if st != schema.STATUS_OK else read.shard_error for st in statuses)
         return empty
     return ev.join_labels(task.shard, keys, statuses, vectors, read.samples, task.label_field,
-                          task.image_extensions, task.pixel_spec, task.draft, task.max_pixels)
+                          task.image_extensions, task.pixel_spec, task.draft, task.max_pixels, scores,
+                          task.with_captions)
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,9 @@ class ResultRows:
     rewritten atomically after every training so a crash loses at most the runs in flight."""
 
     def __init__(self, e: EvaluateSection, out: OutputDir, pool_dir: str, common_fp: str, n_pool: int,
-                 kinds: np.ndarray, cluster: np.ndarray):
+                 kinds: np.ndarray, cluster: np.ndarray, caption_kinds: Optional[np.ndarray] = None):
         self.e, self.out, self.pool_dir, self.common_fp, self.n_pool = e, out, pool_dir, common_fp, n_pool
-        self.kinds, self.cluster = kinds, cluster
+        self.kinds, self.cluster, self.caption_kinds = kinds, cluster, caption_kinds
         self.rows: dict[ev.RunSpec, dict] = {}
         self.previous: dict[str, dict] = {}
         if out.exists(pool_dir, ev.RESULTS_CSV):
@@ -125,12 +131,17 @@ class ResultRows:
 
     def row_fingerprint(self, spec: ev.RunSpec) -> str:
         clf_cfg = getattr(self.e, spec.classifier)
+        if spec.classifier == ev.CLIP:
+            clf_cfg = clf_cfg.fingerprinted()  # without where the shards stay or the time limit
         version = (ev.CNN_VERSION,) if spec.classifier == ev.CNN else ()
-        # the dedup settings count only in the rows of policies that dedup first: a new eps
-        # trains those again and reuses every other row
-        dedup = (self.e.dedup,) if spec.policy.startswith(ev.DEDUP_PREFIX) else ()
+        # the dedup settings count only in the rows of policies that dedup: a new eps trains those
+        # again and reuses every other row; so do caption_share and the class names
+        parts = spec.policy.split("+")
+        dedup = (self.e.dedup,) if "dedup" in parts[:-1] else ()
+        caption = (self.e.caption_share,) if ev.CAPTION in parts and len(parts) > 1 else ()
+        names = (self.e.class_names,) if spec.classifier == ev.CLIP else ()
         return fingerprint(self.common_fp, spec.classifier, clf_cfg, spec.policy, spec.keep_fraction, spec.seed,
-                           *version, *dedup)
+                           *version, *dedup, *caption, *names)
 
     def finished_before(self, group: ev.RunGroup) -> dict | None:
         """A previous result for any row of the group (they all share one training)."""
@@ -138,7 +149,7 @@ class ResultRows:
         return next((self.previous[fp] for fp in fps if fp in self.previous), None)
 
     def record(self, group: ev.RunGroup, result: dict) -> None:
-        kept = ev.subset_stats(group.train_idx, self.kinds, self.cluster)
+        kept = ev.subset_stats(group.train_idx, self.kinds, self.cluster, self.caption_kinds)
         for spec in group.specs:
             self.rows[spec] = {
                 ev.POOL: ev.pool_label(self.e.pool_size), ev.N_POOL: self.n_pool,
@@ -146,7 +157,9 @@ class ResultRows:
                 ev.SEED: spec.seed, ev.N_TRAIN: int(result[ev.N_TRAIN]), ev.N_TEST: int(result[ev.N_TEST]),
                 ev.ACCURACY: float(result[ev.ACCURACY]), ev.STEPS: int(result[ev.STEPS]),
                 ev.BALANCED_ACCURACY: float(result.get(ev.BALANCED_ACCURACY, float("nan"))),
-                ev.WORST3_ACCURACY: float(result.get(ev.WORST3_ACCURACY, float("nan"))), **kept,
+                ev.WORST3_ACCURACY: float(result.get(ev.WORST3_ACCURACY, float("nan"))),
+                ev.RECALL_1: float(result.get(ev.RECALL_1, float("nan"))),
+                ev.RECALL_5: float(result.get(ev.RECALL_5, float("nan"))), **kept,
                 ev.TRAIN_SECONDS: float(result[ev.TRAIN_SECONDS]),
                 ev.SHARED_FROM: "" if spec == group.lead else group.lead.tag,
                 ev.FINGERPRINT: self.row_fingerprint(spec),
@@ -195,23 +208,34 @@ class EvaluateStage(Stage):
         return None  # resumes row by row from results.csv (see the module docstring)
 
     def pixel_spec(self) -> PreprocessSpec | None:
-        """The CNN's input: a uint8 crop of cnn.image_size (only decoded when the CNN is evaluated)."""
-        return PreprocessSpec(size=self.evaluate.cnn.image_size) if ev.CNN in self.evaluate.classifiers else None
+        """The CNN's input: a uint8 crop of cnn.image_size, else the clip judge's test images at its
+        model's size (only decoded when a classifier needs pixels)."""
+        e = self.evaluate
+        if ev.CNN in e.classifiers:
+            return PreprocessSpec(size=e.cnn.image_size)
+        return PreprocessSpec(size=e.clip.image_size) if ev.CLIP in e.classifiers else None
 
-    def load_split(self, split: Context) -> ev.LabeledSet:
+    def load_split(self, split: Context, with_captions: bool = False) -> ev.LabeledSet:
         """Every shard's usable samples, in shard order, with the exclusions counted by reason."""
         spec = self.pixel_spec()
         tasks = [LabelTask(split.out, s, split.shards[s], self.evaluate.label_field, tuple(self.image_extensions), spec,
-                           self.decode.draft, self.decode.max_image_pixels) for s in sorted(split.shards)]
+                           self.decode.draft, self.decode.max_image_pixels, with_captions) for s in sorted(split.shards)]
         parts = list(runtime.run_tasks(load_shard, tasks, desc=f"evaluate: labels {split.out.url.rsplit('/', 1)[-1]}"))
         dim = parts[0].embeddings.shape[1]  # resolve_shards never gives an empty set
         return ev.LabeledSet.concat(parts, dim, None if spec is None else spec.size)
 
     def train_groups(self, groups: list[ev.RunGroup], todo: list[int], pool: ev.LabeledSet,
-                     test: ev.LabeledSet, results: ResultRows) -> None:
+                     test: ev.LabeledSet, results: ResultRows, ctx: Context) -> None:
         """One Ray task per training, `evaluate.concurrency` at once; each result is written as it lands."""
         e = self.evaluate
         classes, (train_y, test_y) = ev.class_indices(pool.labels, test.labels)
+        clip_todo = [gi for gi in todo if groups[gi].lead.classifier == ev.CLIP]
+        todo = [gi for gi in todo if groups[gi].lead.classifier != ev.CLIP]
+        if clip_todo:
+            self.train_clip_groups(groups, clip_todo, pool, ctx, results,
+                                   ray.put(evaluate_pretrain.eval_data(e, test, classes, test_y)))
+        if not todo:
+            return
         data_refs = {}  # the big arrays go to the object store once, not once per task
         if ev.LINEAR in e.classifiers:
             train_x, test_x = ev.standardize(pool.embeddings, test.embeddings)
@@ -226,6 +250,24 @@ class EvaluateStage(Stage):
             results.record(groups[result["group"]], result)
             results.write()
 
+    def train_clip_groups(self, groups: list[ev.RunGroup], todo: list[int], pool: ev.LabeledSet, ctx: Context,
+                          results: ResultRows, data_ref) -> None:
+        """The pretraining judge per subset and seed (pipelines/stages/evaluate_pretrain.py)."""
+        root = evaluate_pretrain.local_root(ctx.out, results.pool_dir)
+        if root is None:
+            raise ConfigError(f"output={ctx.out.url}: the clip classifier trains open_clip_train on local shards; "
+                              "evaluate into a local directory")
+        sources = ctx.splits[ev.TRAIN_DIR].shards
+        # seed by seed (a grid stopped early has whole seeds), the largest subsets first in each
+        order = sorted(todo, key=lambda gi: (groups[gi].lead.seed, -len(groups[gi].train_idx)))
+        tasks = evaluate_pretrain.clip_tasks(groups, order, pool, sources, root, self.evaluate.clip, data_ref)
+        cleanup = evaluate_pretrain.SubsetCleanup(tasks, self.evaluate.clip.keep_shards)
+        for result in runtime.run_tasks(evaluate_pretrain.clip_run, tasks, max_in_flight=self.evaluate.concurrency,
+                                        desc=f"evaluate: pretrain ({results.pool_dir})"):
+            results.record(groups[result["group"]], result)
+            results.write()
+            cleanup.done(result["group"])
+
     def run(self, ctx: Context) -> EvaluateStats:
         """Run (or resume) the whole grid for one pool."""
         t_start = time.time()
@@ -233,7 +275,7 @@ class EvaluateStage(Stage):
         e, out = self.evaluate, ctx.out
         t = time.time()
         train_all = self.load_split(ctx.splits[ev.TRAIN_DIR])
-        test = self.load_split(ctx.splits[ev.TEST_DIR])
+        test = self.load_split(ctx.splits[ev.TEST_DIR], with_captions=ev.CLIP in e.classifiers)
         timings["labels"] = round(time.time() - t, 3)
         for split, data in ((ev.TRAIN_DIR, train_all), (ev.TEST_DIR, test)):
             if len(data) == 0:
@@ -247,27 +289,22 @@ class EvaluateStage(Stage):
         cluster, distance, kmeans_meta, centroids = ev.prototypes(pool.embeddings, self.kmeans, pool.shards)
         timings["prototypes"] = round(time.time() - t, 3)
         t = time.time()
-        removed = None
+        selection = ev.PoolSelection(pool.embeddings, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
+                                     centroids, pool.labels, pool.kinds, pool.clip_scores, e.dedup, e.caption_share,
+                                     e.select_options())
+        if any(ev.CAPTION in p.split("+") for p in e.policies) and pool.clip_scores is None:
+            raise ConfigError("evaluate.policies: a caption policy needs each pair's clip score; embed the train "
+                              "split with embed.text=true and a backend with a text tower")
         if any(p.startswith(ev.DEDUP_PREFIX) for p in e.policies):
-            removed = ev.near_duplicates(pool.embeddings, distance, cluster, pool.shards, pool.keys, e.dedup)
-            kmeans_meta["dedup_removed"] = int(removed.sum())
-
-        def bands_of(p: str, s: int):
-            if p == ev.ORACLE:
-                return ev.oracle_bands(e.keep_fractions, pool.labels, pool.kinds, s)
-            if p.startswith(ev.DEDUP_PREFIX):
-                return ev.bands_after_dedup(p.removeprefix(ev.DEDUP_PREFIX), e.keep_fractions, removed, distance,
-                                            cluster, kmeans_meta["k"], pool.shards, pool.keys, s, centroids,
-                                            **e.select_options())
-            return ev.select_bands(p, e.keep_fractions, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
-                                   s, centroids, **e.select_options())
-
-        bands = {(p, s): bands_of(p, s) for p in e.policies for s in e.seeds}
+            kmeans_meta["dedup_removed"] = int(selection.removed().sum())
+        if pool.clip_scores is not None:
+            kmeans_meta["pairs_without_caption_score"] = int(np.isnan(pool.clip_scores).sum())
+        bands = {(p, s): selection.subsets(p, e.keep_fractions, s) for p in e.policies for s in e.seeds}
         groups = ev.plan_runs(e.classifiers, e.policies, e.keep_fractions, e.seeds, bands)
         timings["select"] = round(time.time() - t, 3)
 
         pool_dir = ev.pool_dir(e.pool_size)
-        results = ResultRows(e, out, pool_dir, ctx.fingerprint, len(pool), pool.kinds, cluster)
+        results = ResultRows(e, out, pool_dir, ctx.fingerprint, len(pool), pool.kinds, cluster, pool.caption_kinds)
         todo = []
         for gi, group in enumerate(groups):
             done = results.finished_before(group)
@@ -280,7 +317,7 @@ class EvaluateStage(Stage):
         results.write()  # also drops the rows another configuration left behind
         t = time.time()
         if todo:
-            self.train_groups(groups, todo, pool, test, results)
+            self.train_groups(groups, todo, pool, test, results, ctx)
         timings["train"] = round(time.time() - t, 3)
 
         rows = results.ordered()

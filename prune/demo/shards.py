@@ -112,8 +112,13 @@ def write_demo_shards(
     start: int = 0,
     image_format: str = "jpg",
     root: str = DEFAULT_ROOT,
+    captions: str = "class",
 ) -> list[str]:
     """Write `count` Fashion-MNIST images as shards 00000.tar, 00001.tar, ... in out_dir.
+
+    `captions`: "class" ("a photo of a <class>") or "describe" (the web-like pool's describing
+    captions, prune/demo/captions.py, seeded by `seed`): held-out pairs for the pretraining judge's
+    retrieval, worded as the pool's describing captions are.
 
     The images are positions [start, start + count) of a permutation of the split seeded by
     `seed`, so calls with the same seed and non-overlapping ranges (into different directories:
@@ -121,6 +126,8 @@ def write_demo_shards(
     """
     if image_format not in _ENCODINGS:
         raise ValueError(f"image_format must be one of {sorted(_ENCODINGS)}, got {image_format!r}")
+    if captions not in CAPTION_STYLES:
+        raise ValueError(f"captions must be one of {list(CAPTION_STYLES)}, got {captions!r}")
     if not 0 < shard_size <= MAX_SHARD_SIZE:
         raise ValueError(f"shard_size must be in 1..{MAX_SHARD_SIZE}, got {shard_size}")
     images, labels = load_fashion_mnist(split, root)
@@ -128,13 +135,18 @@ def write_demo_shards(
         raise ValueError(f"need start >= 0, count >= 1, start + count <= {len(images)}; got {start=}, {count=}")
     order = np.random.default_rng(seed).permutation(len(images))[start : start + count]
     os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng([seed, _DESCRIBE_STREAM]) if captions == "describe" else None
     return [
-        _write_shard(out_dir, shard, split, images, labels, order[first : first + shard_size], image_format)
+        _write_shard(out_dir, shard, split, images, labels, order[first : first + shard_size], image_format, rng)
         for shard, first in enumerate(range(0, count, shard_size))
     ]
 
 
-def _write_shard(out_dir, shard, split, images, labels, indices, image_format) -> str:
+CAPTION_STYLES = ("class", "describe")
+_DESCRIBE_STREAM = 0xDE5
+
+
+def _write_shard(out_dir, shard, split, images, labels, indices, image_format, describe_rng=None) -> str:
     start_time = time.time()
     members, rows = [], []
     for i, index in enumerate(indices):
@@ -142,7 +154,12 @@ def _write_shard(out_dir, shard, split, images, labels, indices, image_format) -
         image = encode_image(images[index], image_format)
         height, width = images[index].shape
         label_name = CLASS_NAMES[labels[index]]
-        caption = caption_for(label_name)
+        if describe_rng is None:
+            caption = caption_for(label_name)
+        else:
+            from prune.demo.captions import describe
+
+            caption = describe(int(labels[index]), images[index], describe_rng)
         url = f"https://example.invalid/fmnist/{split}/{index}.jpg"
         meta = {
             "key": key,

@@ -13,6 +13,7 @@ from prune import schema
 from prune.cluster.kmeans import l2_normalize
 from prune.embed.decode import PreprocessSpec, decode_image
 from prune.evaluate.layout import (
+    CAPTION_KIND_FIELD,
     EXCLUDED_BAD_JSON,
     EXCLUDED_BAD_LABEL,
     EXCLUDED_NO_JSON,
@@ -49,13 +50,16 @@ def parse_label(data: Optional[bytes], label_field: str) -> tuple[Optional[int],
     return value, None
 
 
-def parse_kind(data: Optional[bytes]) -> str:
-    """A sample's kind (original, copy, junk) from its `.json` member; original when it says none."""
+def parse_kind(data: Optional[bytes], field: str = KIND_FIELD, default: Optional[str] = KIND_ORIGINAL) -> Optional[str]:
+    """A sample's kind (original, copy, junk) from its `.json` member; original when it says none.
+    `field=CAPTION_KIND_FIELD, default=None`: its caption's kind, None when it says none."""
     try:
         meta = json.loads(data) if data else {}
     except (ValueError, UnicodeDecodeError):
-        return KIND_ORIGINAL
-    return str(meta.get(KIND_FIELD) or KIND_ORIGINAL) if isinstance(meta, dict) else KIND_ORIGINAL
+        return default
+    if not isinstance(meta, dict) or not meta.get(field):
+        return default
+    return str(meta[field])
 
 
 @dataclass
@@ -70,6 +74,9 @@ class LabeledSet:
     excluded: Counter = field(default_factory=Counter)  # reason -> samples left out
     shard_failures: dict = field(default_factory=dict)  # shard -> why it yielded no sample
     kinds: Optional[np.ndarray] = None  # object [n]: original, copy or junk (None: all original)
+    clip_scores: Optional[np.ndarray] = None  # float32 [n]: caption-image cosine, NaN without a caption (None: none)
+    captions: Optional[np.ndarray] = None  # object [n]: the .txt member ("" when none), when asked for
+    caption_kinds: Optional[np.ndarray] = None  # object [n]: what the json says of the caption (None: not said)
 
     def __post_init__(self):
         if self.kinds is None:
@@ -81,7 +88,10 @@ class LabeledSet:
     def take(self, idx: np.ndarray) -> "LabeledSet":
         return LabeledSet(self.shards[idx], self.keys[idx], self.labels[idx], self.embeddings[idx],
                           None if self.pixels is None else self.pixels[idx], Counter(self.excluded),
-                          dict(self.shard_failures), self.kinds[idx])
+                          dict(self.shard_failures), self.kinds[idx],
+                          None if self.clip_scores is None else self.clip_scores[idx],
+                          None if self.captions is None else self.captions[idx],
+                          None if self.caption_kinds is None else self.caption_kinds[idx])
 
     @classmethod
     def concat(cls, parts: list["LabeledSet"], dim: int, pixel_size: Optional[int]) -> "LabeledSet":
@@ -101,7 +111,14 @@ class LabeledSet:
             np.concatenate([p.labels for p in nonempty]), np.concatenate([p.embeddings for p in nonempty]),
             None if pixel_size is None else np.concatenate([p.pixels for p in nonempty]), excluded, failures,
             np.concatenate([p.kinds for p in nonempty]),
+            _concat_optional([p.clip_scores for p in nonempty]), _concat_optional([p.captions for p in nonempty]),
+            _concat_optional([p.caption_kinds for p in nonempty]),
         )
+
+
+def _concat_optional(parts: list) -> Optional[np.ndarray]:
+    """A column every part has, joined; None when some part lacks it (e.g. a shard embedded without text)."""
+    return None if any(p is None for p in parts) else np.concatenate(parts)
 
 
 def join_labels(
@@ -115,8 +132,11 @@ def join_labels(
     pixel_spec: Optional[PreprocessSpec] = None,
     draft: bool = True,
     max_pixels: int = 89_478_485,
+    ok_scores: Optional[np.ndarray] = None,
+    with_captions: bool = False,
 ) -> LabeledSet:
-    """One shard's embeddings (all rows, `ok_embeddings` for the ok ones) + its tar's samples.
+    """One shard's embeddings (all rows, `ok_embeddings` for the ok ones; `ok_scores`: their clip
+    scores, when the shard was embedded with text) + its tar's samples (`with_captions`: their .txt).
 
     A sample is used when its embedding is ok and finite, its `.json` member holds an integer
     label and (with `pixel_spec`) its image decodes; every other one is counted by reason.
@@ -125,7 +145,7 @@ def join_labels(
     ok_rows = np.nonzero(statuses == schema.STATUS_OK)[0]
     excluded = Counter(str(s) for s in statuses[statuses != schema.STATUS_OK])
     by_key = {s.key: s for s in samples if s.status == schema.STATUS_OK}
-    use_keys, use_labels, use_rows, use_pixels, use_kinds = [], [], [], [], []
+    use_keys, use_labels, use_rows, use_pixels, use_kinds, use_captions, use_caption_kinds = [], [], [], [], [], [], []
     for vec_index, row in enumerate(ok_rows):
         key = str(keys[row])
         sample = by_key.get(key)
@@ -149,6 +169,10 @@ def join_labels(
             use_pixels.append(arr)
         use_keys.append(key)
         use_kinds.append(parse_kind(found[1] if found else None))
+        use_caption_kinds.append(parse_kind(found[1] if found else None, CAPTION_KIND_FIELD, None))
+        if with_captions:
+            text = sample.member((schema.CAPTION_MEMBER,))
+            use_captions.append(text[1].decode("utf-8", "replace").strip() if text else "")
         use_labels.append(label)
         use_rows.append(vec_index)
     dim = ok_embeddings.shape[1]
@@ -161,6 +185,9 @@ def join_labels(
         np.array(use_labels, dtype=np.int64),
         l2_normalize(ok_embeddings[use_rows]) if use_rows else np.zeros((0, dim), np.float32),
         pixels, excluded, kinds=np.array(use_kinds, dtype=object),
+        clip_scores=None if ok_scores is None else np.asarray(ok_scores, np.float32)[use_rows],
+        captions=np.array(use_captions, dtype=object) if with_captions else None,
+        caption_kinds=np.array(use_caption_kinds, dtype=object),
     )
 
 

@@ -25,6 +25,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from prune import schema
+
 # The tiny CLIP's defaults (a ViT on 32 px images and a 16-token text transformer). "vit" in the
 # name matters: open_clip_train picks its AdamW defaults by name (ViT: betas (0.9, 0.98), eps 1e-6).
 MODEL_PREFIX = "sslprune-vit-tiny"
@@ -199,7 +201,7 @@ def count_trainable(paths: Sequence[str]) -> int:
                 head, base = os.path.split(info.name)
                 stem, ext = base.split(".", 1)
                 exts.setdefault(os.path.join(head, stem), set()).add(ext.lower())
-        total += sum(1 for e in exts.values() if "txt" in e and e & set(_IMAGE_EXTS))
+        total += sum(1 for e in exts.values() if schema.CAPTION_MEMBER in e and e & set(_IMAGE_EXTS))
     return total
 
 

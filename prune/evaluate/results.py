@@ -14,13 +14,18 @@ from prune.evaluate.layout import (
     _OPTIONAL_FLOAT_COLUMNS,
     ACCURACY,
     BALANCED_ACCURACY,
+    CAPTION,
     CLASSIFIER,
+    CLIP,
     CLUSTERS_COVERED,
     COPIES_KEPT,
     JUNK_KEPT,
     KEEP_FRACTION,
+    MISCAPTIONED_KEPT,
     N_TRAIN,
     POLICY,
+    RECALL_1,
+    RECALL_5,
     RESULT_COLUMNS,
     SEED,
     SHARED_FROM,
@@ -104,11 +109,28 @@ def _metric_table(rows, clf, policies, fractions, metric) -> list[str]:
     return lines
 
 
+def _paired_table(rows, clf, policies, fractions, metric, baseline, what) -> list[str]:
+    """`metric` of each policy minus `baseline`'s, paired by seed (empty when there is no pair)."""
+    diffs = paired_differences(rows, metric, baseline)
+    if not any(k[0] == clf for k in diffs):
+        return []
+    lines = ["", f"{what} minus {baseline}'s, paired by seed (points, mean ± std, {clf}):", "",
+             "| policy | " + " | ".join(fraction_label(f) for f in fractions) + " |", "| --- |" + " ---: |" * len(fractions)]
+    for p in policies:
+        if p == baseline:
+            continue
+        vals = [diffs.get((clf, p, f)) for f in fractions]
+        lines.append(f"| {p} | " + " | ".join(
+            "–" if v is None else f"{100 * v['mean']:+.1f} ± {100 * v['std']:.1f}" for v in vals) + " |")
+    return lines
+
+
 def _selection_table(rows, policies, fractions) -> list[str]:
     """Per policy and fraction: the share of copies and junk kept and the clusters covered (seed means)."""
     cells: dict[tuple, list[dict]] = {}
     for r in rows:
         cells.setdefault((r[POLICY], float(r[KEEP_FRACTION])), []).append(r)
+    captions = any(not math.isnan(r.get(MISCAPTIONED_KEPT, float("nan"))) for r in rows)
     lines = ["| policy | " + " | ".join(fraction_label(f) for f in fractions) + " |", "| --- |" + " ---: |" * len(fractions)]
     for p in policies:
         out = []
@@ -117,7 +139,10 @@ def _selection_table(rows, policies, fractions) -> list[str]:
             copies = np.nanmean([r[COPIES_KEPT] for r in rs]) if rs else float("nan")
             junk = np.nanmean([r[JUNK_KEPT] for r in rs]) if rs else float("nan")
             clusters = np.nanmean([r[CLUSTERS_COVERED] for r in rs]) if rs else float("nan")
-            out.append("–" if not rs else f"{_pct(copies)} / {_pct(junk)} / {clusters:.0f}")
+            cell = f"{_pct(copies)} / {_pct(junk)} / {clusters:.0f}"
+            if captions:
+                cell += f" / {_pct(np.nanmean([r.get(MISCAPTIONED_KEPT, float('nan')) for r in rs]))}"
+            out.append("–" if not rs else cell)
         lines.append(f"| {p} | " + " | ".join(out) + " |")
     return lines
 
@@ -148,7 +173,9 @@ def markdown_table(rows: list[dict], classifiers, policies, fractions, header: d
         f"Encoder `{header['model_id']}`{' (random init)' if header.get('random_init') else ''}, "
         f"k = {header['k']} prototypes; test set {header['n_test']} samples; seeds {', '.join(map(str, header['seeds']))}. "
         "Cells: test accuracy (%), mean ± std over seeds (sample std; the mean alone for one seed). "
-        "The classifier sees the kept subset only.",
+        "The classifier sees the kept subset only"
+        + ("; `clip`: a fresh CLIP pretrained by open_clip_train on the subset's shards for the same samples "
+           "seen, scored zero-shot with class-name prompts." if CLIP in classifiers else "."),
         "",
         f"{len(rows)} runs; {shared} of them share the training of an identical run (same subset and seed: "
         "keep fraction 1.0 keeps the whole pool under every policy), named in `shared_from` of results.csv.",
@@ -179,21 +206,19 @@ def markdown_table(rows: list[dict], classifiers, policies, fractions, header: d
             lines += _metric_table(rows, clf, policies, fractions, BALANCED_ACCURACY)
             lines += ["", f"Mean accuracy of the 3 worst classes (%, {clf}):", ""]
             lines += _metric_table(rows, clf, policies, fractions, WORST3_ACCURACY)
-            diffs = paired_differences(rows, BALANCED_ACCURACY)
-            if diffs:
-                lines += ["", f"Balanced accuracy minus random's, paired by seed (points, mean ± std, {clf}):", "",
-                          "| policy | " + " | ".join(fraction_label(f) for f in fractions) + " |",
-                          "| --- |" + " ---: |" * len(fractions)]
-                for p in policies:
-                    if p == "random":
-                        continue
-                    vals = [diffs.get((clf, p, f)) for f in fractions]
-                    lines.append(f"| {p} | " + " | ".join(
-                        "–" if v is None else f"{100 * v['mean']:+.1f} ± {100 * v['std']:.1f}" for v in vals) + " |")
+            lines += _paired_table(rows, clf, policies, fractions, BALANCED_ACCURACY, "random", "Balanced accuracy")
+        if clf == CLIP:
+            for metric, name in ((RECALL_1, "recall@1"), (RECALL_5, "recall@5")):
+                lines += ["", f"Image-text retrieval {name} on held-out pairs (%, both directions' mean, {clf}):", ""]
+                lines += _metric_table(rows, clf, policies, fractions, metric)
+            for baseline in ("random", CAPTION):
+                lines += _paired_table(rows, clf, policies, fractions, ACCURACY, baseline, "Zero-shot accuracy")
     if any(not math.isnan(r.get(COPIES_KEPT, float("nan"))) or not math.isnan(r.get(CLUSTERS_COVERED, float("nan")))
            for r in rows):
         lines += ["", "## What each subset keeps", "",
-                  "Share of the pool's near-copies kept / share of its junk kept / clusters covered.", ""]
+                  "Share of the pool's near-copies kept / share of its junk kept / clusters covered"
+                  + (" / share of its captions that do not describe their image kept" if any(
+                      not math.isnan(r.get(MISCAPTIONED_KEPT, float("nan"))) for r in rows) else "") + ".", ""]
         lines += _selection_table(rows, policies, fractions)
     return "\n".join(lines) + "\n"
 

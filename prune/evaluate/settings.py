@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from prune import schema
 from prune.dedup.settings import DedupConfig
-from prune.settings import Section
+from prune.settings import PLACEMENT, Section
 
 
 class LinearProbeConfig(Section):
@@ -29,6 +30,30 @@ class CnnConfig(Section):
     augment: bool = True  # a random 2-pixel shift and horizontal flip per image
 
 
+class PretrainConfig(Section):
+    """The pretraining judge (classifier `clip`): a fresh small CLIP trained by open_clip_train on each
+    kept subset's shards for the same number of samples seen, scored zero-shot and by retrieval."""
+
+    samples_seen: int = Field(30000, ge=1)  # the same for every subset (DataComp's fixed compute)
+    batch_size: int = Field(50, ge=1)
+    epochs: int = Field(5, ge=1)  # open_clip_train epochs: the checkpoints a killed training resumes from
+    lr: float = Field(2e-3, gt=0.0)
+    warmup: Optional[int] = Field(None, ge=0)  # steps (None: a tenth of them)
+    wd: float = Field(0.2, ge=0.0)
+    threads: int = Field(1, ge=1)  # torch threads per training (one training per `concurrency` slot)
+    timeout_s: Annotated[Optional[float], PLACEMENT] = Field(None, gt=0)  # a training past this is killed; a re-run resumes it
+    # the model: prune/evaluate/pretrain.py tiny_clip_config's arguments
+    image_size: int = Field(32, ge=8)
+    patch_size: int = Field(4, ge=1)
+    width: int = Field(64, ge=8)  # both towers
+    layers: int = Field(2, ge=1)  # both towers
+    embed_dim: int = Field(64, ge=8)
+    context_length: int = Field(16, ge=4)
+    keep_shards: Annotated[bool, PLACEMENT] = False  # keep each subset's tars once its trainings are scored
+    n_pairs: int = Field(1000, ge=1)  # held-out test pairs (image, its .txt caption) for retrieval recall
+    pairs_seed: int = 0
+
+
 class EvaluateSection(Section):
     keep_fractions: list[float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
     # a registered policy (global), or a budget prefix + one (the policy within each cluster, under
@@ -36,13 +61,19 @@ class EvaluateSection(Section):
     policies: list[str] = [schema.POLICY_HARD, schema.POLICY_EASY, schema.POLICY_RANDOM,
                            schema.BALANCED_PREFIX + schema.POLICY_HARD, schema.BALANCED_PREFIX + schema.POLICY_EASY]
     seeds: list[int] = [0, 1, 2]
-    classifiers: list[Literal["linear", "cnn"]] = ["linear", "cnn"]
+    classifiers: list[Literal["linear", "cnn", "clip"]] = ["linear", "cnn"]
     pool_size: Optional[int] = Field(None, ge=1)  # a random subset of the train shards (None: all)
     pool_seed: int = 0
     label_field: str = "label"  # key in each sample's .json member
     concurrency: int = Field(2, ge=1)  # classifier trainings running at once (Ray tasks)
     linear: LinearProbeConfig = LinearProbeConfig()
     cnn: CnnConfig = CnnConfig()
+    clip: PretrainConfig = PretrainConfig()
+    # the zero-shot prompts' class names, by label (label i is class_names[i]); the clip judge needs them
+    class_names: Optional[list[str]] = None
+    # in a combination with caption agreement (caption+<policy>, <policy>+caption): the share of the
+    # pool (caption first) or of the policy's pick (caption last) that caption agreement keeps
+    caption_share: float = Field(0.7, gt=0.0, le=1.0)
     dedup: DedupConfig = DedupConfig()  # SemDeDup of the pool, for the policies named dedup+<policy>
     strata: int = Field(50, ge=1)  # the stratified policy's select.strata
     drop_hardest: float = Field(0.0, ge=0.0, lt=1.0)  # the stratified policy's select.drop_hardest
@@ -57,9 +88,9 @@ class EvaluateSection(Section):
         from prune.select.policies import POLICIES
 
         for name in value:
-            if name == "oracle":  # the label oracle: the ceiling, not a policy
+            if name in ("oracle", "caption"):  # the label oracle (the ceiling); caption agreement alone
                 continue
-            name = name.removeprefix("dedup+")
+            name = name.removeprefix("caption+").removesuffix("+caption").removeprefix("dedup+")
             prefix = next((p for p in schema.BUDGET_PREFIXES if name.startswith(p)), "")
             POLICIES.check(name.removeprefix(prefix))
         return value
@@ -70,5 +101,12 @@ class EvaluateSection(Section):
         if not value or any(not 0.0 < f <= 1.0 for f in value):
             raise ValueError("must be a non-empty list of fractions in (0, 1]")
         return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _clip_needs_class_names(self) -> "EvaluateSection":
+        if "clip" in self.classifiers and not self.class_names:
+            raise PydanticCustomError("class_names", "the clip classifier's zero-shot prompts need evaluate.class_names "
+                                      "(the class name of each label, in label order)", {"key": "class_names"})
+        return self
 
 

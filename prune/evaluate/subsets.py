@@ -6,11 +6,13 @@ the table is what `ssl-prune run` with that policy and keep fraction would have 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 from prune import schema
+from prune.align.cut import keep_count
 from prune.cluster import lloyd
 from prune.cluster import prototypes as fit
 from prune.cluster.kmeans import assign, prototype_distance
@@ -18,12 +20,19 @@ from prune.cluster.settings import KMeansConfig
 from prune.dedup.semdedup import dedup_cluster
 from prune.dedup.settings import DedupConfig
 from prune.evaluate.layout import (
+    CAPTION,
+    CAPTION_DESCRIBES,
+    CAPTION_PREFIX,
+    CAPTION_SUFFIX,
     CLUSTERS_COVERED,
     COPIES_KEPT,
+    DEDUP_PREFIX,
     JUNK_KEPT,
     KIND_COPY,
     KIND_JUNK,
     KIND_ORIGINAL,
+    MISCAPTIONED_KEPT,
+    ORACLE,
     SEED_FREE,
     fraction_label,
 )
@@ -162,10 +171,118 @@ def oracle_bands(keep_fractions, labels: np.ndarray, kinds: np.ndarray, seed: in
     return band
 
 
-def subset_stats(idx: np.ndarray, kinds: np.ndarray, cluster: np.ndarray) -> dict:
-    """What a kept subset holds beside its size: its share of the pool's copies and junk, the clusters it covers."""
+def caption_order(scores: np.ndarray, seed: int) -> np.ndarray:
+    """Pool indices, the best-agreeing pair first (the clip_score stage's order; a pair without a
+    score last), equal scores in a seeded random order."""
+    scores = np.asarray(scores, np.float64)
+    tie = np.random.default_rng([seed, 0xCA7]).permutation(len(scores))
+    return np.lexsort((tie, -np.where(np.isnan(scores), -np.inf, scores)))
+
+
+def caption_top(scores: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the top `fraction` by caption agreement: as many as the clip_score stage's
+    keep_top_fraction keeps (`prune.align.cut.keep_count`); pairs without a caption are taken last."""
+    return np.sort(caption_order(scores, seed)[:keep_count(fraction, len(scores))])
+
+
+@dataclass
+class PoolSelection:
+    """The pool as every policy of the grid sees it (no labels but the oracle's), and each policy's
+    kept subsets: `subsets(policy, fractions, seed)` -> per fraction, the sorted pool indices kept.
+
+    Policies compose left to right as stages do: `dedup+P` is SemDeDup of the pool, then P among
+    the survivors; `caption+P` keeps the best-agreeing `caption_share` of the pool, then P (which may
+    itself dedup) among those; `P+caption` lets P pick `f / caption_share` of the pool and keeps its
+    best-agreeing `caption_share`. Every subset of fraction f holds as many samples (while there
+    are enough survivors), so policies are compared at the same size."""
+
+    embeddings: np.ndarray
+    distance: np.ndarray
+    cluster: np.ndarray
+    k: int
+    shards: np.ndarray
+    keys: np.ndarray
+    centroids: np.ndarray
+    labels: np.ndarray
+    kinds: np.ndarray
+    clip_scores: Optional[np.ndarray]  # None: the pool has no caption scores (caption policies refused)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    caption_share: float = 0.7
+    options: dict = field(default_factory=dict)  # the select settings every policy shares
+    _removed: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, idx: np.ndarray) -> "PoolSelection":
+        pick = lambda a: None if a is None else np.asarray(a)[idx]  # noqa: E731
+        return PoolSelection(self.embeddings[idx], pick(self.distance), pick(self.cluster), self.k, pick(self.shards),
+                             pick(self.keys), self.centroids, pick(self.labels), pick(self.kinds),
+                             pick(self.clip_scores), self.dedup, self.caption_share, self.options)
+
+    def removed(self) -> np.ndarray:
+        """What SemDeDup removes from this pool (computed once)."""
+        if self._removed is None:
+            self._removed = near_duplicates(self.embeddings, self.distance, self.cluster, self.shards, self.keys,
+                                            self.dedup)
+        return self._removed
+
+    def scores(self) -> np.ndarray:
+        if self.clip_scores is None:
+            raise ValueError("a caption policy needs each pair's clip score: embed the pool with embed.text")
+        return self.clip_scores
+
+    def subsets(self, policy: str, fractions, seed: int) -> list[np.ndarray]:
+        fractions = [float(f) for f in fractions]
+        n = len(self)
+        if policy == CAPTION:
+            return [caption_top(self.scores(), f, seed) for f in fractions]
+        if policy.startswith(CAPTION_PREFIX):
+            survivors = caption_top(self.scores(), self.caption_share, seed)
+            inner = self.take(survivors)
+            within = _unique_fractions(lambda fs: inner.subsets(policy[len(CAPTION_PREFIX):], fs, seed),
+                                       [min(1.0, f * n / max(len(survivors), 1)) for f in fractions])
+            return [survivors[i] for i in within]
+        if policy.endswith(CAPTION_SUFFIX):
+            picks = _unique_fractions(lambda fs: self.subsets(policy[: -len(CAPTION_SUFFIX)], fs, seed),
+                                      [min(1.0, f / self.caption_share) for f in fractions])
+            return [np.sort(pick[caption_order(self.scores()[pick], seed)[:min(len(pick), keep_count(f, n))]])
+                    for pick, f in zip(picks, fractions)]
+        order = np.argsort(fractions, kind="stable")  # the band functions want the edges ascending
+        edges = [fractions[i] for i in order]
+        if policy == ORACLE:
+            bands = oracle_bands(edges, self.labels, self.kinds, seed)
+        elif policy.startswith(DEDUP_PREFIX):
+            bands = bands_after_dedup(policy[len(DEDUP_PREFIX):], edges, self.removed(), self.distance, self.cluster,
+                                      self.k, self.shards, self.keys, seed, self.centroids, **self.options)
+        else:
+            bands = select_bands(policy, edges, self.distance, self.cluster, self.k, self.shards, self.keys, seed,
+                                 self.centroids, **self.options)
+        out: list = [None] * len(fractions)
+        for rank, i in enumerate(order):
+            out[i] = kept_indices(bands, rank)
+        return out
+
+
+def _unique_fractions(select, fractions: list[float]) -> list[np.ndarray]:
+    """`select` called once on the distinct fractions (the band functions want distinct edges),
+    its subsets handed back in the order of `fractions`."""
+    distinct = sorted(set(fractions))
+    got = dict(zip(distinct, select(distinct)))
+    return [got[f] for f in fractions]
+
+
+def subset_stats(idx: np.ndarray, kinds: np.ndarray, cluster: np.ndarray, caption_kinds=None) -> dict:
+    """What a kept subset holds beside its size: its share of the pool's copies and junk (and, where
+    the json says what each caption is, of its captions that do not describe their image), the
+    clusters it covers."""
     kinds = np.asarray(kinds)
-    out = {}
+    out = {MISCAPTIONED_KEPT: float("nan")}
+    if caption_kinds is not None:
+        said = np.array([k is not None for k in caption_kinds])
+        bad = said & (np.asarray(caption_kinds, dtype=object) != CAPTION_DESCRIBES)
+        if bad.any():
+            out[MISCAPTIONED_KEPT] = float(bad[idx].sum() / bad.sum())
     for column, kind in ((COPIES_KEPT, KIND_COPY), (JUNK_KEPT, KIND_JUNK)):
         total = int((kinds == kind).sum())
         out[column] = float((kinds[idx] == kind).sum() / total) if total else float("nan")
@@ -201,10 +318,11 @@ class RunGroup:
         return self.specs[0]
 
 
-def plan_runs(classifiers, policies, keep_fractions, seeds, bands: dict[tuple[str, int], np.ndarray]) -> list[RunGroup]:
+def plan_runs(classifiers, policies, keep_fractions, seeds, bands: dict[tuple[str, int], np.ndarray | list]) -> list[RunGroup]:
     """Every (classifier, policy, fraction, seed), grouped by identical training subsets.
 
-    `bands[(policy, seed)]` is that selection's `select_bands`. Keep fraction 1.0 is the whole
+    `bands[(policy, seed)]` is that selection's `select_bands`, or its kept indices per fraction
+    (ascending fractions; `PoolSelection.subsets`). Keep fraction 1.0 is the whole
     pool under every policy, so it is trained once per (classifier, seed) and shared; the linear
     probe, which the seed does not change, is trained once per subset whatever the seed.
     """
@@ -214,7 +332,8 @@ def plan_runs(classifiers, policies, keep_fractions, seeds, bands: dict[tuple[st
         for seed in seeds:
             for policy in policies:
                 for i, f in enumerate(fractions):
-                    idx = kept_indices(bands[(policy, seed)], i)
+                    sel = bands[(policy, seed)]
+                    idx = kept_indices(sel, i) if isinstance(sel, np.ndarray) else np.asarray(sel[i], np.int64)
                     digest = hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()
                     spec = RunSpec(clf, policy, float(f), int(seed))
                     key = (clf, digest) if clf in SEED_FREE else (clf, seed, digest)

@@ -69,7 +69,7 @@ def read_fragment(out: OutputDir, staging: str, shard: str, band: int) -> tuple[
 
 
 def _caption(f, index: TarIndex, row: int) -> str | None:
-    found = index.member(row, ("txt",))
+    found = index.member(row, (schema.CAPTION_MEMBER,))
     return read_member(f, found).decode("utf-8", "replace") if found else None
 
 
