@@ -50,7 +50,8 @@ def test_caption_alone_keeps_the_best_agreeing_pairs_and_the_uncaptioned_last():
 
 def test_caption_first_then_a_policy_among_the_survivors():
     sel = _selection(caption_share=0.6)
-    survivors = ev.caption_top(sel.clip_scores, 0.6, 0)
+    survivors = ev.caption_stage_survivors(sel.clip_scores, 0.6, 0)
+    assert len(survivors) == keep_count(0.6, len(sel) - 5) and not np.isnan(sel.clip_scores[survivors]).any()
     for f, idx in zip([0.2, 0.5, 0.9], sel.subsets("caption+random", [0.2, 0.5, 0.9], seed=3)):
         assert set(idx) <= set(survivors)
         assert len(idx) == min(len(survivors), int(np.floor(f * len(sel) + 0.5)))  # the same size as random's
@@ -78,7 +79,7 @@ def test_dedup_inside_a_caption_composition_sees_only_the_caption_survivors():
     alone = sel.removed()
     assert alone.sum() == 20  # on the whole pool, one of each pair goes
     idx = sel.subsets("caption+dedup+random", [0.75], seed=0)[0]
-    survivors = ev.caption_top(sel.clip_scores, 0.75, 0)
+    survivors = ev.caption_stage_survivors(sel.clip_scores, 0.75, 0)
     assert not set(range(20)) & set(survivors) and set(range(100, 120)) <= set(idx)
     reverse = sel.subsets("dedup+random+caption", [0.5], seed=0)[0]
     assert not (alone[reverse]).any()

@@ -31,6 +31,7 @@ from prune.evaluate.settings import EvaluateSection
 from prune.io.shards import read_shard
 from prune.io.storage import OutputDir
 from prune.io.tables import ok_matrix, read_embeddings
+from prune.select.auto import AUTO
 from prune.settings import ConfigError, fingerprint
 
 from .. import runtime
@@ -139,9 +140,12 @@ class ResultRows:
         parts = spec.policy.split("+")
         dedup = (self.e.dedup,) if "dedup" in parts[:-1] else ()
         caption = (self.e.caption_share,) if ev.CAPTION in parts and len(parts) > 1 else ()
+        if spec.policy.startswith(ev.CAPTION_PREFIX):
+            caption += (ev.CAPTION_FIRST_RULE,)
         names = (self.e.class_names,) if spec.classifier == ev.CLIP else ()
+        auto = (self.e.auto_tail_ratio,) if AUTO in parts else ()
         return fingerprint(self.common_fp, spec.classifier, clf_cfg, spec.policy, spec.keep_fraction, spec.seed,
-                           *version, *dedup, *caption, *names)
+                           *version, *dedup, *caption, *names, *auto)
 
     def finished_before(self, group: ev.RunGroup) -> dict | None:
         """A previous result for any row of the group (they all share one training)."""
@@ -291,12 +295,14 @@ class EvaluateStage(Stage):
         t = time.time()
         selection = ev.PoolSelection(pool.embeddings, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
                                      centroids, pool.labels, pool.kinds, pool.clip_scores, e.dedup, e.caption_share,
-                                     e.select_options())
+                                     e.select_options(), e.auto_tail_ratio)
         if any(ev.CAPTION in p.split("+") for p in e.policies) and pool.clip_scores is None:
             raise ConfigError("evaluate.policies: a caption policy needs each pair's clip score; embed the train "
                               "split with embed.text=true and a backend with a text tower")
         if any(p.startswith(ev.DEDUP_PREFIX) for p in e.policies):
             kmeans_meta["dedup_removed"] = int(selection.removed().sum())
+        if any(AUTO in p.split("+") for p in e.policies):
+            kmeans_meta["auto"] = selection.auto_choice().as_dict()
         if pool.clip_scores is not None:
             kmeans_meta["pairs_without_caption_score"] = int(np.isnan(pool.clip_scores).sum())
         bands = {(p, s): selection.subsets(p, e.keep_fractions, s) for p in e.policies for s in e.seeds}

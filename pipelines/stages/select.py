@@ -20,6 +20,7 @@ same bytes again. Complete when every scores file carries this fingerprint.
 from __future__ import annotations
 
 import functools
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,7 +34,7 @@ from prune import schema
 from prune.io.settings import WriteConfig
 from prune.io.storage import OutputDir
 from prune.io.tables import file_metadata, load_centroids, read_scores, surviving
-from prune.select import cuts
+from prune.select import auto, cuts
 from prune.select.budgets import ClusterStats, dense_sums, distance_sums
 from prune.select.policies import Policy, block_priorities, policy_class, selection_groups
 from prune.select.settings import SelectConfig
@@ -42,6 +43,8 @@ from prune.select.strata import DIST_BINS, plan_strata, sparse_distance_histogra
 from ..pending import pending, per_shard
 from ..runtime import TASKS_PER_CPU, batches, map_reduce, resolve, run_tasks
 from ..stage import STAGES, Context, Stage
+
+log = logging.getLogger("ssl_prune")
 
 
 @dataclass
@@ -70,6 +73,7 @@ class SelectStats:
     shard_failures: dict = field(default_factory=dict)  # shard -> why it yielded no sample
     refine_passes: int = 0  # passes that narrowed the cut bins (prune/select/cuts.py)
     boundary_values: int = 0  # priorities the last pass returned to the driver (at most limit per cut)
+    auto: Optional[dict] = None  # select.policy auto: the rule chosen, the statistic and why (AutoChoice)
 
     def add(self, s: ShardSelection) -> None:
         self.samples, self.kept, self.pruned = self.samples + s.samples, self.kept + s.kept, self.pruned + s.pruned
@@ -116,6 +120,21 @@ def _strata_histogram(task: SelectTask, shard: str):
     ok = status == schema.STATUS_OK
     groups = selection_groups(task.select.balanced, table.column(schema.CLUSTER).to_numpy()[ok])
     return sparse_distance_histogram(groups, table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok])
+
+
+def pass_tail(task: SelectTask) -> np.ndarray:
+    """select.policy auto: the histogram of every assigned sample's prototype distance (before any
+    curation stage's removals: the pool as it came), for the rule's tail statistic."""
+    parts = []
+    for shard in task.shards:
+        table, status = surviving(task.out, shard, (), [schema.KEY, schema.STATUS, schema.DISTANCE])
+        ok = status == schema.STATUS_OK
+        parts.append(auto.distance_histogram(table.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok]))
+    return fold_sum(parts)
+
+
+def fold_sum(parts) -> np.ndarray:
+    return functools.reduce(np.add, parts)
 
 
 def pass_strata(task: SelectTask):
@@ -232,18 +251,27 @@ class SelectStage(Stage):
     def edges(self) -> list[float]:
         return cuts.band_edges(self.select.keep_fraction, self.write.band_step)
 
-    def tasks(self, ctx: Context, payload=None, strata=None) -> list[SelectTask]:
-        policy = policy_class(self.select.policy)
-        return [SelectTask(ctx.out, tuple(batch), self.select, policy, ctx.fingerprint, payload, ctx.removals, strata)
+    def tasks(self, ctx: Context, payload=None, strata=None, select: Optional[SelectConfig] = None) -> list[SelectTask]:
+        select = select or self.select
+        policy = None if select.is_auto else policy_class(select.policy)
+        return [SelectTask(ctx.out, tuple(batch), select, policy, ctx.fingerprint, payload, ctx.removals, strata)
                 for batch in batches(sorted(ctx.shards), TASKS_PER_CPU)]
 
-    def strata(self, ctx: Context, n_groups: int):
+    def choose(self, ctx: Context) -> Optional[auto.AutoChoice]:
+        """select.policy auto: the rule for this pool (one pass over the assignment's distances)."""
+        if not self.select.is_auto:
+            return None
+        hist = map_reduce(pass_tail, self.tasks(ctx), fold_sum, desc="select: auto rule")
+        return auto.choose(hist, self.select.auto_tail_ratio)
+
+    def strata(self, ctx: Context, n_groups: int, select: SelectConfig):
         """The groups' CCS strata (an ObjectRef) when the policy uses them, else None."""
-        if not policy_class(self.select.policy).uses_strata:
+        if not policy_class(select.policy).uses_strata:
             return None
         hist = np.zeros((n_groups, DIST_BINS), np.int64)
-        cuts.add_sparse(hist, map_reduce(pass_strata, self.tasks(ctx), cuts.fold_sparse, desc="select: strata"))
-        return ray.put(plan_strata(hist, self.select.strata, self.select.drop_hardest))
+        cuts.add_sparse(hist, map_reduce(pass_strata, self.tasks(ctx, select=select), cuts.fold_sparse,
+                                         desc="select: strata"))
+        return ray.put(plan_strata(hist, select.strata, select.drop_hardest))
 
     def complete(self, ctx: Context) -> Optional[SelectStats]:
         if pending(ctx.out, ctx.shards, functools.partial(selected_with, ctx.fingerprint)):
@@ -251,34 +279,41 @@ class SelectStage(Stage):
         stats = SelectStats(self.edges())
         for res in per_shard(ctx.out, ctx.shards, count_selected).values():
             stats.add(res)
+        choice = self.choose(ctx)  # recorded again: a reused selection says what chose it
+        stats.auto = choice.as_dict() if choice else None
         return stats
 
     def run(self, ctx: Context) -> SelectStats:
+        choice = self.choose(ctx)
+        select = self.select.resolved(choice) if choice else self.select
+        if choice:
+            log.info("select: policy auto -> %s rule: %s", choice.rule, choice.reason)
         k = prototype_count(ctx.out)
-        spec = cuts.HistogramSpec.for_groups(k if self.select.balanced else 1)
+        spec = cuts.HistogramSpec.for_groups(k if select.balanced else 1)
         edges = self.edges()
-        strata = self.strata(ctx, spec.n_groups)
+        strata = self.strata(ctx, spec.n_groups, select)
         # every per-shard aggregate is reduced in tasks: the driver gets one result per pass
-        hist_sparse, sums_sparse = map_reduce(pass_histogram, self.tasks(ctx, spec, strata), fold_histograms,
+        hist_sparse, sums_sparse = map_reduce(pass_histogram, self.tasks(ctx, spec, strata, select), fold_histograms,
                                               desc="select: histograms")
         sums = dense_sums(sums_sparse, spec.n_groups)
 
         def n_keep(sizes: np.ndarray) -> np.ndarray:
-            centroids = load_centroids(ctx.out) if self.select.balanced and self.select.budget == "dbp" else None
-            return self.select.make_budget().allocate(sizes, edges, ClusterStats(sizes, sums, centroids), self.select.seed)
+            centroids = load_centroids(ctx.out) if select.balanced and select.budget == "dbp" else None
+            return select.make_budget().allocate(sizes, edges, ClusterStats(sizes, sums, centroids), select.seed)
 
         cost = cuts.CutStats()
         found, hist = cuts.exact_cuts(
             spec, edges, [hist_sparse],
-            lambda window: run_tasks(pass_boundary, self.tasks(ctx, ray.put(window), strata), desc="select: cut bins"),
+            lambda window: run_tasks(pass_boundary, self.tasks(ctx, ray.put(window), strata, select), desc="select: cut bins"),
             n_keep,
-            refine=lambda step: [map_reduce(pass_refine, self.tasks(ctx, ray.put(step), strata), cuts.fold_sparse,
+            refine=lambda step: [map_reduce(pass_refine, self.tasks(ctx, ray.put(step), strata, select), cuts.fold_sparse,
                                             desc="select: refine bins")],
             stats=cost,
         )
-        stats = SelectStats(edges, refine_passes=cost.refine_passes, boundary_values=cost.boundary_values)
+        stats = SelectStats(edges, refine_passes=cost.refine_passes, boundary_values=cost.boundary_values,
+                            auto=choice.as_dict() if choice else None)
         shared = ray.put((found, hist))  # shipped once, not per task
-        for results in run_tasks(pass_apply, self.tasks(ctx, shared, strata), desc="select: apply"):
+        for results in run_tasks(pass_apply, self.tasks(ctx, shared, strata, select), desc="select: apply"):
             for res in results:
                 stats.add(res)
         return stats

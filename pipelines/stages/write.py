@@ -148,10 +148,14 @@ class WriteStage(Stage):
         )
         out.write_json({w.name: w.count for w in written}, schema.PRUNED_DIR, schema.SIZES_FILE)
         bands = bands_list(written, band_edges(self.select.keep_fraction, self.write.band_step), n_input_ok)
-        doc = {"policy": self.select.policy, "balanced": self.select.balanced,
-               "keep_fraction": self.select.keep_fraction, "bands": bands}
-        if self.select.balanced and self.select.budget != BUDGET_PROPORTIONAL:
-            doc["budget"] = self.select.budget
+        choice = getattr(ctx.earlier_stats.get("select"), "auto", None)  # select.policy auto: what it chose
+        select = self.select.model_copy(update=choice["settings"]) if choice else self.select
+        doc = {"policy": select.policy, "balanced": select.balanced,
+               "keep_fraction": select.keep_fraction, "bands": bands}
+        if select.balanced and select.budget != BUDGET_PROPORTIONAL:
+            doc["budget"] = select.budget
+        if choice:
+            doc["auto"] = {"rule": choice["rule"], "reason": choice["reason"]}
         out.write_json(doc, schema.PRUNED_DIR, schema.BANDS_FILE)
         out.remove(staging)
         mark_done(out, schema.PRUNED_DIR, fp)

@@ -9,6 +9,8 @@ from pydantic_core import PydanticCustomError
 
 from prune import schema
 from prune.dedup.settings import DedupConfig
+from prune.select.auto import AUTO
+from prune.select.settings import SelectConfig
 from prune.settings import PLACEMENT, Section
 
 
@@ -74,6 +76,7 @@ class EvaluateSection(Section):
     # in a combination with caption agreement (caption+<policy>, <policy>+caption): the share of the
     # pool (caption first) or of the policy's pick (caption last) that caption agreement keeps
     caption_share: float = Field(0.7, gt=0.0, le=1.0)
+    auto_tail_ratio: float = Field(SelectConfig.model_fields["auto_tail_ratio"].default, gt=1.0)  # policy auto's threshold
     dedup: DedupConfig = DedupConfig()  # SemDeDup of the pool, for the policies named dedup+<policy>
     strata: int = Field(50, ge=1)  # the stratified policy's select.strata
     drop_hardest: float = Field(0.0, ge=0.0, lt=1.0)  # the stratified policy's select.drop_hardest
@@ -91,6 +94,8 @@ class EvaluateSection(Section):
             if name in ("oracle", "caption"):  # the label oracle (the ceiling); caption agreement alone
                 continue
             name = name.removeprefix("caption+").removesuffix("+caption").removeprefix("dedup+")
+            if name == AUTO:  # select.policy auto: the rule the pool's distance tail picks
+                continue
             prefix = next((p for p in schema.BUDGET_PREFIXES if name.startswith(p)), "")
             POLICIES.check(name.removeprefix(prefix))
         return value

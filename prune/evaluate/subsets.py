@@ -36,7 +36,9 @@ from prune.evaluate.layout import (
     SEED_FREE,
     fraction_label,
 )
+from prune.select import auto as auto_rule
 from prune.select import cuts
+from prune.select.auto import AutoChoice
 from prune.select.budgets import ClusterStats, dense_sums, distance_sums, divisor_allocations
 from prune.select.policies import block_priorities, policy_class, selection_groups
 from prune.select.settings import SelectConfig
@@ -185,14 +187,24 @@ def caption_top(scores: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return np.sort(caption_order(scores, seed)[:keep_count(fraction, len(scores))])
 
 
+CAPTION_FIRST_RULE = "clip_score stage: missing=remove, keep_top_fraction=caption_share"  # in caption+ rows' fingerprints
+
+
+def caption_stage_survivors(scores: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Sorted indices of what the clip_score stage keeps with `missing: remove` and
+    `keep_top_fraction: share`: the best-agreeing `share` of the pairs that have a caption."""
+    scored = np.flatnonzero(~np.isnan(np.asarray(scores, np.float64)))
+    return scored[caption_top(np.asarray(scores)[scored], share, seed)]
+
+
 @dataclass
 class PoolSelection:
     """The pool as every policy of the grid sees it (no labels but the oracle's), and each policy's
     kept subsets: `subsets(policy, fractions, seed)` -> per fraction, the sorted pool indices kept.
 
     Policies compose left to right as stages do: `dedup+P` is SemDeDup of the pool, then P among
-    the survivors; `caption+P` keeps the best-agreeing `caption_share` of the pool, then P (which may
-    itself dedup) among those; `P+caption` lets P pick `f / caption_share` of the pool and keeps its
+    the survivors; `caption+P` is the clip_score stage first (the best-agreeing `caption_share` of
+    the captioned pairs, the rest removed), then P (which may itself dedup) among those; `P+caption` lets P pick `f / caption_share` of the pool and keeps its
     best-agreeing `caption_share`. Every subset of fraction f holds as many samples (while there
     are enough survivors), so policies are compared at the same size."""
 
@@ -209,6 +221,7 @@ class PoolSelection:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     caption_share: float = 0.7
     options: dict = field(default_factory=dict)  # the select settings every policy shares
+    auto_tail_ratio: float = 3.1  # policy auto's threshold (select.auto_tail_ratio)
     _removed: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
@@ -218,7 +231,7 @@ class PoolSelection:
         pick = lambda a: None if a is None else np.asarray(a)[idx]  # noqa: E731
         return PoolSelection(self.embeddings[idx], pick(self.distance), pick(self.cluster), self.k, pick(self.shards),
                              pick(self.keys), self.centroids, pick(self.labels), pick(self.kinds),
-                             pick(self.clip_scores), self.dedup, self.caption_share, self.options)
+                             pick(self.clip_scores), self.dedup, self.caption_share, self.options, self.auto_tail_ratio)
 
     def removed(self) -> np.ndarray:
         """What SemDeDup removes from this pool (computed once)."""
@@ -232,13 +245,29 @@ class PoolSelection:
             raise ValueError("a caption policy needs each pair's clip score: embed the pool with embed.text")
         return self.clip_scores
 
+    def auto_choice(self) -> AutoChoice:
+        """What `select.policy: auto` picks for this pool (the run's statistic: every sample's distance)."""
+        return auto_rule.choose(auto_rule.distance_histogram(self.distance), self.auto_tail_ratio)
+
+    def resolve(self, policy: str) -> str:
+        """`auto` in a policy name replaced by the evaluate name of the rule it picks here
+        (dedup+auto -> dedup+random on a clean pool, dedup+dbp-hard on a web-like one)."""
+        parts = policy.split("+")
+        if auto_rule.AUTO not in parts:
+            return policy
+        settings = self.auto_choice().settings
+        prefix = next((p for p, b in schema.BUDGET_PREFIXES.items() if settings.get("balanced")
+                       and b == settings.get("budget")), "")
+        return "+".join(prefix + settings["policy"] if p == auto_rule.AUTO else p for p in parts)
+
     def subsets(self, policy: str, fractions, seed: int) -> list[np.ndarray]:
         fractions = [float(f) for f in fractions]
+        policy = self.resolve(policy)
         n = len(self)
         if policy == CAPTION:
             return [caption_top(self.scores(), f, seed) for f in fractions]
         if policy.startswith(CAPTION_PREFIX):
-            survivors = caption_top(self.scores(), self.caption_share, seed)
+            survivors = caption_stage_survivors(self.scores(), self.caption_share, seed)
             inner = self.take(survivors)
             within = _unique_fractions(lambda fs: inner.subsets(policy[len(CAPTION_PREFIX):], fs, seed),
                                        [min(1.0, f * n / max(len(survivors), 1)) for f in fractions])

@@ -163,6 +163,9 @@ def render(manifest: dict, counts: Counts, grids: dict, duplicates: list, plot_u
     c = manifest.get("counts", {})
     cfg = manifest.get("config", {})
     sel = cfg.get("select", {})
+    auto = (manifest.get("stages", {}).get("select") or {}).get("auto")
+    if auto:  # select.policy auto: what it chose stands in for the config's settings
+        sel = {**sel, **auto["settings"]}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ssl-prune report</title><style>{STYLE}</style>"
              f"</head><body><h1>ssl-prune run report</h1>"]
     parts.append(f"<p class='note'>input <code>{html.escape(str(cfg.get('input', '')))}</code> &rarr; output "
@@ -171,6 +174,9 @@ def render(manifest: dict, counts: Counts, grids: dict, duplicates: list, plot_u
                  f"{html.escape(', '.join(cfg.get('stages', [])))}; policy {html.escape(str(sel.get('policy')))}"
                  f"{' (per cluster, budget ' + html.escape(str(sel.get('budget'))) + ')' if sel.get('balanced') else ''}"
                  f", keep fraction {sel.get('keep_fraction')}; k = {counts.cluster_total.size}</p>")
+    if auto:
+        parts.append(f"<p class='note auto'><b>select.policy auto chose the {html.escape(auto['rule'])} rule</b>: "
+                     f"{html.escape(auto['reason'])}.</p>")
     parts.append("<h2>Counts</h2>" + _table([
         ("input samples", c.get("input_samples", 0)), ("kept", c.get("kept", 0)), ("pruned", c.get("pruned", 0)),
         ("removed (curation)", c.get("removed", 0)), ("failed", c.get("failed", 0)),

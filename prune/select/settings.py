@@ -16,11 +16,14 @@ BUDGET_PROPORTIONAL = "proportional"
 _BUDGETED = counted_when(lambda s: s.balanced and s.budget != BUDGET_PROPORTIONAL)
 _DBP = counted_when(lambda s: s.balanced and s.budget == "dbp")
 _STRATIFIED = counted_when(lambda s: s.policy == schema.POLICY_STRATIFIED)
+_AUTO = counted_when(lambda s: s.policy == "auto")
 
 
 class SelectConfig(Section):
     keep_fraction: float = Field(0.7, gt=0.0, le=1.0)
-    policy: str = schema.POLICY_HARD  # the order within a group, a registered policy (prune/select/policies.py)
+    # the order within a group, a registered policy (prune/select/policies.py), or auto: the rule the
+    # pool's distance tail picks (prune/select/auto.py) sets policy, balanced and budget at run time
+    policy: str = schema.POLICY_HARD
     balanced: bool = False  # select within each cluster (with `budget`) instead of globally
     # with `balanced`: how many each cluster keeps (prune/select/budgets.py): proportional (f of each),
     # capped_equal (Vo et al. 2024) or dbp (Abbas et al. 2024)
@@ -30,14 +33,26 @@ class SelectConfig(Section):
     dbp_min_per_cluster: Annotated[int, _DBP] = Field(0, ge=0)  # dbp: samples every non-empty cluster keeps at least
     strata: Annotated[int, _STRATIFIED] = Field(50, ge=1)  # stratified: equal-width distance strata per group (CCS uses 50)
     drop_hardest: Annotated[float, _STRATIFIED] = Field(0.0, ge=0.0, lt=1.0)  # stratified: the hardest share kept last (CCS's beta)
+    # auto: p99 / p50 of the prototype distances at or above which the pool is treated as web-like
+    # (measured for the shipped encoders; `benchmarks/auto_rule.py` prints it for your embeddings)
+    auto_tail_ratio: Annotated[float, _AUTO] = Field(3.1, gt=1.0)
     seed: int = 0
 
     @field_validator("policy")
     @classmethod
     def _registered(cls, value: str) -> str:
+        from prune.select.auto import AUTO
         from prune.select.policies import POLICIES
 
-        return POLICIES.check(value)
+        return value if value == AUTO else POLICIES.check(value)
+
+    @property
+    def is_auto(self) -> bool:
+        return self.policy == "auto"
+
+    def resolved(self, choice) -> "SelectConfig":
+        """These settings with what an `AutoChoice` (prune/select/auto.py) sets."""
+        return self.model_copy(update=choice.settings)
 
     @field_validator("budget")
     @classmethod
