@@ -61,3 +61,35 @@ def test_a_run_with_auto_selects_as_the_rule_it_chose_and_says_why(run_copy, pip
     again = run(validate_config(explicit_cfg))
     assert "auto" not in again["stages"]["select"] or again["stages"]["select"]["auto"] is None
     assert read_scores(run_copy).to_pandas().set_index(["shard", "key"])["keep"].equals(kept)
+
+
+def test_the_offline_image_text_config_curates_captions_then_copies_then_picks_a_rule(ray_cluster, tmp_path, monkeypatch):
+    """configs/demo_text.yaml as shipped (the CLIP in models/), on a small web-like pool: the
+    pairs whose caption does not describe the image go first, then near-copies, then auto."""
+    import pyarrow.parquet as pq
+
+    from pipelines.cli import run
+    from pipelines.cli.config import load_config
+    from prune import schema
+    from prune.demo.web_like import write_web_like_shards
+
+    from .conftest import REPO
+
+    write_web_like_shards(str(tmp_path / "pool"), count=600, shard_size=300, seed=7)
+    monkeypatch.chdir(REPO)  # the config names the shipped CLIP by a relative path
+    manifest = run(load_config("configs/demo_text.yaml", [f"input={tmp_path / 'pool'}", f"output={tmp_path / 'out'}",
+                                                          "kmeans.k=6"]))
+    c = manifest["counts"]
+    assert c["input_samples"] == 600 == c["kept"] + c["pruned"] + c["removed"] + c["failed"]
+    assert set(c["removed_by_reason"]) <= {schema.STATUS_LOW_ALIGNMENT, schema.STATUS_NO_CAPTION, schema.STATUS_NEAR_DUPLICATE}
+    assert manifest["stages"]["select"]["auto"]["rule"] in (auto.CLEAN, auto.WEB)
+    kind = {}
+    for p in sorted((tmp_path / "pool").glob("*.parquet")):
+        t = pq.read_table(p, columns=["key", "caption_kind"]).to_pydict()
+        kind.update(zip(t["key"], t["caption_kind"]))
+    status = {r[schema.KEY]: r[schema.STATUS] for p in sorted((tmp_path / "out" / "scores").glob("*.parquet"))
+              for r in pq.read_table(p, columns=[schema.KEY, schema.STATUS]).to_pylist()}
+    caption_removed = {k for k, s in status.items() if s in (schema.STATUS_LOW_ALIGNMENT, schema.STATUS_NO_CAPTION)}
+    bad = {k for k, v in kind.items() if v != "describes"}
+    # the shipped CLIP tells a describing caption from the rest: most removals are the bad ones
+    assert len(caption_removed & bad) > 0.8 * len(caption_removed) and len(caption_removed & bad) > 0.6 * len(bad)

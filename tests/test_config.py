@@ -212,6 +212,7 @@ SELECT_CHANGES = {
     "budget": (["select.balanced=true"], "capped_equal"),
     "dbp_temperature": (_DBP, 0.2), "dbp_neighbours": (_DBP, 5), "dbp_min_per_cluster": (_DBP, 1),
     "strata": (_STRATIFIED, 10), "drop_hardest": (_STRATIFIED, 0.1),
+    "auto_tail_ratio": (["select.policy=auto"], 4.0),
 }
 
 

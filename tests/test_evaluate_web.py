@@ -83,7 +83,11 @@ def test_subset_stats_and_paired_differences():
     kinds = np.array(["original"] * 6 + ["copy"] * 3 + ["junk"], dtype=object)
     cluster = np.array([0, 0, 1, 1, 2, 2, 0, 0, 1, 3])
     s = ev.subset_stats(np.array([0, 6, 7, 9]), kinds, cluster)
+    assert math.isnan(s.pop(ev.MISCAPTIONED_KEPT))  # the json says nothing of the captions
     assert s == {ev.COPIES_KEPT: pytest.approx(2 / 3), ev.JUNK_KEPT: 1.0, ev.CLUSTERS_COVERED: 2.0}
+    captions = np.array(["describes", "wrong", "noise", None, "describes", "empty", "describes", "spam", "describes", None],
+                        dtype=object)
+    assert ev.subset_stats(np.array([0, 1, 7]), kinds, cluster, captions)[ev.MISCAPTIONED_KEPT] == 0.5  # 2 of 4
     rows = [{ev.CLASSIFIER: "cnn", ev.POLICY: p, ev.KEEP_FRACTION: 0.5, ev.SEED: seed, ev.BALANCED_ACCURACY: acc}
             for p, seed, acc in (("random", 0, 0.70), ("random", 1, 0.74), ("hard", 0, 0.75), ("hard", 1, 0.76))]
     d = ev.paired_differences(rows, ev.BALANCED_ACCURACY)[("cnn", "hard", 0.5)]
