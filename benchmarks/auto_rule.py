@@ -7,12 +7,22 @@ removal rates), how skewed the surviving clusters are (Gini of their sizes), and
 prototype distances (p90 / p50 and p99 / p50; the last is the one `auto` uses), then the rule
 `auto` picks at the threshold given.
 
-    # the pools of the README's table (Fashion-MNIST; the web-like ones with their knobs)
+    # the pools of the README's table (benchmarks/results/auto_rule.txt), each run up to dedup
     ssl-prune demo-data /tmp/pools/clean4k --count 4000 --shard-size 1000 --seed 1
+    ssl-prune demo-data /tmp/pools/clean20k --count 20000 --shard-size 2000 --seed 2
+    ssl-prune demo-data /tmp/pools/clean60k --count 60000 --shard-size 5000
     ssl-prune demo-data /tmp/pools/web4k --web-like --count 4000 --shard-size 1000 --seed 1
-    ...   # (README, "One default for any pool", lists every pool's command)
-    ssl-prune run configs/demo.yaml input=/tmp/pools/clean4k output=/tmp/auto/clean4k 'stages=[embed,prototypes,assign,dedup]'
-    .venv/bin/python benchmarks/auto_rule.py /tmp/auto/clean4k /tmp/auto/web4k ...
+    ssl-prune demo-data /tmp/pools/web20k --web-like --count 20000 --shard-size 2000
+    ssl-prune demo-data /tmp/pools/webmild --web-like --count 10000 --shard-size 2000 --seed 2 \
+        --imbalance 5 --copy-share 0.1 --junk-share 0.01
+    ssl-prune demo-data /tmp/pools/webcopies --web-like --count 10000 --shard-size 2000 --seed 3 \
+        --imbalance 1 --copy-share 0.3 --junk-share 0
+    ssl-prune demo-data /tmp/pools/webtail --web-like --count 10000 --shard-size 2000 --seed 4 \
+        --imbalance 20 --copy-share 0 --junk-share 0
+    for p in clean4k clean20k clean60k web4k web20k webmild webcopies webtail; do
+      ssl-prune run configs/demo.yaml input=/tmp/pools/$p output=/tmp/auto/$p 'stages=[embed,prototypes,assign,dedup]'
+    done
+    .venv/bin/python benchmarks/auto_rule.py /tmp/auto/*
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ crash stay there. It is always started with `--resume latest`, so starting the s
 (same `name` under the same `logs`) continues from its newest complete epoch, and a finished run
 is not trained again.
 
-Not wired into `ssl-prune evaluate` yet; `python -m pipelines.pretrain_judge SHARDS WORKDIR` runs it
-on one directory of shards (`main`).
+`ssl-prune evaluate` runs it per subset and seed (classifier `clip`, pipelines/stages/evaluate_pretrain.py);
+`python -m pipelines.pretrain_judge SHARDS WORKDIR` runs it on one directory of shards (`main`).
 """
 
 from __future__ import annotations
