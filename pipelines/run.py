@@ -54,9 +54,11 @@ def counts_of(done: Executed, n_shards: int) -> dict:
 
 
 def run_stages(
-    stages: list[Stage], input_spec: Optional[str], output: str, ray_cfg: runtime.RayConfig, config: Optional[dict] = None
+    stages: list[Stage], input_spec: Optional[str], output: str, ray_cfg: runtime.RayConfig, config: Optional[dict] = None,
+    extra: Optional[dict] = None,
 ) -> dict:
-    """Run every stage that is not complete; return the manifest (`config`: recorded in it)."""
+    """Run every stage that is not complete; return the manifest (`config` and `extra`'s fields:
+    recorded in it)."""
     t_start = time.time()
     preflight(stages)
     out = OutputDir(output)  # its store is reachable (an fsspec driver is installed) before anything runs
@@ -65,11 +67,11 @@ def run_stages(
     shards = own if own is not None else resolve_shards(input_spec)
     out.makedirs()
     with output_lock(out) as held:
-        return _locked_run(stages, shards, out, output, ray_cfg, config, t_start, held.check)
+        return _locked_run(stages, shards, out, output, ray_cfg, config, t_start, held.check, extra or {})
 
 
 def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_start: float,
-                still_ours=lambda: None) -> dict:
+                still_ours=lambda: None, extra: Optional[dict] = None) -> dict:
     out.remove(schema.MANIFEST)
     runtime.defer(ray_cfg)  # started by the first stage (or check) that needs it
     first = next(iter(shards.values()))
@@ -84,7 +86,7 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
     try:
         done = execute(stages, Context(out, shards), checked=True, on_stage_done=stage_done)
         still_ours()
-        manifest = _manifest(stages, shards, out, done, config, t_start)
+        manifest = _manifest(stages, shards, out, done, config, t_start, extra or {})
     except BaseException:
         report.cancel()  # no thread of a failed run goes on reading its outputs
         raise
@@ -97,13 +99,13 @@ def _locked_run(stages, shards, out: OutputDir, output: str, ray_cfg, config, t_
     return manifest
 
 
-def _manifest(stages, shards, out: OutputDir, done, config, t_start: float) -> dict:
+def _manifest(stages, shards, out: OutputDir, done, config, t_start: float, extra: dict) -> dict:
     """The run's counts, bands and records in manifest.json; returns it."""
     counts = counts_of(done, len(shards))
     out.remove(schema.STAGING_DIR)
     # the stage that made the embeddings: embed, or one that provides its outputs (import)
     embed = next((s for s in stages if s.name == "embed" or "embed" in s.provides), None)
-    fields = {"config": config or {}, "ray": runtime.connection(), "counts": counts}
+    fields = {"config": config or {}, "ray": runtime.connection(), "counts": counts, **extra}
     if embed is not None:
         fields |= {"model_id": embed.model_id, "embed_fingerprint": done.fingerprints[embed.label]}
         if embed.name == "embed":

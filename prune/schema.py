@@ -112,6 +112,7 @@ ASSIGN_DIR = "assign"  # per input shard: each sample's nearest prototype and di
 # per curation stage and input shard, removals/<stage>/NNNNN.parquet: the samples it removed, each
 # with its reason (the status) and the stage's own columns; written by that stage alone
 REMOVALS_DIR = "removals"
+SELECTION_DIR = "selection"  # the select stage's thresholds, for an extension's new samples (prune/select/record.py)
 SCORES_DIR = "scores"  # per input shard: the selection's, made from assign/ and every removal before it
 PRUNED_DIR = "pruned"
 IMPORTED_DIR = "imported"  # import stage: per part, the carried metadata columns (url, caption, uid)
@@ -193,6 +194,9 @@ def removals_dir(stage: str) -> str:
 DUPLICATE_OF = "duplicate_of"  # the key of the member it is a near-copy of ...
 DUPLICATE_OF_SHARD = "duplicate_of_shard"  # ... and that member's input shard
 SIMILARITY = "similarity"  # their cosine similarity
+# ... and the output directory of the run that kept that member, when it is an earlier run an
+# extension looked back at (null: this run's own sample)
+DUPLICATE_OF_OUTPUT = "duplicate_of_output"
 DEDUP_SCHEMA = pa.schema(
     [
         *REMOVAL_SCHEMA,
@@ -200,8 +204,11 @@ DEDUP_SCHEMA = pa.schema(
         (DUPLICATE_OF_SHARD, pa.string()),
         (DUPLICATE_OF, pa.string()),
         (SIMILARITY, pa.float32()),
+        (DUPLICATE_OF_OUTPUT, pa.string()),
     ]
 )
+FIXED = "fixed"  # dedup's staging: a member an earlier run kept (compared with, never removed)
+RUN_OUTPUT = "run_output"  # dedup's staging: that earlier run's output directory ("" for this run)
 
 # Columns the pruned shards' parquet adds to the img2dataset metadata.
 SCORE_COLUMNS_IN_PRUNED = (CLUSTER, DISTANCE, PERCENTILE, BAND)

@@ -80,6 +80,11 @@ def _run(args) -> int:
         return 0
     _quick_exit()
     manifest = run(cfg)
+    print(_summary_line(manifest, cfg.output))
+    return 0
+
+
+def _summary_line(manifest: dict, output: str) -> str:
     c = manifest["counts"]
     line = f"ssl-prune: {c['input_shards']} shards"
     if "input_samples" in c:
@@ -87,8 +92,22 @@ def _run(args) -> int:
         line = (f"ssl-prune: {c['input_samples']} samples in {c['input_shards']} shards -> kept {c['kept']}, "
                 f"pruned {c['pruned']}{removed}, failed {c['failed']} {json.dumps(c['failed_by_reason'])}")
     if "output_shards" in c:
-        line += f"; {c['output_shards']} pruned shards in {cfg.output.rstrip('/')}/pruned"
-    print(line)
+        line += f"; {c['output_shards']} pruned shards in {output.rstrip('/')}/pruned"
+    return line
+
+
+def _extend(args) -> int:
+    from pipelines.extend import extend
+    from pipelines.stages.extend import ParentMismatch
+
+    if not any(o.startswith("input=") for o in args.overrides) or not any(o.startswith("output=") for o in args.overrides):
+        raise ConfigError("extend needs input=NEW_SHARDS and output=NEW_OUTPUT (the rest is the parent's config)")
+    _quick_exit()
+    try:
+        manifest = extend(args.parent, args.overrides)
+    except ParentMismatch as exc:
+        raise ConfigError(str(exc)) from None
+    print(_summary_line(manifest, manifest["config"]["output"]) + f" (extends {args.parent})")
     return 0
 
 
@@ -203,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument("--print-config", action="store_true",
                        help="print the resolved config (file + overrides + defaults) as YAML and exit")
         t.set_defaults(fn=fn, parser=t)
+    x = sub.add_parser("extend", help="curate new shards against a finished run: its model, centroids, "
+                                      "thresholds and kept samples, without refitting or re-reading it")
+    x.add_argument("parent", help="the finished run's output directory (local or any fsspec URL)")
+    x.add_argument("overrides", nargs="*", help="input=NEW_SHARDS output=NEW_OUTPUT, and any key=value of the "
+                                                 "parent's config that does not change how it embeds or clusters")
+    x.set_defaults(fn=_extend)
     r = sub.add_parser("report", help="rebuild OUTPUT/report.html from a finished run's outputs")
     r.add_argument("output", help="the run's output directory (local or any fsspec URL)")
     r.set_defaults(fn=_report)

@@ -209,8 +209,10 @@ def _local_checkpoint(value, config_dir: Optional[str]):
     return os.path.abspath(found) if found else value
 
 
-def load_config(path: Optional[str], overrides: list[str] = (), model: type[BaseModel] = RunConfig):
-    """Merge a YAML file (or nothing) with dotted `key=value` overrides and validate.
+def load_config(path: Optional[str], overrides: list[str] = (), model: type[BaseModel] = RunConfig,
+                base_dict: Optional[dict] = None):
+    """Merge a YAML file (or nothing, or `base_dict`: a config as a manifest records it) with dotted
+    `key=value` overrides and validate.
 
     `path` is a file or the name of a shipped config (`demo`, `laion`, ...). A local checkpoint the
     file names (`embed.pretrained`) is found from the current directory, else the file's folder,
@@ -221,7 +223,7 @@ def load_config(path: Optional[str], overrides: list[str] = (), model: type[Base
             raise ConfigError(f"override '{item}' is not of the form key=value")
     path = config_path(path) if path else path
     try:
-        base = OmegaConf.load(path) if path else OmegaConf.create({})
+        base = OmegaConf.load(path) if path else OmegaConf.create(base_dict or {})
         if not isinstance(base, DictConfig):  # a list or a scalar cannot take dotted overrides
             raise ConfigError(f"config {path} must be a mapping at the top level")
         overrides_cfg = OmegaConf.from_dotlist(list(overrides))

@@ -46,6 +46,7 @@ class DedupStats:
     removed: int = 0  # marked near_duplicate
     buckets: int = 0
     removed_per_shard: dict = field(default_factory=dict)
+    compared_with_earlier_runs: int = 0  # extend: the earlier runs' survivors read (clusters of new samples only)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class PartitionTask:
     staging: str
     n_buckets: int
     removals: tuple = ()  # the curation stages before this one: their removals are not compared
+    source: Optional[OutputDir] = None  # an earlier run (extend's parent) whose survivors are read; None: this run
+    clusters: Optional[frozenset] = None  # with `source`: only these clusters (the new samples')
+    source_index: int = 0  # with `source`: which earlier run (file names in the staging area)
 
 
 @dataclass(frozen=True)
@@ -76,14 +80,21 @@ class ApplyTask:
     fp: str
 
 
-def partition(task: PartitionTask) -> int:
-    """A group of shards' ok samples -> one file per cluster bucket; returns the rows written."""
+def partition(task: PartitionTask) -> dict:
+    """A group of shards' ok samples -> one file per cluster bucket; -> the rows written and
+    their clusters. With `source`, an earlier run's survivors of `clusters`, marked fixed."""
     parts: list[pa.Table] = []
+    src = task.source or task.out
     for shard in task.shards:
-        scores, status = surviving(task.out, shard, task.removals, (schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE))
-        emb = read_embeddings(task.out, shard, columns=[schema.STATUS, schema.EMBEDDING])
+        scores, status = surviving(src, shard, task.removals, (schema.KEY, schema.STATUS, schema.CLUSTER, schema.DISTANCE))
+        ok = status == schema.STATUS_OK
+        if task.clusters is not None:
+            ok &= np.isin(scores.column(schema.CLUSTER).to_numpy(), np.fromiter(task.clusters, np.int64))
+        if task.source is not None and not ok.any():
+            continue  # the parent's embeddings of clusters no new sample falls in are not read
+        emb = read_embeddings(src, shard, columns=[schema.STATUS, schema.EMBEDDING])
         emb_ok, x = ok_matrix(emb)  # embeddings rows line up with the assignment's (assign keeps the order)
-        rows = np.nonzero(status == schema.STATUS_OK)[0]
+        rows = np.nonzero(ok)[0]
         # the embedding of each used row: its position among the embeddings' ok rows
         vec_of_row = np.cumsum(emb_ok) - 1
         vecs = x[vec_of_row[rows]].astype(np.float16)
@@ -94,15 +105,18 @@ def partition(task: PartitionTask) -> int:
             schema.KEY: scores.column(schema.KEY).take(pa.array(rows)),
             schema.DISTANCE: scores.column(schema.DISTANCE).take(pa.array(rows)),
             schema.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim),
+            schema.FIXED: pa.array(np.full(len(rows), task.source is not None)),
+            schema.RUN_OUTPUT: pa.array([task.source.url if task.source is not None else ""] * len(rows), pa.string()),
         }))
     table = pa.concat_tables(parts) if parts else None
     if table is None or len(table) == 0:
-        return 0
+        return {"rows": 0, "clusters": []}
     bucket = table.column(schema.CLUSTER).to_numpy() % task.n_buckets
     for b in np.unique(bucket):
-        with task.out.open_atomic(task.staging, "parts", f"b{b:06d}", f"g{task.group:06d}.parquet") as f:
+        name = f"g{task.group:06d}.parquet" if task.source is None else f"p{task.source_index:03d}-g{task.group:06d}.parquet"
+        with task.out.open_atomic(task.staging, "parts", f"b{b:06d}", name) as f:
             pq.write_table(table.filter(pa.array(bucket == b)), f)
-    return len(table)
+    return {"rows": len(table), "clusters": np.unique(table.column(schema.CLUSTER).to_numpy()).tolist()}
 
 
 def dedup_bucket(task: BucketTask) -> dict:
@@ -122,11 +136,14 @@ def dedup_bucket(task: BucketTask) -> dict:
     dist = t.column(schema.DISTANCE).to_numpy(zero_copy_only=False)
     col = t.column(schema.EMBEDDING).combine_chunks()
     x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(t), col.type.list_size)
+    fixed = t.column(schema.FIXED).to_numpy(zero_copy_only=False)
+    run = t.column(schema.RUN_OUTPUT).to_numpy(zero_copy_only=False)
     removed_rows, dup_rows, sims = [], [], []
-    ids = np.unique(cluster)
+    ids = np.unique(cluster[~fixed])  # an earlier run's survivors only where a new sample is
     for c in ids:
         members = np.nonzero(cluster == c)[0]
-        res = dedup_cluster(x[members], dist[members], shards[members], keys[members], s.eps, s.keep, s.seed, s.block_rows)
+        res = dedup_cluster(x[members], dist[members], shards[members], keys[members], s.eps, s.keep, s.seed, s.block_rows,
+                            fixed=fixed[members] if fixed[members].any() else None)
         removed_rows.append(members[res.removed])
         dup_rows.append(members[res.duplicate_of[res.removed]])
         sims.append(res.similarity[res.removed])
@@ -141,12 +158,14 @@ def dedup_bucket(task: BucketTask) -> dict:
         schema.DUPLICATE_OF_SHARD: pa.array(shards[dups], pa.string()),
         schema.DUPLICATE_OF: pa.array(keys[dups], pa.string()),
         schema.SIMILARITY: pa.array(sim, pa.float32()),
+        schema.DUPLICATE_OF_OUTPUT: pa.array([r or None for r in run[dups]], pa.string()),
     })
     group = np.array([task.group_of[sh] for sh in shards[removed]], np.int64)
     for g in np.unique(group):
         with out.open_atomic(task.staging, "removed", f"g{g:06d}", f"b{task.bucket:06d}.parquet") as f:
             pq.write_table(result.filter(pa.array(group == g)), f)
-    return {"clusters": len(ids), "members": len(t), "removed": len(removed)}
+    return {"clusters": len(ids), "members": int((~fixed).sum()), "removed": len(removed),
+            "compared_with_earlier_runs": int(fixed.sum())}
 
 
 def apply_group(task: ApplyTask) -> dict:
@@ -178,6 +197,13 @@ class DedupStage(Stage):
     removes = True
 
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # an extension's earlier runs (its parent first, then the parent's own): their survivors in the
+    # clusters the new samples fall in are compared with, never removed (pipelines/extend.py)
+    parents: tuple = field(default=(), metadata={"fingerprint": False})
+
+    def identity(self, ctx: Context) -> tuple:
+        base = super().identity(ctx)
+        return base + (("parents", self.parents),) if self.parents else base
 
     def groups(self, ctx: Context, cpus: int = 1) -> list[tuple]:
         """Consecutive shards, `shards_per_task` at most a group, fewer when that leaves a CPU idle."""
@@ -188,6 +214,19 @@ class DedupStage(Stage):
     def bucket_count(self, n_ok: int, k: int, cpus: int) -> int:
         """`bucket_rows` bounds a bucket; with few samples, still a bucket per CPU (while clusters last)."""
         return max(1, math.ceil(n_ok / self.dedup.bucket_rows), min(k, cpus))
+
+    def partition_parents(self, out: OutputDir, staging: str, n_buckets: int, clusters: frozenset, cpus: int) -> int:
+        """Each earlier run's survivors (after its curation stages, dedup included) in `clusters`,
+        into the same buckets, marked fixed; -> how many."""
+        from ..extend import earlier_run  # the parent's shards and curation stages, from its manifest
+
+        tasks = []
+        for i, url in enumerate(self.parents):
+            run = earlier_run(url)
+            groups = [tuple(run.shards[j:j + self.dedup.shards_per_task]) for j in range(0, len(run.shards), self.dedup.shards_per_task)]
+            tasks += [PartitionTask(out, gi, grp, staging, n_buckets, run.removals, run.out, clusters, i)
+                      for gi, grp in enumerate(groups)]
+        return sum(res["rows"] for res in run_tasks(partition, tasks, desc="dedup: earlier runs' survivors"))
 
     def complete(self, ctx: Context) -> Optional[DedupStats]:
         fp = ctx.fingerprint
@@ -206,10 +245,12 @@ class DedupStage(Stage):
         n_buckets = self.bucket_count(int(kmeans["n_ok_total"]), int(kmeans["k"]), cpus)
         groups = self.groups(ctx, cpus)
         group_of = {s: gi for gi, grp in enumerate(groups) for s in grp}
-        list(run_tasks(partition, [PartitionTask(out, gi, grp, staging, n_buckets, ctx.removals)
-                                   for gi, grp in enumerate(groups)],
-                       desc="dedup: partition by cluster"))
+        parts = run_tasks(partition, [PartitionTask(out, gi, grp, staging, n_buckets, ctx.removals)
+                                      for gi, grp in enumerate(groups)], desc="dedup: partition by cluster")
+        clusters = frozenset(c for res in parts for c in res["clusters"])
         stats = DedupStats(buckets=n_buckets)
+        if self.parents:
+            stats.compared_with_earlier_runs = self.partition_parents(out, staging, n_buckets, clusters, cpus)
         buckets = [BucketTask(out, b, staging, group_of, self.dedup) for b in range(n_buckets)]
         for res in run_tasks(dedup_bucket, buckets, desc="dedup: clusters"):
             stats.clusters += res["clusters"]

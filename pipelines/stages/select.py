@@ -34,7 +34,7 @@ from prune import schema
 from prune.io.settings import WriteConfig
 from prune.io.storage import OutputDir
 from prune.io.tables import file_metadata, load_centroids, read_scores, surviving
-from prune.select import auto, cuts
+from prune.select import auto, cuts, record
 from prune.select.budgets import ClusterStats, dense_sums, distance_sums
 from prune.select.policies import Policy, block_priorities, policy_class, selection_groups
 from prune.select.settings import SelectConfig
@@ -265,13 +265,13 @@ class SelectStage(Stage):
         return auto.choose(hist, self.select.auto_tail_ratio)
 
     def strata(self, ctx: Context, n_groups: int, select: SelectConfig):
-        """The groups' CCS strata (an ObjectRef) when the policy uses them, else None."""
+        """The groups' CCS strata when the policy uses them, else None."""
         if not policy_class(select.policy).uses_strata:
             return None
         hist = np.zeros((n_groups, DIST_BINS), np.int64)
         cuts.add_sparse(hist, map_reduce(pass_strata, self.tasks(ctx, select=select), cuts.fold_sparse,
                                          desc="select: strata"))
-        return ray.put(plan_strata(hist, select.strata, select.drop_hardest))
+        return plan_strata(hist, select.strata, select.drop_hardest)
 
     def complete(self, ctx: Context) -> Optional[SelectStats]:
         if pending(ctx.out, ctx.shards, functools.partial(selected_with, ctx.fingerprint)):
@@ -291,7 +291,8 @@ class SelectStage(Stage):
         k = prototype_count(ctx.out)
         spec = cuts.HistogramSpec.for_groups(k if select.balanced else 1)
         edges = self.edges()
-        strata = self.strata(ctx, spec.n_groups, select)
+        plan = self.strata(ctx, spec.n_groups, select)
+        strata = None if plan is None else ray.put(plan)
         # every per-shard aggregate is reduced in tasks: the driver gets one result per pass
         hist_sparse, sums_sparse = map_reduce(pass_histogram, self.tasks(ctx, spec, strata, select), fold_histograms,
                                               desc="select: histograms")
@@ -316,4 +317,7 @@ class SelectStage(Stage):
         for results in run_tasks(pass_apply, self.tasks(ctx, shared, strata, select), desc="select: apply"):
             for res in results:
                 stats.add(res)
+        # the thresholds, for samples that come later (ssl-prune extend)
+        record.save(ctx.out, found, hist, plan, {"fingerprint": ctx.fingerprint, "k": k, "edges": edges,
+                                                 "select": select.model_dump(), "auto": stats.auto})
         return stats

@@ -117,6 +117,13 @@ class WriteStage(Stage):
     # named in bands.json, its edges end the bands: its settings count in the selection's fingerprint
     select: SelectConfig = field(default_factory=SelectConfig, metadata={"fingerprint": False})
 
+    def finish(self, out: OutputDir) -> None:
+        """After sizes.json and bands.json, before the set is marked done (an extension adds its parent's)."""
+
+    def first_output_shard(self) -> int:
+        """The number of the first pruned shard (an extension's follow its parent's)."""
+        return 0
+
     def complete(self, ctx: Context) -> Optional[WriteStats]:
         if marked_stats(ctx.out, schema.PRUNED_DIR, ctx.fingerprint) is None:
             return None
@@ -141,7 +148,7 @@ class WriteStage(Stage):
             n_input_ok += rec["ok"]
             for band, n in rec["counts"].items():
                 counts[(int(band), rec["shard"])] = n
-        plans = plan_output_shards(counts, self.write.samples_per_shard)
+        plans = plan_output_shards(counts, self.write.samples_per_shard, self.first_output_shard())
         written = sorted(
             run_batched(output_task, [OutputTask(out, p, staging) for p in plans], desc="write: shards"),
             key=lambda w: w.name,
@@ -157,6 +164,7 @@ class WriteStage(Stage):
         if choice:
             doc["auto"] = {"rule": choice["rule"], "reason": choice["reason"]}
         out.write_json(doc, schema.PRUNED_DIR, schema.BANDS_FILE)
+        self.finish(out)
         out.remove(staging)
         mark_done(out, schema.PRUNED_DIR, fp)
         out.remove(pending)

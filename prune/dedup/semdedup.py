@@ -74,11 +74,20 @@ def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 512) -> ClusterDe
     return ClusterDedup(removed, dup, sim)
 
 
-def dedup_cluster(x, distance, shards, keys, eps: float, keep: str, seed: int, block_rows: int = 512) -> ClusterDedup:
-    """One cluster's members in any order -> the result in that same order (indices too)."""
+def dedup_cluster(x, distance, shards, keys, eps: float, keep: str, seed: int, block_rows: int = 512,
+                  fixed=None) -> ClusterDedup:
+    """One cluster's members in any order -> the result in that same order (indices too).
+    `fixed` (bool [n]): members an earlier run kept (an extension's parent): they come first in
+    keep order and are never removed, so a new member that copies one of them is."""
     order = keep_order(distance, shards, keys, keep, seed)
+    if fixed is not None:
+        fixed = np.asarray(fixed, bool)
+        order = np.concatenate([order[fixed[order]], order[~fixed[order]]])
     res = dedup_ordered(np.asarray(x)[order], eps, block_rows)
     back = np.empty_like(order)
     back[order] = np.arange(len(order))
     dup = np.where(res.duplicate_of >= 0, order[np.maximum(res.duplicate_of, 0)], -1)
-    return ClusterDedup(res.removed[back], dup[back], res.similarity[back])
+    removed, dup, sim = res.removed[back], dup[back], res.similarity[back]
+    if fixed is not None:  # an earlier run's survivors are pairwise apart already; theirs is decided
+        removed, dup, sim = removed & ~fixed, np.where(fixed, -1, dup), np.where(fixed, np.nan, sim).astype(np.float32)
+    return ClusterDedup(removed, dup, sim)

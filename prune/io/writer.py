@@ -192,8 +192,9 @@ class OutputShard:
         return sum(p.stop - p.start for p in self.pieces)
 
 
-def plan_output_shards(counts: dict[tuple[int, str], int], per_shard: int) -> list[OutputShard]:
-    """Band-major, input-ordered concatenation of fragments cut into shards of `per_shard`."""
+def plan_output_shards(counts: dict[tuple[int, str], int], per_shard: int, first: int = 0) -> list[OutputShard]:
+    """Band-major, input-ordered concatenation of fragments cut into shards of `per_shard`,
+    numbered from `first` (an extension's shards follow its parent's)."""
     shards: list[OutputShard] = []
     for band in sorted({b for b, _ in counts}):
         current: list[Piece] = []
@@ -208,10 +209,10 @@ def plan_output_shards(counts: dict[tuple[int, str], int], per_shard: int) -> li
                 start += take
                 filled += take
                 if filled == per_shard:
-                    shards.append(OutputShard(len(shards), band, current))
+                    shards.append(OutputShard(first + len(shards), band, current))
                     current, filled = [], 0
         if current:
-            shards.append(OutputShard(len(shards), band, current))
+            shards.append(OutputShard(first + len(shards), band, current))
     return shards
 
 
