@@ -19,7 +19,7 @@ from prune.io.storage import OutputDir
 from .executor import stage_fingerprint
 from .run import run_stages
 from .stage import Context, Stage
-from .stages.extend import ExtendSelectStage, ExtendWriteStage, ParentMismatch, ParentPrototypesStage
+from .stages.extend import DriftStage, ExtendSelectStage, ExtendWriteStage, ParentMismatch, ParentPrototypesStage
 
 # settings an extension must share with its parent: what makes an embedding, and the clusters
 SAME_AS_PARENT = ("embed", "decode", "image_extensions", "kmeans")
@@ -115,6 +115,8 @@ def extend_stages(cfg, parent: Parent) -> list[Stage]:
             cut = parent.manifest["stages"]["clip_score"]["cut"]
             stage.clip_score = stage.clip_score.model_copy(update={"keep_top_fraction": None, "min_score": cut})
         stages.append(stage)
+        if stage.name == "assign":
+            stages.append(DriftStage(parent=parent.url))
     return stages
 
 

@@ -112,6 +112,7 @@ ASSIGN_DIR = "assign"  # per input shard: each sample's nearest prototype and di
 # per curation stage and input shard, removals/<stage>/NNNNN.parquet: the samples it removed, each
 # with its reason (the status) and the stage's own columns; written by that stage alone
 REMOVALS_DIR = "removals"
+DRIFT_DIR = "drift"  # extend: drift.json, the new samples' distances against the parent's (prune/cluster/drift.py)
 SELECTION_DIR = "selection"  # the select stage's thresholds, for an extension's new samples (prune/select/record.py)
 SCORES_DIR = "scores"  # per input shard: the selection's, made from assign/ and every removal before it
 PRUNED_DIR = "pruned"

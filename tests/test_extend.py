@@ -260,3 +260,22 @@ def test_an_interrupted_extend_resumes_to_identical_outputs(runs, tmp_path, monk
     extend(str(root / "parent"), [f"input={root}/pool/{HALF[1]}", f"output={out}"])
     strip = lambda d: {k: v for k, v in d.items() if not os.path.basename(k).startswith("_")}  # noqa: E731
     assert strip(_digests(out)) == strip(before)
+
+
+def test_drift_says_when_the_new_samples_leave_the_parents_prototypes(runs, tmp_path, monkeypatch):
+    from pipelines.extend import extend
+    from prune.demo.web_like import write_web_like_shards
+
+    same = runs["child"]["stages"]["drift"]["record"]  # the other half of the same pool: no drift
+    assert 0.0 < same["share_beyond_parent_p95"] < same["refit_share"] and not same["refit_recommended"]
+    assert sum(c["new"] for c in same["clusters"]) <= same["new_samples"]
+    report = (runs["root"] / "child" / "report.html").read_text()
+    assert "Drift against the parent" in report and "no refit needed" in report
+    # mostly off-distribution images (noise, stripes, flat colour): far from every prototype
+    write_web_like_shards(str(tmp_path / "junk"), count=300, shard_size=300, seed=9, junk_share=0.9,
+                          copy_share=0.0, imbalance=1.0)
+    os.rename(tmp_path / "junk" / "00000.tar", tmp_path / "junk" / "00007.tar")
+    monkeypatch.chdir(REPO)
+    moved = extend(str(runs["root"] / "parent"), [f"input={tmp_path}/junk/00007.tar", f"output={tmp_path / 'out'}"])
+    rec = moved["stages"]["drift"]["record"]
+    assert rec["refit_recommended"] and rec["share_beyond_parent_p95"] > 0.3 and rec["recommendation"].startswith("refit")

@@ -5,6 +5,8 @@ run would compute over all of its data (Ray wiring; pipelines/extend.py builds t
 - `ExtendSelectStage` ("select"): the parent's recorded thresholds (prune/select/record.py)
   applied to the new samples' priorities: a new sample gets the decision it would have got in the
   parent's run;
+- `DriftStage` ("drift", after assign): how far the new samples lie from the parent's prototypes
+  against the parent's own samples, and whether to refit (prune/cluster/drift.py);
 - `ExtendWriteStage` ("write"): the new kept samples as shards numbered after the parent's, and a
   `sizes.json` / `bands.json` that cover the parent's shards and these.
 
@@ -17,10 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import ray
 
 from prune import schema
+from prune.cluster import drift
 from prune.io.storage import OutputDir
+from prune.io.tables import read_assignment
 from prune.select import record
 from prune.select.policies import policy_class
 from prune.select.settings import SelectConfig
@@ -29,6 +34,8 @@ from ..stage import Context, Stage
 from .prototypes import PrototypesStats
 from .select import SelectStage, SelectStats, pass_apply
 from .write import WriteStage
+
+DRIFT_DIR, DRIFT_FILE = schema.DRIFT_DIR, "drift.json"
 
 
 class ParentMismatch(ValueError):
@@ -65,6 +72,77 @@ class ParentPrototypesStage(Stage):
         meta |= {"fingerprint": ctx.fingerprint, "parent": {"output": self.parent, "fingerprint": meta.get("fingerprint")}}
         ctx.out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)  # last: present means complete
         return PrototypesStats(meta["k"], meta["n_ok_total"], meta)
+
+
+@dataclass(frozen=True)
+class DriftTask:
+    out: OutputDir
+    shards: tuple
+    per: Optional[np.ndarray] = None  # None: the histogram pass; else the thresholds
+    overall: float = 0.0
+    k: int = 0
+
+
+def _ok_assignment(out: OutputDir, shard: str) -> tuple[np.ndarray, np.ndarray]:
+    t = read_assignment(out, shard, [schema.STATUS, schema.CLUSTER, schema.DISTANCE])
+    ok = t.column(schema.STATUS).to_numpy(zero_copy_only=False) == schema.STATUS_OK
+    return t.column(schema.CLUSTER).to_numpy()[ok], t.column(schema.DISTANCE).to_numpy(zero_copy_only=False)[ok]
+
+
+def drift_histogram(task: DriftTask):
+    return drift.fold(drift.sparse_histogram(*_ok_assignment(task.out, s)) for s in task.shards)
+
+
+def drift_counts(task: DriftTask) -> dict:
+    return fold_counts(drift.beyond_counts(*_ok_assignment(task.out, s), task.per, task.overall, task.k)
+                       for s in task.shards)
+
+
+def fold_counts(parts) -> dict:
+    parts = list(parts)
+    return {key: sum(p[key] for p in parts) for key in parts[0]}
+
+
+@dataclass
+class DriftStats:
+    record: dict
+
+
+@dataclass
+class DriftStage(Stage):
+    """`drift/drift.json`: the share of new samples beyond the parent's 95th percentile distance,
+    overall and per cluster, and whether to refit. Reads the parent's assignment (two columns),
+    never its embeddings or tars."""
+
+    name = "drift"
+    reads = ("assign",)
+
+    parent: str = ""
+
+    def identity(self, ctx: Context) -> tuple:
+        return ("parent", self.parent)
+
+    def complete(self, ctx: Context) -> Optional[DriftStats]:
+        if not ctx.out.exists(DRIFT_DIR, DRIFT_FILE):
+            return None
+        rec = ctx.out.read_json(DRIFT_DIR, DRIFT_FILE)
+        return DriftStats(rec) if rec.get("fingerprint") == ctx.fingerprint else None
+
+    def run(self, ctx: Context) -> DriftStats:
+        from ..extend import earlier_run
+        from ..runtime import TASKS_PER_CPU, batches, map_reduce
+
+        parent = earlier_run(self.parent)
+        k = int(ctx.out.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)["k"])
+        hist = map_reduce(drift_histogram, [DriftTask(parent.out, tuple(b)) for b in batches(parent.shards, TASKS_PER_CPU)],
+                          drift.fold, desc="drift: the parent's distances")
+        per, overall = drift.thresholds(hist, k)
+        counts = map_reduce(drift_counts, [DriftTask(ctx.out, tuple(b), per, overall, k)
+                                           for b in batches(sorted(ctx.shards), TASKS_PER_CPU)],
+                            fold_counts, desc="drift: the new samples")
+        rec = drift.summarize(counts, per, overall) | {"fingerprint": ctx.fingerprint, "parent": self.parent}
+        ctx.out.write_json(rec, DRIFT_DIR, DRIFT_FILE)
+        return DriftStats(rec)
 
 
 @dataclass

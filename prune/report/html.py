@@ -177,6 +177,18 @@ def render(manifest: dict, counts: Counts, grids: dict, duplicates: list, plot_u
     if auto:
         parts.append(f"<p class='note auto'><b>select.policy auto chose the {html.escape(auto['rule'])} rule</b>: "
                      f"{html.escape(auto['reason'])}.</p>")
+    parent = manifest.get("parent")
+    drift = ((manifest.get("stages") or {}).get("drift") or {}).get("record")
+    if parent:
+        parts.append(f"<p class='note'>This run <b>extends</b> <code>{html.escape(str(parent.get('output')))}</code> "
+                     "(its model, centroids and thresholds; its outputs only read).</p>")
+    if drift:
+        parts.append("<h2>Drift against the parent</h2><p class='note'>"
+                     f"<b>{html.escape(drift['recommendation'])}</b>. Beyond the parent's own 95th percentile of "
+                     f"its cluster: {drift['share_beyond_own_cluster_p95']:.1%}. The clusters whose new samples lie "
+                     "farthest:</p>" + _table([(c["cluster"], c["new"], f"{c['share_beyond']:.1%}", f"{c['parent_p95']:.3f}")
+                                                  for c in drift["clusters"][:10]],
+                                                 ("cluster", "new samples", "beyond the parent's p95", "parent's p95")))
     parts.append("<h2>Counts</h2>" + _table([
         ("input samples", c.get("input_samples", 0)), ("kept", c.get("kept", 0)), ("pruned", c.get("pruned", 0)),
         ("removed (curation)", c.get("removed", 0)), ("failed", c.get("failed", 0)),
