@@ -73,9 +73,9 @@ def load_parent(url: str) -> Parent:
         raise ParentMismatch(f"{url} has no {schema.MANIFEST}: not a finished ssl-prune run (finish it first)")
     manifest = out.read_json(schema.MANIFEST)
     stages = manifest.get("config", {}).get("stages", [])
-    for needed in ("prototypes", "select", "write"):
+    for needed in ("prototypes", "select"):
         if needed not in stages:
-            raise ParentMismatch(f"{url} ran stages={stages}: an extension needs a parent with prototypes, select and write")
+            raise ParentMismatch(f"{url} ran stages={stages}: an extension needs a parent with prototypes and select")
     return Parent(url.rstrip("/"), manifest)
 
 

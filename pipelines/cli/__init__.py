@@ -100,8 +100,10 @@ def _extend(args) -> int:
     from pipelines.extend import extend
     from pipelines.stages.extend import ParentMismatch
 
-    if not any(o.startswith("input=") for o in args.overrides) or not any(o.startswith("output=") for o in args.overrides):
-        raise ConfigError("extend needs input=NEW_SHARDS and output=NEW_OUTPUT (the rest is the parent's config)")
+    given = {o.partition("=")[0] for o in args.overrides}
+    if "output" not in given or not given & {"input", "import_embeddings.path"}:
+        raise ConfigError("extend needs input=NEW_SHARDS (or import_embeddings.path=NEW_EMBEDDINGS) and output=NEW_OUTPUT "
+                          "(the rest is the parent's config)")
     _quick_exit()
     try:
         manifest = extend(args.parent, args.overrides)
