@@ -16,13 +16,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scale_driver import drive, write_embeddings  # noqa: E402  (the same synthetic embeddings, the same driver runner)
 
 DRIVER = r"""
 import json, sys
@@ -39,34 +36,6 @@ print(json.dumps({"peak_rss_kb": int(hwm), "timings_s": manifest["timings_s"], "
 """
 
 
-def write_embeddings(root: str, n: int, d: int, rows_per_file: int, sample_seed: int, first_file: int = 0,
-                     true_k: int = 2000) -> None:
-    """Unit vectors around `true_k` centres fixed by seed 0 (old and new data alike); the samples by `sample_seed`."""
-    if os.path.exists(os.path.join(root, "_done")):
-        return
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    centers = np.random.default_rng(0).standard_normal((true_k, d)).astype(np.float32)
-    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-    rng = np.random.default_rng(sample_seed)
-    for f, start in enumerate(range(0, n, rows_per_file)):
-        m = min(rows_per_file, n - start)
-        x = centers[rng.integers(0, true_k, m)] + 0.35 * rng.standard_normal((m, d)).astype(np.float32) / np.sqrt(d)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1), pa.float16()), d)
-        keys = pa.array([f"{sample_seed}-{i:012d}" for i in range(start, start + m)], pa.string())
-        pq.write_table(pa.table({"key": keys, "embedding": emb}), os.path.join(root, f"part-{first_file + f:05d}.parquet"))
-    open(os.path.join(root, "_done"), "w").close()
-
-
-def drive(job: dict) -> dict:
-    t0 = time.time()
-    res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(job)], capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"driver failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1]) | {"wall_s": time.time() - t0}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parent", type=int, default=1_000_000)
@@ -80,8 +49,9 @@ def main() -> None:
     ap.add_argument("--save")
     args = ap.parse_args()
     old, new, both = (os.path.join(args.work, f"emb-{name}") for name in ("old", "new", "both"))
-    write_embeddings(old, args.parent, args.dim, args.rows_per_file, 1)
-    write_embeddings(new, args.new, args.dim, args.rows_per_file, 2, first_file=args.parent // args.rows_per_file + 1)
+    write_embeddings(old, args.parent, args.dim, args.rows_per_file, sample_seed=1, key_prefix="old-")
+    write_embeddings(new, args.new, args.dim, args.rows_per_file, sample_seed=2, key_prefix="new-",
+                     first_file=-(-args.parent // args.rows_per_file))
     if not os.path.exists(os.path.join(both, "_done")):  # the full re-run's input: the same files
         shutil.rmtree(both, ignore_errors=True)
         os.makedirs(both)
@@ -102,7 +72,7 @@ def main() -> None:
     ):
         for out in (f"{args.work}/extend", f"{args.work}/full") if name.startswith("parent") else ():
             shutil.rmtree(out, ignore_errors=True)
-        r = drive(job)
+        r = drive(job, DRIVER)
         rows.append({"job": name} | r)
         print(json.dumps(rows[-1]), flush=True)
     text = report(rows, args)

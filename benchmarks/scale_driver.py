@@ -38,8 +38,11 @@ print(json.dumps({"peak_rss_kb": int(hwm), "timings_s": manifest["timings_s"],
 """
 
 
-def write_embeddings(root: str, n: int, d: int, rows_per_file: int, true_k: int = 2000, seed: int = 0) -> None:
-    """Clustered unit vectors in float16, written a file at a time (memory bounded by one file)."""
+def write_embeddings(root: str, n: int, d: int, rows_per_file: int, true_k: int = 2000, seed: int = 0,
+                     sample_seed: int | None = None, first_file: int = 0, key_prefix: str = "") -> None:
+    """Clustered unit vectors in float16, written a file at a time (memory bounded by one file).
+    The centres come from `seed`; the samples from the same stream, or from `sample_seed` (new
+    samples around the same centres, benchmarks/extend_cost.py), in files numbered from `first_file`."""
     if os.path.exists(os.path.join(root, "_done")):
         return
     shutil.rmtree(root, ignore_errors=True)
@@ -47,19 +50,22 @@ def write_embeddings(root: str, n: int, d: int, rows_per_file: int, true_k: int 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((true_k, d)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    if sample_seed is not None:
+        rng = np.random.default_rng(sample_seed)
     for f, start in enumerate(range(0, n, rows_per_file)):
         m = min(rows_per_file, n - start)
         x = centers[rng.integers(0, true_k, m)] + 0.35 * rng.standard_normal((m, d)).astype(np.float32) / np.sqrt(d)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float16).reshape(-1), pa.float16()), d)
-        keys = pa.array([f"{i:012d}" for i in range(start, start + m)], pa.string())
-        pq.write_table(pa.table({"key": keys, "embedding": emb}), os.path.join(root, f"part-{f:05d}.parquet"))
+        keys = pa.array([f"{key_prefix}{i:012d}" for i in range(start, start + m)], pa.string())
+        pq.write_table(pa.table({"key": keys, "embedding": emb}), os.path.join(root, f"part-{first_file + f:05d}.parquet"))
     open(os.path.join(root, "_done"), "w").close()
 
 
-def drive(cfg: dict) -> dict:
+def drive(cfg: dict, driver: str = DRIVER) -> dict:
+    """`driver` (Python source) in a fresh process with `cfg` as its argument -> its last line's JSON and the wall time."""
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", driver, json.dumps(cfg)], capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"driver failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1]) | {"wall_s": time.time() - t0}
