@@ -177,3 +177,17 @@ def test_the_judge_grid_resumes_from_its_results(clip_eval):
     with pytest.raises(ConfigError, match="class_names"):
         evaluate(clip_eval["cfg"].model_copy(update={"evaluate": clip_eval["cfg"].evaluate.model_copy(
             update={"class_names": FMNIST_NAMES[:3], "caption_share": 0.5})}))
+
+
+def test_the_caption_oracle_keeps_originals_whose_caption_describes_them_classes_even():
+    kinds = np.array(["describes", "wrong", "noise", "describes", None] * 40, dtype=object)
+    sel = _selection(caption_kinds=kinds)
+    sel.kinds[::7] = "copy"
+    for f, idx in zip([0.1, 0.3], sel.subsets("caption-oracle", [0.1, 0.3], seed=1)):
+        assert (kinds[idx] == "describes").all() and (sel.kinds[idx] == "original").all()
+        assert len(idx) == min(int(np.floor(f * 200 + 0.5)), int(((kinds == "describes") & (sel.kinds == "original")).sum()))
+        if f == 0.1:  # 20 of ~75 usable: every class has enough, so they are capped evenly
+            counts = np.bincount(sel.labels[idx], minlength=3)
+            assert counts.max() - counts.min() <= 1
+    with pytest.raises(ValueError, match="caption kind"):
+        _selection().subsets("caption-oracle", [0.3], 0)

@@ -294,8 +294,8 @@ class EvaluateStage(Stage):
         timings["prototypes"] = round(time.time() - t, 3)
         t = time.time()
         selection = ev.PoolSelection(pool.embeddings, distance, cluster, kmeans_meta["k"], pool.shards, pool.keys,
-                                     centroids, pool.labels, pool.kinds, pool.clip_scores, e.dedup, e.caption_share,
-                                     e.select_options(), e.auto_tail_ratio)
+                                     centroids, pool.labels, pool.kinds, pool.clip_scores, pool.caption_kinds, e.dedup,
+                                     e.caption_share, e.select_options(), e.auto_tail_ratio)
         if any(ev.CAPTION in p.split("+") for p in e.policies) and pool.clip_scores is None:
             raise ConfigError("evaluate.policies: a caption policy needs each pair's clip score; embed the train "
                               "split with embed.text=true and a backend with a text tower")

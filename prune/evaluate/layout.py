@@ -47,6 +47,8 @@ DEDUP_PREFIX = "dedup+"  # a policy applied after SemDeDup of the pool (evaluate
 CAPTION = "caption"  # caption agreement alone: the best-agreeing pairs (clip_score, top fraction)
 CAPTION_PREFIX = "caption+"  # caption agreement first (evaluate.caption_share of the pool), then the policy
 CAPTION_SUFFIX = "+caption"  # the policy first, then caption agreement keeps caption_share of its pick
+# the image-text ceiling: the oracle among the pairs whose caption describes the image (the json's caption_kind)
+CAPTION_ORACLE = "caption-oracle"
 ORACLE = "oracle"  # the ceiling: originals only, classes capped evenly (uses labels no policy may see)
 
 # --- why a sample is left out (besides its embedding status, e.g. undecodable_image) ---------

@@ -91,7 +91,7 @@ class EvaluateSection(Section):
         from prune.select.policies import POLICIES
 
         for name in value:
-            if name in ("oracle", "caption"):  # the label oracle (the ceiling); caption agreement alone
+            if name in ("oracle", "caption-oracle", "caption"):  # the label oracles (the ceilings); caption agreement alone
                 continue
             name = name.removeprefix("caption+").removesuffix("+caption").removeprefix("dedup+")
             if name == AUTO:  # select.policy auto: the rule the pool's distance tail picks

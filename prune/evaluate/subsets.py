@@ -22,6 +22,7 @@ from prune.dedup.settings import DedupConfig
 from prune.evaluate.layout import (
     CAPTION,
     CAPTION_DESCRIBES,
+    CAPTION_ORACLE,
     CAPTION_PREFIX,
     CAPTION_SUFFIX,
     CLUSTERS_COVERED,
@@ -218,6 +219,7 @@ class PoolSelection:
     labels: np.ndarray
     kinds: np.ndarray
     clip_scores: Optional[np.ndarray]  # None: the pool has no caption scores (caption policies refused)
+    caption_kinds: Optional[np.ndarray] = None  # what each json says of its caption (the caption oracle's)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     caption_share: float = 0.7
     options: dict = field(default_factory=dict)  # the select settings every policy shares
@@ -231,7 +233,8 @@ class PoolSelection:
         pick = lambda a: None if a is None else np.asarray(a)[idx]  # noqa: E731
         return PoolSelection(self.embeddings[idx], pick(self.distance), pick(self.cluster), self.k, pick(self.shards),
                              pick(self.keys), self.centroids, pick(self.labels), pick(self.kinds),
-                             pick(self.clip_scores), self.dedup, self.caption_share, self.options, self.auto_tail_ratio)
+                             pick(self.clip_scores), pick(self.caption_kinds), self.dedup, self.caption_share, self.options,
+                             self.auto_tail_ratio)
 
     def removed(self) -> np.ndarray:
         """What SemDeDup removes from this pool (computed once)."""
@@ -281,6 +284,11 @@ class PoolSelection:
         edges = [fractions[i] for i in order]
         if policy == ORACLE:
             bands = oracle_bands(edges, self.labels, self.kinds, seed)
+        elif policy == CAPTION_ORACLE:
+            if self.caption_kinds is None or all(k is None for k in self.caption_kinds):
+                raise ValueError("caption-oracle needs each sample's caption kind in its json (demo-data --web-like writes it)")
+            describes = np.asarray(self.caption_kinds, dtype=object) == CAPTION_DESCRIBES
+            bands = oracle_bands(edges, self.labels, np.where(describes, self.kinds, "miscaptioned"), seed)
         elif policy.startswith(DEDUP_PREFIX):
             bands = bands_after_dedup(policy[len(DEDUP_PREFIX):], edges, self.removed(), self.distance, self.cluster,
                                       self.k, self.shards, self.keys, seed, self.centroids, **self.options)
