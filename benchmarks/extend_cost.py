@@ -16,16 +16,22 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_driver import drive, write_embeddings  # noqa: E402  (the same synthetic embeddings, the same driver runner)
+
+def _scale_driver():
+    """benchmarks/scale_driver.py (a script, not a package): its synthetic embeddings and driver runner."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_driver", os.path.join(os.path.dirname(__file__), "scale_driver.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 DRIVER = r"""
 import json, sys
 from pipelines.cli import run
 from pipelines.cli.config import validate_config
-from pipelines.extend import extend
+from pipelines.cli import extend
 job = json.loads(sys.argv[1])
 manifest = extend(job["parent"], job["overrides"]) if "parent" in job else run(validate_config(job["config"]))
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
@@ -48,9 +54,10 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--save")
     args = ap.parse_args()
+    sd = _scale_driver()
     old, new, both = (os.path.join(args.work, f"emb-{name}") for name in ("old", "new", "both"))
-    write_embeddings(old, args.parent, args.dim, args.rows_per_file, sample_seed=1, key_prefix="old-")
-    write_embeddings(new, args.new, args.dim, args.rows_per_file, sample_seed=2, key_prefix="new-",
+    sd.write_embeddings(old, args.parent, args.dim, args.rows_per_file, sample_seed=1, key_prefix="old-")
+    sd.write_embeddings(new, args.new, args.dim, args.rows_per_file, sample_seed=2, key_prefix="new-",
                      first_file=-(-args.parent // args.rows_per_file))
     if not os.path.exists(os.path.join(both, "_done")):  # the full re-run's input: the same files
         shutil.rmtree(both, ignore_errors=True)
@@ -72,7 +79,7 @@ def main() -> None:
     ):
         for out in (f"{args.work}/extend", f"{args.work}/full") if name.startswith("parent") else ():
             shutil.rmtree(out, ignore_errors=True)
-        r = drive(job, DRIVER)
+        r = sd.drive(job, DRIVER)
         rows.append({"job": name} | r)
         print(json.dumps(rows[-1]), flush=True)
     text = report(rows, args)

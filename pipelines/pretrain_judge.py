@@ -10,7 +10,7 @@ crash stay there. It is always started with `--resume latest`, so starting the s
 (same `name` under the same `logs`) continues from its newest complete epoch, and a finished run
 is not trained again.
 
-`ssl-prune evaluate` runs it per subset and seed (classifier `clip`, pipelines/stages/evaluate_pretrain.py);
+`ssl-prune evaluate` runs it per subset and seed (classifier `clip`, pipelines/judge_tasks.py);
 `python -m pipelines.pretrain_judge SHARDS WORKDIR` runs it on one directory of shards (`main`).
 """
 

@@ -42,10 +42,8 @@ def _cfg(input_spec, output, extra=()):
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
-    from pipelines.cli import run
-    from pipelines.extend import extend
+    from pipelines.cli import extend, run
     from pipelines.run import run_stages
-    from pipelines.stages.extend import ParentPrototypesStage
     from prune.demo.web_like import write_web_like_shards
 
     root = tmp_path_factory.mktemp("extend")
@@ -58,8 +56,9 @@ def runs(ray_cluster, tmp_path_factory):
         # one run over the whole pool with the parent's centroids: the run's stages, but the
         # prototypes the parent's (what the extension takes too)
         cfg = _cfg(f"{root}/pool/{{00000..00003}}.tar", root / "whole")
-        stages = [ParentPrototypesStage(parent=str(root / "parent"), parent_fingerprint=parent["fingerprints"]["prototypes"])
-                  if s.name == "prototypes" else s for s in cfg.stage_list()]
+        stages = cfg.stage_list()
+        stages[[s.name for s in stages].index("prototypes")].parent = str(root / "parent")
+        stages[[s.name for s in stages].index("prototypes")].parent_fingerprint = parent["fingerprints"]["prototypes"]
         whole = run_stages(stages, cfg.input, cfg.output, cfg.ray, cfg.model_dump())
     finally:
         os.chdir(old)
@@ -181,7 +180,7 @@ def test_the_loaders_read_parent_and_new_shards_through_the_combined_sizes(runs)
 
 
 def test_a_copy_of_a_parent_sample_is_removed_and_names_it_and_an_extension_extends(runs, tmp_path, monkeypatch):
-    from pipelines.extend import extend
+    from pipelines.cli import extend
 
     root = runs["root"]
     new = tmp_path / "copies"
@@ -216,12 +215,12 @@ def test_a_parent_made_otherwise_is_refused_in_one_line(runs, tmp_path):
                          ([f"output={tmp_path / 'x'}", "kmeans.k=5"], "other kmeans settings"),
                          ([f"output={root / 'parent'}"], "the parent itself")):
         with pytest.raises(ConfigError, match=words):
-            from pipelines.extend import extend
+            from pipelines.cli import extend
 
             try:
                 extend(*args[1:2], [*args[2:], *extra])
             except Exception as exc:
-                from pipelines.stages.extend import ParentMismatch
+                from pipelines.parents import ParentMismatch
 
                 if isinstance(exc, ParentMismatch):
                     raise ConfigError(str(exc)) from None
@@ -239,7 +238,7 @@ def _digests(out) -> dict:
 
 
 def test_an_interrupted_extend_resumes_to_identical_outputs(runs, tmp_path, monkeypatch):
-    from pipelines.extend import extend
+    from pipelines.cli import extend
 
     root = runs["root"]
     out = tmp_path / "again"
@@ -263,7 +262,7 @@ def test_an_interrupted_extend_resumes_to_identical_outputs(runs, tmp_path, monk
 
 
 def test_drift_says_when_the_new_samples_leave_the_parents_prototypes(runs, tmp_path, monkeypatch):
-    from pipelines.extend import extend
+    from pipelines.cli import extend
     from prune.demo.web_like import write_web_like_shards
 
     same = runs["child"]["stages"]["drift"]["record"]  # the other half of the same pool: no drift

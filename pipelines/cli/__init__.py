@@ -17,7 +17,7 @@ from prune.settings import ConfigError
 # The Python API, imported on first use (PEP 562): `--help`, `demo-data` and config errors do not
 # wait for Ray, torch and faiss to import.
 _API = {
-    "run": "jobs", "evaluate": "jobs", "train_encoder": "jobs", "train_clip": "jobs",
+    "run": "jobs", "extend": "jobs", "evaluate": "jobs", "train_encoder": "jobs", "train_clip": "jobs",
     "load_config": "config", "validate_config": "config",
     "RunConfig": "config", "EvaluateConfig": "config", "TrainEncoderConfig": "config", "TrainClipConfig": "config",
 }
@@ -97,8 +97,9 @@ def _summary_line(manifest: dict, output: str) -> str:
 
 
 def _extend(args) -> int:
-    from pipelines.extend import extend
-    from pipelines.stages.extend import ParentMismatch
+    from pipelines.parents import ParentMismatch
+
+    from .jobs import extend
 
     given = {o.partition("=")[0] for o in args.overrides}
     if "output" not in given or not given & {"input", "import_embeddings.path"}:

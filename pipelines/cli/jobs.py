@@ -29,6 +29,21 @@ def run(cfg: RunConfig) -> dict:
     return run_stages(cfg.stage_list(), cfg.input, cfg.output, cfg.ray, cfg.model_dump())
 
 
+def extend(parent_url: str, overrides: list[str]) -> dict:
+    """`ssl-prune extend PARENT input=NEW output=OUT`: new shards curated against a finished run
+    (pipelines/extend.py); returns the manifest, which names the parent by URL and fingerprints."""
+    from pipelines.extend import check_same_settings, extend_stages, parent_record
+    from pipelines.parents import load_parent
+
+    from .config import load_config
+
+    parent = load_parent(parent_url)
+    cfg = load_config(None, overrides, base_dict=parent.manifest["config"])
+    check_same_settings(cfg, parent)
+    return run_stages(extend_stages(cfg, parent), cfg.input, cfg.output, cfg.ray, cfg.model_dump(),
+                      extra={"parent": parent_record(parent)})
+
+
 def train_encoder(cfg: TrainEncoderConfig) -> TrainStats:
     """`ssl-prune train-encoder`: one stage, SimCLR on the input shards."""
     shards = resolve_shards(cfg.input)

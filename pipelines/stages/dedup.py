@@ -218,7 +218,7 @@ class DedupStage(Stage):
     def partition_parents(self, out: OutputDir, staging: str, n_buckets: int, clusters: frozenset, cpus: int) -> int:
         """Each earlier run's survivors (after its curation stages, dedup included) in `clusters`,
         into the same buckets, marked fixed; -> how many."""
-        from ..extend import earlier_run  # the parent's shards and curation stages, from its manifest
+        from ..parents import earlier_run  # the parent's shards and curation stages, from its manifest
 
         tasks = []
         for i, url in enumerate(self.parents):

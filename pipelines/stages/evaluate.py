@@ -34,10 +34,9 @@ from prune.io.tables import ok_matrix, read_embeddings
 from prune.select.auto import AUTO
 from prune.settings import ConfigError, fingerprint
 
-from .. import runtime
+from .. import judge_tasks, runtime
 from ..executor import as_dict
 from ..stage import Context, Stage
-from . import evaluate_pretrain
 
 log = logging.getLogger("ssl_prune")
 
@@ -237,7 +236,7 @@ class EvaluateStage(Stage):
         todo = [gi for gi in todo if groups[gi].lead.classifier != ev.CLIP]
         if clip_todo:
             self.train_clip_groups(groups, clip_todo, pool, ctx, results,
-                                   ray.put(evaluate_pretrain.eval_data(e, test, classes, test_y)))
+                                   ray.put(judge_tasks.eval_data(e, test, classes, test_y)))
         if not todo:
             return
         data_refs = {}  # the big arrays go to the object store once, not once per task
@@ -256,17 +255,17 @@ class EvaluateStage(Stage):
 
     def train_clip_groups(self, groups: list[ev.RunGroup], todo: list[int], pool: ev.LabeledSet, ctx: Context,
                           results: ResultRows, data_ref) -> None:
-        """The pretraining judge per subset and seed (pipelines/stages/evaluate_pretrain.py)."""
-        root = evaluate_pretrain.local_root(ctx.out, results.pool_dir)
+        """The pretraining judge per subset and seed (pipelines/stages/judge_tasks.py)."""
+        root = judge_tasks.local_root(ctx.out, results.pool_dir)
         if root is None:
             raise ConfigError(f"output={ctx.out.url}: the clip classifier trains open_clip_train on local shards; "
                               "evaluate into a local directory")
         sources = ctx.splits[ev.TRAIN_DIR].shards
         # seed by seed (a grid stopped early has whole seeds), the largest subsets first in each
         order = sorted(todo, key=lambda gi: (groups[gi].lead.seed, -len(groups[gi].train_idx)))
-        tasks = evaluate_pretrain.clip_tasks(groups, order, pool, sources, root, self.evaluate.clip, data_ref)
-        cleanup = evaluate_pretrain.SubsetCleanup(tasks, self.evaluate.clip.keep_shards)
-        for result in runtime.run_tasks(evaluate_pretrain.clip_run, tasks, max_in_flight=self.evaluate.concurrency,
+        tasks = judge_tasks.clip_tasks(groups, order, pool, sources, root, self.evaluate.clip, data_ref)
+        cleanup = judge_tasks.SubsetCleanup(tasks, self.evaluate.clip.keep_shards)
+        for result in runtime.run_tasks(judge_tasks.clip_run, tasks, max_in_flight=self.evaluate.concurrency,
                                         desc=f"evaluate: pretrain ({results.pool_dir})"):
             results.record(groups[result["group"]], result)
             results.write()

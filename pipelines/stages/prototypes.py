@@ -215,8 +215,14 @@ class PrototypesStage(Stage):
     fingerprint_tag = "kmeans"
 
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    # ssl-prune extend: the parent run's output, whose centroids are copied, not refitted (and its
+    # prototypes fingerprint, which then is this one's identity)
+    parent: str = field(default="", metadata={"fingerprint": False})
+    parent_fingerprint: str = field(default="", metadata={"fingerprint": False})
 
     def identity(self, ctx: Context) -> tuple:
+        if self.parent:
+            return ("parent", self.parent_fingerprint)
         # which shards: a shard added to the input changes the prototypes
         return (self.kmeans.fingerprinted(), sorted(ctx.shards.items()))
 
@@ -230,6 +236,8 @@ class PrototypesStage(Stage):
         return PrototypesStats(meta["k"], meta["n_ok_total"], meta)
 
     def run(self, ctx: Context) -> PrototypesStats:
+        if self.parent:
+            return self.copy_parents(ctx)
         out, kc = ctx.out, self.kmeans
         counts = dict(run_batched(count_ok, [ShardTask(out, s) for s in ctx.shards], desc="prototypes: count"))
         n_ok = sum(counts.values())
@@ -249,3 +257,15 @@ class PrototypesStage(Stage):
         out.write_bytes(npy_bytes(centroids), schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
         out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
         return PrototypesStats(meta["k"], n_ok, meta)
+
+    def copy_parents(self, ctx: Context) -> PrototypesStats:
+        """The parent's centroids and k-means record, with the parent named in it."""
+        parent = OutputDir(self.parent)
+        with parent.open(schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE) as f:
+            centroids = f.read()
+        meta = parent.read_json(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
+        meta |= {"fingerprint": ctx.fingerprint, "parent": {"output": self.parent, "fingerprint": meta.get("fingerprint")}}
+        ctx.out.remove(schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)
+        ctx.out.write_bytes(centroids, schema.PROTOTYPES_DIR, schema.CENTROIDS_FILE)
+        ctx.out.write_json(meta, schema.PROTOTYPES_DIR, schema.KMEANS_META_FILE)  # last: present means complete
+        return PrototypesStats(meta["k"], meta["n_ok_total"], meta)

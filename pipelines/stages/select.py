@@ -244,11 +244,26 @@ class SelectStage(Stage):
 
     select: SelectConfig = field(default_factory=SelectConfig)
     write: WriteConfig = field(default_factory=WriteConfig)  # its band_step: the bands are cut here
+    # ssl-prune extend: the parent run's output, whose recorded thresholds select the new samples
+    parent: str = field(default="", metadata={"fingerprint": False})
 
     def identity(self, ctx: Context) -> tuple:
+        if self.parent:
+            return ("parent", self.parent_record().meta["fingerprint"])
         return (self.select.fingerprinted(), self.write.band_step)
 
+    def parent_record(self) -> record.SelectionRecord:
+        rec = record.load(OutputDir(self.parent))
+        if rec is None:
+            from ..parents import ParentMismatch
+
+            raise ParentMismatch(f"{self.parent} has no {schema.SELECTION_DIR}/ (selected by an ssl-prune older than "
+                                 "extend): run its select stage again with this version, then extend it")
+        return rec
+
     def edges(self) -> list[float]:
+        if self.parent:
+            return self.parent_record().edges
         return cuts.band_edges(self.select.keep_fraction, self.write.band_step)
 
     def tasks(self, ctx: Context, payload=None, strata=None, select: Optional[SelectConfig] = None) -> list[SelectTask]:
@@ -279,11 +294,31 @@ class SelectStage(Stage):
         stats = SelectStats(self.edges())
         for res in per_shard(ctx.out, ctx.shards, count_selected).values():
             stats.add(res)
-        choice = self.choose(ctx)  # recorded again: a reused selection says what chose it
-        stats.auto = choice.as_dict() if choice else None
+        if self.parent:
+            stats.auto = self.parent_record().meta.get("auto")
+        else:
+            choice = self.choose(ctx)  # recorded again: a reused selection says what chose it
+            stats.auto = choice.as_dict() if choice else None
+        return stats
+
+    def run_with_parents_cuts(self, ctx: Context) -> SelectStats:
+        """The parent's thresholds applied to the new samples' priorities: each gets the decision
+        it would have got in the parent's run; `selection/` again, for an extension of this one."""
+        rec = self.parent_record()
+        select = SelectConfig(**rec.meta["select"])  # as the parent applied it (what auto chose included)
+        strata = None if rec.strata is None else ray.put(rec.strata)
+        stats = SelectStats(rec.edges, auto=rec.meta.get("auto"))
+        shared = ray.put((rec.cuts, rec.hist))
+        for results in run_tasks(pass_apply, self.tasks(ctx, shared, strata, select), desc="select: apply (parent's cuts)"):
+            for res in results:
+                stats.add(res)
+        record.save(ctx.out, rec.cuts, rec.hist, rec.strata, rec.meta | {
+            "fingerprint": ctx.fingerprint, "parent": {"output": self.parent, "fingerprint": rec.meta["fingerprint"]}})
         return stats
 
     def run(self, ctx: Context) -> SelectStats:
+        if self.parent:
+            return self.run_with_parents_cuts(ctx)
         choice = self.choose(ctx)
         select = self.select.resolved(choice) if choice else self.select
         if choice:

@@ -33,6 +33,7 @@ from prune.io.writer import (
 from prune.select.cuts import band_edges
 from prune.select.settings import BUDGET_PROPORTIONAL, SelectConfig
 
+from ..parents import combine_with_parent
 from ..pending import mark_done, marked_stats
 from ..runtime import run_batched
 from ..stage import STAGES, Context, Stage
@@ -116,13 +117,23 @@ class WriteStage(Stage):
     write: WriteConfig = field(default_factory=WriteConfig)
     # named in bands.json, its edges end the bands: its settings count in the selection's fingerprint
     select: SelectConfig = field(default_factory=SelectConfig, metadata={"fingerprint": False})
+    # ssl-prune extend: the parent run's output (sizes.json and bands.json cover its shards too) and
+    # its shard count (these are numbered after them)
+    parent: str = field(default="", metadata={"fingerprint": False})
+    first_shard: int = field(default=0, metadata={"fingerprint": False})
+
+    def identity(self, ctx: Context) -> tuple:
+        base = super().identity(ctx)
+        return base + (("parent", self.parent, self.first_shard),) if self.parent else base
 
     def finish(self, out: OutputDir) -> None:
-        """After sizes.json and bands.json, before the set is marked done (an extension adds its parent's)."""
+        """After sizes.json and bands.json, before the set is marked done: an extension's cover its parent's."""
+        if self.parent:
+            combine_with_parent(out, OutputDir(self.parent))
 
     def first_output_shard(self) -> int:
         """The number of the first pruned shard (an extension's follow its parent's)."""
-        return 0
+        return self.first_shard
 
     def complete(self, ctx: Context) -> Optional[WriteStats]:
         if marked_stats(ctx.out, schema.PRUNED_DIR, ctx.fingerprint) is None:

@@ -185,9 +185,6 @@ def shards_in(directory: str) -> Shards:
     return Shards(pattern=pattern, paths=tuple(paths), samples=samples)
 
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what open_clip_train's filter_no_caption_or_no_image accepts
-
-
 def count_trainable(paths: Sequence[str]) -> int:
     """Samples open_clip_train would train on in these tars: keys (the member path up to the first dot
     of its file name, as webdataset's) with a `.txt` and an image member. Reads the tar headers only."""
@@ -201,7 +198,8 @@ def count_trainable(paths: Sequence[str]) -> int:
                 head, base = os.path.split(info.name)
                 stem, ext = base.split(".", 1)
                 exts.setdefault(os.path.join(head, stem), set()).add(ext.lower())
-        total += sum(1 for e in exts.values() if schema.CAPTION_MEMBER in e and e & set(_IMAGE_EXTS))
+        # open_clip_train's filter_no_caption_or_no_image: a caption and an image of these extensions
+        total += sum(1 for e in exts.values() if schema.CAPTION_MEMBER in e and e & {"jpg", "jpeg", "png", "webp"})
     return total
 
 

@@ -25,12 +25,12 @@ from prune.evaluate.settings import EvaluateSection, PretrainConfig
 from prune.evaluate.subset_shards import write_subset_shards
 from prune.settings import ConfigError
 
-from .. import runtime
+from . import runtime
 
 
 def judge_settings(c: PretrainConfig, seed: int):
     """The `evaluate.clip` section as the judge's settings (one training per seed)."""
-    from ..pretrain_judge import JudgeSettings
+    from .pretrain_judge import JudgeSettings
 
     model = P.tiny_clip_config(image_size=c.image_size, patch_size=c.patch_size, vision_width=c.width,
                                vision_layers=c.layers, context_length=c.context_length, text_width=c.width,
@@ -77,7 +77,7 @@ class ClipTask:
 
 def clip_run(task: ClipTask) -> dict:
     """Task: the subset's shards (once per subset), then one judged training."""
-    from ..pretrain_judge import judge
+    from .pretrain_judge import judge
 
     shard_dir = os.path.join(task.workdir, "shards")
     sizes = write_subset_shards(task.sources, task.kept, shard_dir)
