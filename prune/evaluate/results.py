@@ -230,7 +230,7 @@ def accuracy_plot(rows: list[dict], classifiers, policies, fractions, title: str
     )
 
     agg = aggregate(rows)
-    fig = Figure(figsize=(5.5 * len(classifiers), 4.3), layout="constrained")
+    fig = Figure(figsize=(max(7.0, 5.5 * len(classifiers)), 4.3), layout="constrained")
     axes = fig.subplots(1, len(classifiers), squeeze=False)[0]
     for ax, clf in zip(axes, classifiers):
         for p in policies:
@@ -241,12 +241,12 @@ def accuracy_plot(rows: list[dict], classifiers, policies, fractions, title: str
                         marker="o", markersize=4, capsize=3, label=p)
         ax.set_title(clf)
         ax.set_xlabel("keep fraction")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("zero-shot accuracy (%)" if clf == CLIP else "test accuracy (%)")
         ax.set_xticks(list(fractions))
         ax.set_xticklabels([fraction_label(f) for f in fractions])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9, wrap=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     return buf.getvalue()
