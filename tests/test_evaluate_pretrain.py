@@ -156,14 +156,16 @@ def test_the_judge_trains_on_each_subsets_shards_and_scores_zero_shot_and_retrie
     assert [r[ev.POLICY] for r in rows] == ["random", "caption", "caption+dedup+random"]
     subsets = os.path.join(clip_eval["root"], "out", "pool-all", ev.SUBSETS_DIR)
     for r in rows:
-        assert r[ev.CLASSIFIER] == "clip" and r[ev.N_TRAIN] == 200 and r[ev.N_TEST] == 200 and r[ev.STEPS] == 2
+        # half the pool; caption+dedup+random: all that caption agreement and dedup left, when fewer
+        assert r[ev.CLASSIFIER] == "clip" and r[ev.N_TEST] == 200 and r[ev.STEPS] == 2
+        assert r[ev.N_TRAIN] == 200 or (r[ev.POLICY] == "caption+dedup+random" and r[ev.N_TRAIN] < 200)
         assert 0 <= r[ev.ACCURACY] <= 1 and 0 <= r[ev.RECALL_1] <= r[ev.RECALL_5] <= 1
     caption, rand = rows[1], rows[0]
     assert caption[ev.MISCAPTIONED_KEPT] < rand[ev.MISCAPTIONED_KEPT]  # the shipped CLIP tells them apart
     judged = [json.load(open(os.path.join(subsets, d, "seed-0", "logs", "run", "judge.json"))) for d in os.listdir(subsets)]
     assert len(judged) == 3
     for j in judged:
-        assert j["train"]["samples_seen"] == 100 and j["train"]["subset_samples"] == 200
+        assert j["train"]["samples_seen"] == 100 and j["train"]["subset_samples"] <= 200
         assert j["metrics"]["n_pairs"] == 50 and not os.path.exists(j["shards"])  # scored, then its shards deleted
     md = open(clip_eval["result"].markdown).read()
     assert "open_clip_train" in md and "recall@5" in md and "minus caption's" in md

@@ -25,7 +25,6 @@ import pytest
 
 from prune import schema
 from prune.select import record
-from prune.settings import ConfigError
 
 from .conftest import REPO
 
@@ -205,27 +204,23 @@ def test_a_copy_of_a_parent_sample_is_removed_and_names_it_and_an_extension_exte
     assert grand["counts"]["removed_by_reason"][schema.STATUS_NEAR_DUPLICATE] >= 300 - kept_new - grand["counts"]["failed"]
 
 
-def test_a_parent_made_otherwise_is_refused_in_one_line(runs, tmp_path):
-    from pipelines.cli import main
+def test_a_parent_made_otherwise_is_refused_in_one_line(runs, tmp_path, monkeypatch):
+    from pipelines.cli import extend
+    from pipelines.parents import ParentMismatch
 
     root = runs["root"]
-    args = ["extend", str(root / "parent"), f"input={root}/pool/{HALF[1]}"]
+    new = f"input={root}/pool/{HALF[1]}"
+    monkeypatch.chdir(REPO)
     for extra, words in (([f"output={tmp_path / 'x'}", "embed.pretrained=models/fmnist-clip", "embed.backend=open_clip"],
                           "other embed settings"),
                          ([f"output={tmp_path / 'x'}", "kmeans.k=5"], "other kmeans settings"),
                          ([f"output={root / 'parent'}"], "the parent itself")):
-        with pytest.raises(ConfigError, match=words):
-            from pipelines.cli import extend
-
-            try:
-                extend(*args[1:2], [*args[2:], *extra])
-            except Exception as exc:
-                from pipelines.parents import ParentMismatch
-
-                if isinstance(exc, ParentMismatch):
-                    raise ConfigError(str(exc)) from None
-                raise
-    assert main(["extend", str(tmp_path), f"input={root}/pool/{HALF[1]}", f"output={tmp_path / 'y'}"]) != 0
+        with pytest.raises(ParentMismatch, match=words) as refused:
+            extend(str(root / "parent"), [new, *extra])
+        assert "\n" not in str(refused.value)
+    with pytest.raises(ParentMismatch, match="not a finished ssl-prune run"):
+        extend(str(tmp_path), [new, f"output={tmp_path / 'y'}"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before writing anything
 
 
 def _digests(out) -> dict:

@@ -296,9 +296,13 @@ class SelectStage(Stage):
             stats.add(res)
         if self.parent:
             stats.auto = self.parent_record().meta.get("auto")
-        else:
-            choice = self.choose(ctx)  # recorded again: a reused selection says what chose it
-            stats.auto = choice.as_dict() if choice else None
+        elif self.select.is_auto:  # a reused selection says what chose it: recorded with its cuts
+            meta = record.load_meta(ctx.out)
+            if meta is not None and meta.get("fingerprint") == ctx.fingerprint:
+                stats.auto = meta.get("auto")
+            else:  # selected by a version that kept no record: choose again (one pass)
+                choice = self.choose(ctx)
+                stats.auto = choice.as_dict() if choice else None
         return stats
 
     def run_with_parents_cuts(self, ctx: Context) -> SelectStats:

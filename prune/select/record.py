@@ -50,6 +50,11 @@ def save(out, cuts: Cuts, hist: np.ndarray, strata: Optional[Strata], meta: dict
     out.write_json(meta, schema.SELECTION_DIR, SELECTION_FILE)
 
 
+def load_meta(out) -> Optional[dict]:
+    """`selection.json` alone (what was applied, the fingerprint), or None."""
+    return out.read_json(schema.SELECTION_DIR, SELECTION_FILE) if out.exists(schema.SELECTION_DIR, SELECTION_FILE) else None
+
+
 def load(out) -> Optional[SelectionRecord]:
     """The record a select stage left in `out` (an OutputDir), or None (an output made before it)."""
     if not out.exists(schema.SELECTION_DIR, SELECTION_FILE):
