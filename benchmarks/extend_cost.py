@@ -77,8 +77,8 @@ def main() -> None:
                         "overrides": [f"import_embeddings.path={new}", f"output={args.work}/extend"]}),
         ("full re-run (M + N)", {"config": base | {"output": f"{args.work}/full", "import_embeddings": {"path": both}}}),
     ):
-        for out in (f"{args.work}/extend", f"{args.work}/full") if name.startswith("parent") else ():
-            shutil.rmtree(out, ignore_errors=True)
+        for out in (f"{args.work}/parent", f"{args.work}/extend", f"{args.work}/full") if name.startswith("parent") else ():
+            shutil.rmtree(out, ignore_errors=True)  # every job from scratch: its whole cost
         r = sd.drive(job, DRIVER)
         rows.append({"job": name} | r)
         print(json.dumps(rows[-1]), flush=True)

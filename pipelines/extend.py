@@ -6,7 +6,7 @@ work, each told of the parent: prototypes copies the parent's centroids (no refi
 the new samples with each other and with the earlier runs' survivors in the clusters they fall in
 (never their tars), select applies the parent's recorded thresholds, write numbers the new shards
 after the parent's with a `sizes.json` / `bands.json` that cover both; a drift stage after assign
-says whether to refit. The parent's outputs are only read. An extension is a run directory too:
+says whether to refit, and export writes the new kept ids. The parent's outputs are only read. An extension is a run directory too:
 it can be extended in turn, and a re-run resumes and reuses like a run.
 """
 
@@ -16,7 +16,7 @@ from prune.io.storage import OutputDir
 
 from .executor import stage_fingerprint
 from .parents import Parent, ParentMismatch
-from .stage import Context, Stage
+from .stage import STAGES, Context, Stage
 from .stages.drift import DriftStage
 
 # settings an extension must share with its parent: what makes an embedding, and the clusters
@@ -61,6 +61,8 @@ def extend_stages(cfg, parent: Parent) -> list[Stage]:
         stages.append(stage)
         if stage.name == "assign":
             stages.append(DriftStage(parent=parent.url))
+    if "export" not in [s.name for s in stages]:  # the new kept ids, whatever the parent listed
+        stages.append(STAGES.get("export").from_config(cfg))
     return stages
 
 

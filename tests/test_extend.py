@@ -154,6 +154,8 @@ def test_selection_uses_the_parents_thresholds_and_differs_only_between_the_two_
     assert differ <= 0.1 * len(both_ok)
     c = runs["child"]["counts"]
     assert c["input_samples"] == 600 == c["kept"] + c["pruned"] + c["removed"] + c["failed"]
+    exported = pq.read_table(root / "child" / schema.EXPORT_IDS_DIR).to_pandas()  # the new kept ids
+    assert set(exported[schema.KEY]) == {k for (_, k), keep in child[schema.KEEP].items() if keep}
 
 
 def test_the_loaders_read_parent_and_new_shards_through_the_combined_sizes(runs):

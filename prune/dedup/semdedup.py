@@ -51,14 +51,16 @@ def keep_order(distance: np.ndarray, shards, keys, keep: str, seed: int) -> np.n
     raise ValueError(f"dedup.keep {keep!r}: expected {KEEP_FARTHEST}, {KEEP_NEAREST} or {KEEP_RANDOM}")
 
 
-def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 512) -> ClusterDedup:
-    """Members `x` (unit rows, float32 or float16, in keep order) -> who is a near-duplicate."""
+def dedup_ordered(x: np.ndarray, eps: float, block_rows: int = 512, first: int = 1) -> ClusterDedup:
+    """Members `x` (unit rows, float32 or float16, in keep order) -> who is a near-duplicate.
+    Rows before `first` are kept without being compared (an earlier run's survivors: only the
+    rows after them are compared, with every row before)."""
     n = len(x)
     removed = np.zeros(n, bool)
     dup = np.full(n, -1, np.int64)
     sim = np.full(n, np.nan, np.float32)
     threshold = 1.0 - eps
-    for start in range(1, n, block_rows):
+    for start in range(max(1, first), n, block_rows):
         stop = min(n, start + block_rows)
         block = np.asarray(x[start:stop], np.float32)
         earlier = np.asarray(x[:stop], np.float32)
@@ -83,7 +85,7 @@ def dedup_cluster(x, distance, shards, keys, eps: float, keep: str, seed: int, b
     if fixed is not None:
         fixed = np.asarray(fixed, bool)
         order = np.concatenate([order[fixed[order]], order[~fixed[order]]])
-    res = dedup_ordered(np.asarray(x)[order], eps, block_rows)
+    res = dedup_ordered(np.asarray(x)[order], eps, block_rows, first=int(fixed.sum()) if fixed is not None else 1)
     back = np.empty_like(order)
     back[order] = np.arange(len(order))
     dup = np.where(res.duplicate_of >= 0, order[np.maximum(res.duplicate_of, 0)], -1)
