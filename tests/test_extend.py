@@ -275,3 +275,22 @@ def test_drift_says_when_the_new_samples_leave_the_parents_prototypes(runs, tmp_
     moved = extend(str(runs["root"] / "parent"), [f"input={tmp_path}/junk/00007.tar", f"output={tmp_path / 'out'}"])
     rec = moved["stages"]["drift"]["record"]
     assert rec["refit_recommended"] and rec["share_beyond_parent_p95"] > 0.3 and rec["recommendation"].startswith("refit")
+
+
+def test_a_parent_selected_before_the_cuts_were_recorded_gets_them_found_again(runs, tmp_path, monkeypatch):
+    """A parent whose select kept no `selection/` (an older version): the extension finds the same
+    cuts again from the parent's assignment and removals, and selects exactly as with the record."""
+    from pipelines.cli import extend
+
+    root = runs["root"]
+    old = tmp_path / "old-parent"
+    shutil.copytree(root / "parent", old)
+    shutil.rmtree(old / schema.SELECTION_DIR)
+    monkeypatch.chdir(REPO)
+    extend(str(old), [f"input={root}/pool/{HALF[1]}", f"output={tmp_path / 'out'}"])
+    got, want = _scores(tmp_path / "out"), _scores(root / "child")
+    assert got[schema.KEEP].equals(want[schema.KEEP]) and got[schema.BAND].equals(want[schema.BAND])
+    assert not (old / schema.SELECTION_DIR).exists()  # the parent is only read
+    meta = json.loads((tmp_path / "out" / schema.SELECTION_DIR / record.SELECTION_FILE).read_text())
+    assert meta["found_again_from_the_parents_outputs"]
+

@@ -249,22 +249,31 @@ class SelectStage(Stage):
 
     def identity(self, ctx: Context) -> tuple:
         if self.parent:
-            return ("parent", self.parent_record().meta["fingerprint"])
+            meta = record.load_meta(OutputDir(self.parent))
+            from ..parents import load_parent
+
+            return ("parent", meta["fingerprint"] if meta else load_parent(self.parent).fingerprints["select"])
         return (self.select.fingerprinted(), self.write.band_step)
 
     def parent_record(self) -> record.SelectionRecord:
+        """The thresholds the parent recorded; for a parent selected before select recorded them,
+        the same cuts found again from its assignment and removals (its outputs only read)."""
         rec = record.load(OutputDir(self.parent))
         if rec is None:
-            from ..parents import ParentMismatch
+            from ..parents import earlier_run, load_parent
 
-            raise ParentMismatch(f"{self.parent} has no {schema.SELECTION_DIR}/ (selected by an ssl-prune older than "
-                                 "extend): run its select stage again with this version, then extend it")
+            run = earlier_run(self.parent)
+            pctx = Context(run.out, {s: "" for s in run.shards}, load_parent(self.parent).fingerprints["select"],
+                           removals=run.removals)
+            found, hist, plan, select, choice, _ = self.find_cuts(pctx)
+            rec = record.SelectionRecord(found, hist, plan, {
+                "fingerprint": pctx.fingerprint, "k": prototype_count(run.out), "edges": list(found.plan.edges),
+                "select": select.model_dump(), "auto": choice.as_dict() if choice else None,
+                "found_again_from_the_parents_outputs": True})
         return rec
 
     def edges(self) -> list[float]:
-        if self.parent:
-            return self.parent_record().edges
-        return cuts.band_edges(self.select.keep_fraction, self.write.band_step)
+        return cuts.band_edges(self.select.keep_fraction, self.write.band_step)  # an extension's: its parent's config
 
     def tasks(self, ctx: Context, payload=None, strata=None, select: Optional[SelectConfig] = None) -> list[SelectTask]:
         select = select or self.select
@@ -294,8 +303,8 @@ class SelectStage(Stage):
         stats = SelectStats(self.edges())
         for res in per_shard(ctx.out, ctx.shards, count_selected).values():
             stats.add(res)
-        if self.parent:
-            stats.auto = self.parent_record().meta.get("auto")
+        if self.parent:  # what the parent's auto chose, as this extension recorded it
+            stats.auto = (record.load_meta(ctx.out) or {}).get("auto")
         elif self.select.is_auto:  # a reused selection says what chose it: recorded with its cuts
             meta = record.load_meta(ctx.out)
             if meta is not None and meta.get("fingerprint") == ctx.fingerprint:
@@ -323,6 +332,22 @@ class SelectStage(Stage):
     def run(self, ctx: Context) -> SelectStats:
         if self.parent:
             return self.run_with_parents_cuts(ctx)
+        found, hist, plan, select, choice, cost = self.find_cuts(ctx)
+        stats = SelectStats(self.edges(), refine_passes=cost.refine_passes, boundary_values=cost.boundary_values,
+                            auto=choice.as_dict() if choice else None)
+        strata = None if plan is None else ray.put(plan)
+        shared = ray.put((found, hist))  # shipped once, not per task
+        for results in run_tasks(pass_apply, self.tasks(ctx, shared, strata, select), desc="select: apply"):
+            for res in results:
+                stats.add(res)
+        # the thresholds, for samples that come later (ssl-prune extend)
+        record.save(ctx.out, found, hist, plan, {"fingerprint": ctx.fingerprint, "k": prototype_count(ctx.out),
+                                                 "edges": self.edges(), "select": select.model_dump(), "auto": stats.auto})
+        return stats
+
+    def find_cuts(self, ctx: Context):
+        """The exact cuts of this selection over `ctx`'s shards -> (cuts, histogram, strata, the
+        select settings as applied, what auto chose, the cut search's cost)."""
         choice = self.choose(ctx)
         select = self.select.resolved(choice) if choice else self.select
         if choice:
@@ -350,13 +375,4 @@ class SelectStage(Stage):
                                             desc="select: refine bins")],
             stats=cost,
         )
-        stats = SelectStats(edges, refine_passes=cost.refine_passes, boundary_values=cost.boundary_values,
-                            auto=choice.as_dict() if choice else None)
-        shared = ray.put((found, hist))  # shipped once, not per task
-        for results in run_tasks(pass_apply, self.tasks(ctx, shared, strata, select), desc="select: apply"):
-            for res in results:
-                stats.add(res)
-        # the thresholds, for samples that come later (ssl-prune extend)
-        record.save(ctx.out, found, hist, plan, {"fingerprint": ctx.fingerprint, "k": k, "edges": edges,
-                                                 "select": select.model_dump(), "auto": stats.auto})
-        return stats
+        return found, hist, plan, select, choice, cost
