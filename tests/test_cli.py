@@ -63,15 +63,19 @@ def test_version_is_the_installed_distributions(tmp_path):
     assert res.returncode == 0 and res.stdout.strip() == f"ssl-prune {version('ssl-prune')}"
 
 
-def test_missing_weights_name_the_tag_and_are_not_downloaded(tmp_path):
-    res = _run(
-        ["run", "configs/demo.yaml", "embed.backend=open_clip", "embed.model=ViT-B-32", "embed.allow_random_init=false",
-         "embed.pretrained=laion2b_s34b_b79k", f"output={tmp_path / 'out'}"],
-        tmp_path,
-    )
-    assert res.returncode == 2
-    assert "laion2b_s34b_b79k" in res.stderr and "never downloaded" in res.stderr
-    assert "embed.pretrained" in res.stderr
+def test_missing_weights_name_the_tag_and_are_not_downloaded_offline(tmp_path):
+    """With downloads off, today's one-line error; with them on (auto) and no hub in reach (this
+    machine has no route to huggingface.co), the same error and why nothing was fetched."""
+    args = ["run", "configs/demo.yaml", "embed.backend=open_clip", "embed.model=ViT-B-32", "embed.allow_random_init=false",
+            "embed.pretrained=laion2b_s34b_b79k", f"output={tmp_path / 'out'}"]
+    for extra, because in ((["embed.download=false"], None),
+                           (["embed.download=auto", "embed.hub_endpoint=http://127.0.0.1:9"], "could not be reached")):
+        res = _run(args + extra, tmp_path)
+        assert res.returncode == 2, res.stderr
+        assert "laion2b_s34b_b79k" in res.stderr and "not on this machine" in res.stderr
+        assert "embed.pretrained" in res.stderr
+        assert (because in res.stderr) if because else "embed.download=auto" not in res.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_missing_checkpoint_file_is_named(tmp_path):

@@ -76,11 +76,12 @@ def test_bf16_agrees_with_fp32(kw):
 
 def test_missing_weights_are_named_for_every_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(WeightsNotFoundError, match="augreg_in21k_ft_in1k.*never downloaded"):
+    with pytest.raises(WeightsNotFoundError, match="augreg_in21k_ft_in1k.*not on this machine"):
         check_weights(EmbedConfig(backend="timm", model="vit_tiny_patch16_224", pretrained="augreg_in21k_ft_in1k",
-                                  cache_dir=str(tmp_path / "hf")))
-    with pytest.raises(WeightsNotFoundError, match="laion2b_s34b_b79k.*never downloaded"):
-        check_weights(EmbedConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path / "hf")))
+                                  cache_dir=str(tmp_path / "hf"), download=False))
+    with pytest.raises(WeightsNotFoundError, match="laion2b_s34b_b79k.*not on this machine"):
+        check_weights(EmbedConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k", cache_dir=str(tmp_path / "hf"),
+                                  download=False))
     with pytest.raises(WeightsNotFoundError, match="allow_random_init"):
         check_weights(EmbedConfig(model="ViT-B-32"))
 

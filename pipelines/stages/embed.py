@@ -42,6 +42,7 @@ from ..embed_staging import (
 from ..pending import pending, per_shard
 from ..runtime import cluster_gpus
 from ..stage import STAGES, Context, Resources, Stage
+from ..weights_shipment import WeightsShipment, ship, weights_here
 
 
 @dataclass
@@ -57,10 +58,11 @@ class EmbedStats:
 class EmbedActor:
     """Loads the model once per actor; maps a batch of crops to unit-norm float16 vectors."""
 
-    def __init__(self, backend: type[Embedder], embed: EmbedConfig, spec: PreprocessSpec, device: str):
+    def __init__(self, backend: type[Embedder], embed: EmbedConfig, spec: PreprocessSpec, device: str,
+                 shipment: Optional[WeightsShipment] = None):
         # the class, resolved on the driver: a backend registered by the user's own code is not
-        # registered in this worker process
-        self.embedder = backend(embed, device)
+        # registered in this worker process; the weights: this node's, else the driver's copy
+        self.embedder = backend(weights_here(backend, embed, shipment), device)
         if self.embedder.preprocess != spec:
             raise RuntimeError(
                 f"the model's preprocessing {self.embedder.preprocess} differs from the one the "
@@ -118,6 +120,8 @@ class EmbedStage(Stage):
     split: str = ""  # a named split of the job's input (evaluate: train, test); "" the run's input
     # (run key, shards without complete embeddings): checked once, shared by complete() and run()
     _todo: tuple = field(default=(None, None), init=False, repr=False, compare=False)
+    # the cache files the weights are, as the driver found or fetched them (setup)
+    _weights: tuple = field(default=(), init=False, repr=False, compare=False)
 
     @functools.cached_property
     def model_id(self) -> str:
@@ -129,7 +133,8 @@ class EmbedStage(Stage):
                 list(self.image_extensions))
 
     def setup(self) -> None:
-        check_weights(self.embed)  # before any work: the weights are on this machine
+        # before any work: the weights are on this machine, fetched once here if they may be
+        self._weights = tuple(check_weights(self.embed))
 
     def resources(self, ctx: Context) -> Resources:
         """A GPU per actor when the cluster has GPUs (unless embed.device is cpu)."""
@@ -184,7 +189,8 @@ class EmbedStage(Stage):
         ds = decoded_dataset([ShardInput(s, shards[s]) for s in todo], self.decode, list(self.image_extensions), spec,
                              index_out=ctx.out, caption_column=self.embed.caption_column if self.embed.text else None)
         ds = ds.map_batches(
-            EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device),
+            EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device,
+                                             ship(list(self._weights), embed)),
             batch_size=embed.batch_for("cuda" if res.num_gpus else "cpu"),
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -26,11 +26,21 @@ class EmbedConfig(Section):
     # this section check the name against the registry (the backends import these settings, not the reverse)
     backend: str = "open_clip"
     model: str = "ViT-B-32"
-    pretrained: Optional[str] = None  # a tag from the local cache, or a checkpoint file path
+    # a tag (from the cache, else fetched once), hf-hub:ORG/REPO (open_clip), a checkpoint file or directory
+    pretrained: Optional[str] = None
     allow_random_init: bool = False  # only for tests and smoke runs; recorded in the manifest
     seed: int = 0  # random-init weights
-    # where pretrained tags are looked up (default: open_clip/HF cache); the weights' identity is the model id
+    # where pretrained tags are looked up and fetched into (default: the Hugging Face cache, $HF_HOME/hub);
+    # the weights' identity is the model id
     cache_dir: Annotated[Optional[str], PLACEMENT] = None
+    # a tag or hf-hub: id missing from the cache is fetched once, by the driver, and verified; auto: unless
+    # HF_HUB_OFFLINE is set or the hub cannot be reached (then as false: the cache only, one-line error)
+    download: Annotated[Union[Literal["auto"], bool], PLACEMENT] = "auto"
+    # the hub to fetch from (a Hugging Face-compatible mirror); default: $HF_ENDPOINT, else huggingface.co
+    hub_endpoint: Annotated[Optional[str], PLACEMENT] = None
+    # true when embed.cache_dir is one directory every node mounts (NFS, EFS, Lustre): actors load the
+    # driver's copy from it; false: the driver's copy travels to each other node once, through Ray's object store
+    shared_cache: Annotated[bool, PLACEMENT] = False
     device: Annotated[Literal["auto", "cpu", "cuda"], PLACEMENT] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     batch_size: Annotated[Optional[int], PLACEMENT] = Field(None, ge=1)  # default: `batch_for` the device

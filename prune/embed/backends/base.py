@@ -4,7 +4,8 @@ An embedder turns a batch of uint8 crops (made by prune/embed/decode.py to its `
 into L2-normalized float32 vectors. A backend is one class that registers itself under the name
 `embed.backend` selects (`@BACKENDS.register`) and carries its own weight check, preprocessing and
 model id as class methods, so the driver can check weights and the decode tasks can crop images
-before any model is loaded. Weights come from local files only; nothing is downloaded.
+before any model is loaded. Weights come from local files, or from a hub once: the driver fetches
+what the cache lacks (prune/embed/hub.py, `embed.download`) and the actors load that copy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from prune.embed.decode import PreprocessSpec
 from prune.embed.errors import WeightsNotFoundError
+from prune.embed.hub import Fetched, HubFile, HubUnreachable, fetch, locate, offline_by_environment
 from prune.embed.settings import EmbedConfig
 from prune.settings import ConfigError, Registry
 
@@ -55,6 +57,11 @@ class Embedder(ABC):
     @abstractmethod
     def find_weights(cls, cfg: EmbedConfig) -> str:
         """The local weights `cfg.pretrained` names; WeightsNotFoundError says what is missing."""
+
+    @classmethod
+    def hub_files(cls, cfg: EmbedConfig) -> list[HubFile]:
+        """The hub files `cfg.pretrained` is made of (a tag's or hub id's); [] for a path or no weights."""
+        return []
 
     @classmethod
     def known_models(cls) -> list[str] | None:
@@ -123,9 +130,10 @@ def preprocess_spec_for(cfg: EmbedConfig) -> PreprocessSpec:
     return BACKENDS.get(cfg.backend).spec_for(cfg)
 
 
-def check_weights(cfg: EmbedConfig) -> None:
-    """Fail fast, on the driver, when the configured model is unknown or its weights are not on
-    this machine (before Ray starts)."""
+def check_weights(cfg: EmbedConfig) -> list[Fetched]:
+    """Fail fast, on the driver, when the configured model is unknown or its weights are neither on
+    this machine nor fetchable (before Ray starts); fetch them once when they may be. Returns the
+    cache files the weights are (for the actors on other nodes), [] for a path or random init."""
     known = BACKENDS.get(cfg.backend).known_models()
     if known is not None and cfg.model not in known:
         close = difflib.get_close_matches(cfg.model, known, n=3, cutoff=0.6)
@@ -136,12 +144,38 @@ def check_weights(cfg: EmbedConfig) -> None:
         raise ConfigError(f"embed.text: embed.backend={cfg.backend} has no text tower to embed captions with; "
                           f"use one that has ({', '.join(text_backends)}), or embed.text=false")
     if cfg.pretrained:
-        BACKENDS.get(cfg.backend).find_weights(cfg)
-    elif not cfg.allow_random_init:
+        return _find_or_fetch(BACKENDS.get(cfg.backend), cfg)
+    if not cfg.allow_random_init:
         raise WeightsNotFoundError(
             "embed.pretrained is not set: give a tag from the local cache or a weights file "
             "(embed.allow_random_init=true only for smoke tests)"
         )
+    return []
+
+
+def _find_or_fetch(backend: type[Embedder], cfg: EmbedConfig) -> list[Fetched]:
+    wanted = backend.hub_files(cfg)
+    try:
+        backend.find_weights(cfg)
+        return locate(wanted, cfg.cache_dir) or []
+    except WeightsNotFoundError as missing:
+        if not wanted or not downloads_allowed(cfg):
+            raise
+        try:
+            fetched = fetch(wanted, cfg.cache_dir, cfg.hub_endpoint)
+        except HubUnreachable as exc:
+            if cfg.download == "auto":  # no network: as without downloads, and why
+                raise WeightsNotFoundError(f"{missing} (embed.download=auto: {exc})") from None
+            raise
+    backend.find_weights(cfg)  # the fetched copy is where the backend looks
+    return fetched
+
+
+def downloads_allowed(cfg: EmbedConfig) -> bool:
+    """embed.download: true or false; auto: unless the environment says offline (HF_HUB_OFFLINE)."""
+    if cfg.download is True and offline_by_environment():
+        raise ConfigError("embed.download=true but HF_HUB_OFFLINE is set in this environment; unset one of them")
+    return cfg.download is True or (cfg.download == "auto" and not offline_by_environment())
 
 
 def make_embedder(cfg: EmbedConfig, device: Optional[str] = None) -> Embedder:

@@ -7,6 +7,8 @@ A directory `embed.pretrained` names (or open_clip's spelling of it, `local-dir:
 `open_clip.create_model("local-dir:DIR")` loads it. The architecture is then the directory's
 `model_cfg` (embed.model is not read), the crop its `preprocess_cfg`, and the model id names the
 weights by content (a sha256 prefix), so fingerprints follow the weights, not the path.
+`hf-hub:ORG/REPO` (open_clip's own spelling) names such a directory on a hub: the snapshot the
+driver fetched into the Hugging Face cache (prune/embed/hub.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from prune.embed.backends.base import BACKENDS, Embedder
 from prune.embed.decode import PreprocessSpec, normalize
 from prune.embed.errors import WeightsNotFoundError
+from prune.embed.hub import HubFile, cache_root
 from prune.embed.settings import EmbedConfig
 from prune.embed.text import CaptionEncoder
 
@@ -29,13 +32,25 @@ from prune.embed.text import CaptionEncoder
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
 
 
-def open_clip_dir(pretrained: Optional[str]) -> Optional[str]:
-    """The checkpoint directory `embed.pretrained` names (a directory, or `local-dir:DIR`); None
-    for a tag or a weights file."""
+def open_clip_dir(pretrained: Optional[str], cache_dir: Optional[str] = None) -> Optional[str]:
+    """The checkpoint directory `embed.pretrained` names (a directory, `local-dir:DIR`, or the cached
+    snapshot of `hf-hub:ORG/REPO`); None for a tag or a weights file."""
     if not pretrained:
         return None
+    if pretrained.startswith(HF_HUB):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id = pretrained.removeprefix(HF_HUB).strip("/")
+        found = try_to_load_from_cache(repo_id, OPEN_CLIP_CONFIG, cache_dir=cache_dir)
+        if not isinstance(found, str):
+            raise WeightsNotFoundError(
+                f"embed.pretrained={pretrained!r} is not in the Hugging Face cache ({cache_root(cache_dir)}) "
+                f"and was not fetched (embed.download), or set embed.pretrained to a directory or weights file"
+            )
+        return os.path.dirname(found)
     path = os.path.expanduser(pretrained.removeprefix(LOCAL_DIR))
     return path if pretrained.startswith(LOCAL_DIR) or os.path.isdir(path) else None
 
@@ -133,9 +148,9 @@ def resolve_open_clip_weights(model: str, pretrained: str, cache_dir: Optional[s
             return path
         candidates.append(path)
     raise WeightsNotFoundError(
-        f"weights for {model} tag {pretrained!r} are not on this machine and are never downloaded "
-        f"at run time. Looked in: {'; '.join(candidates)}. Copy the checkpoint there (e.g. with "
-        f"huggingface-cli download on a machine with network, then copy the cache), or set "
+        f"weights for {model} tag {pretrained!r} are not on this machine. Looked in: {'; '.join(candidates)}. "
+        f"Let the driver fetch them once (embed.download, on where the hub is reachable), copy the checkpoint "
+        f"there (huggingface-cli download on a machine with network, then copy the cache), or set "
         f"embed.pretrained to the checkpoint file's path."
     )
 
@@ -149,18 +164,42 @@ class OpenClipEmbedder(Embedder):
 
     @classmethod
     def spec_for(cls, cfg: EmbedConfig) -> PreprocessSpec:
-        d = open_clip_dir(cfg.pretrained)
+        d = open_clip_dir(cfg.pretrained, cfg.cache_dir)
         return dir_preprocess_spec(read_open_clip_dir(d)[0]) if d else open_clip_preprocess_spec(cfg)
 
     @classmethod
     def find_weights(cls, cfg: EmbedConfig) -> str:
-        d = open_clip_dir(cfg.pretrained)
+        d = open_clip_dir(cfg.pretrained, cfg.cache_dir)
         return read_open_clip_dir(d)[1] if d else resolve_open_clip_weights(cfg.model, cfg.pretrained, cfg.cache_dir)
+
+    @classmethod
+    def hub_files(cls, cfg: EmbedConfig) -> list[HubFile]:
+        """hf-hub:ORG/REPO: its open_clip_config.json and weights; a tag: the file its hf_hub names
+        (safetensors first, as open_clip loads it); nothing for a path or a tag with only a URL."""
+        import open_clip
+
+        pretrained = cfg.pretrained or ""
+        weights = (*open_clip.pretrained._get_safe_alternatives(open_clip.pretrained.HF_WEIGHTS_NAME),
+                   open_clip.pretrained.HF_WEIGHTS_NAME)
+        if pretrained.startswith(HF_HUB):
+            repo_id = pretrained.removeprefix(HF_HUB).strip("/")
+            return [HubFile(repo_id, (OPEN_CLIP_CONFIG,)), HubFile(repo_id, weights)]
+        if not pretrained or os.path.exists(os.path.expanduser(pretrained.removeprefix(LOCAL_DIR))):
+            return []
+        if pretrained not in open_clip.list_pretrained_tags_by_model(cfg.model):
+            return []
+        hf_hub = (open_clip.get_pretrained_cfg(cfg.model, pretrained) or {}).get("hf_hub")
+        if not hf_hub:
+            return []
+        repo_id, filename = os.path.split(hf_hub)
+        if filename:
+            weights = (*open_clip.pretrained._get_safe_alternatives(filename), filename)
+        return [HubFile(repo_id, weights)]
 
     @classmethod
     def id_for(cls, cfg: EmbedConfig) -> str:
         """A directory's weights by content (`open_clip:local-dir:<sha256 prefix>`); else backend:model:tag."""
-        d = open_clip_dir(cfg.pretrained)
+        d = open_clip_dir(cfg.pretrained, cfg.cache_dir)
         if d is None:
             return super().id_for(cfg)
         return f"{cls.name}:{LOCAL_DIR}{weights_sha256(read_open_clip_dir(d)[1])[:16]}"
@@ -175,7 +214,7 @@ class OpenClipEmbedder(Embedder):
         import open_clip
         import torch
 
-        directory = open_clip_dir(cfg.pretrained)
+        directory = open_clip_dir(cfg.pretrained, cfg.cache_dir)
         if directory is None and cfg.model not in open_clip.list_models():
             raise ValueError(f"embed.model={cfg.model!r} is not an open_clip architecture")
         self._setup_device(cfg, device)

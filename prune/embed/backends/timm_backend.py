@@ -10,7 +10,10 @@ import numpy as np
 from prune.embed.backends.base import BACKENDS, Embedder
 from prune.embed.decode import PreprocessSpec, normalize
 from prune.embed.errors import WeightsNotFoundError
+from prune.embed.hub import HubFile
 from prune.embed.settings import EmbedConfig
+
+TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")  # as timm's hub loader
 
 
 def _timm_weights(cfg: EmbedConfig) -> Optional[str]:
@@ -29,16 +32,16 @@ def _timm_weights(cfg: EmbedConfig) -> Optional[str]:
     from huggingface_hub import try_to_load_from_cache
 
     looked = []
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+    for filename in TIMM_WEIGHTS:
         if pcfg.hf_hub_id:
             found = try_to_load_from_cache(pcfg.hf_hub_id, filename, cache_dir=cfg.cache_dir)
             if isinstance(found, str):
                 return found
             looked.append(f"{pcfg.hf_hub_id}/{filename}")
     raise WeightsNotFoundError(
-        f"weights for timm {name} are not on this machine and are never downloaded at run time. "
-        f"Looked in the Hugging Face cache for: {'; '.join(looked) or 'nothing (no hub id)'}. Copy the "
-        f"cache from a machine with network, or set embed.pretrained to the weights file's path."
+        f"weights for timm {name} are not on this machine. Looked in the Hugging Face cache for: "
+        f"{'; '.join(looked) or 'nothing (no hub id)'}. Let the driver fetch them once (embed.download), copy "
+        f"the cache from a machine with network, or set embed.pretrained to the weights file's path."
     )
 
 
@@ -77,6 +80,16 @@ class TimmEmbedder(Embedder):
     @classmethod
     def find_weights(cls, cfg: EmbedConfig) -> str:
         return _timm_weights(cfg)
+
+    @classmethod
+    def hub_files(cls, cfg: EmbedConfig) -> list[HubFile]:
+        """A timm tag's weights on the hub its pretrained config names; nothing for a path."""
+        import timm
+
+        if not cfg.pretrained or os.path.isfile(os.path.expanduser(cfg.pretrained)):
+            return []
+        pcfg = timm.models.get_pretrained_cfg(f"{cfg.model}.{cfg.pretrained}")
+        return [HubFile(pcfg.hf_hub_id, TIMM_WEIGHTS)] if pcfg is not None and pcfg.hf_hub_id else []
 
     @classmethod
     def known_models(cls) -> list[str]:
