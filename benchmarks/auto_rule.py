@@ -7,7 +7,7 @@ removal rates), how skewed the surviving clusters are (Gini of their sizes), and
 prototype distances (p90 / p50 and p99 / p50; the last is the one `auto` uses), then the rule
 `auto` picks at the threshold given.
 
-    # the pools of the README's table (benchmarks/results/auto_rule.txt), each run up to dedup
+    # the pools of the table in docs/concepts.md, "One default" (benchmarks/results/auto_rule.txt), each run up to dedup
     ssl-prune demo-data /tmp/pools/clean4k --count 4000 --shard-size 1000 --seed 1
     ssl-prune demo-data /tmp/pools/clean20k --count 20000 --shard-size 2000 --seed 2
     ssl-prune demo-data /tmp/pools/clean60k --count 60000 --shard-size 5000

@@ -16,7 +16,7 @@ path: `embed.backend=open_clip embed.pretrained=models/fmnist-clip`, text tower 
   the caption builder's first noun of each ("t-shirt", "trousers", ...); and "a photo of {a}" alone;
 - k-NN (cosine, k=20) as an image encoder, with benchmarks/encoder_quality.py's own loading and
   classifier, beside the SimCLR encoder (models/fmnist-simclr), for two banks: the 60k train
-  images (the README's protocol for the SimCLR encoder) and the CLIP's own 17k training images.
+  images (docs/encoders.md's protocol for the SimCLR encoder) and the CLIP's own 17k training images.
 
 It needs the labeled shards of configs/evaluate_fmnist.yaml:
     ssl-prune demo-data demo/fmnist/train --count 60000 --shard-size 5000
@@ -45,7 +45,7 @@ CLASS_NOUN_NAMES = tuple(CLASS_NOUNS[name][0] for name in CLASS_NAMES)
 
 
 def _encoder_quality():
-    """benchmarks/encoder_quality.py, for its `load` and `embed_all` (the README's k-NN protocol)."""
+    """benchmarks/encoder_quality.py, for its `load` and `embed_all` (docs/encoders.md's k-NN protocol)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "encoder_quality.py")
     spec = importlib.util.spec_from_file_location("encoder_quality", path)
     module = importlib.util.module_from_spec(spec)

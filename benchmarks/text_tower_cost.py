@@ -5,7 +5,8 @@ same model either way): the image tower on a batch of crops (`OpenClipEmbedder.e
 tower on that batch's captions as the actor runs it (`embed_text`: trimmed to the longest caption),
 and open_clip's own `encode_text` at the full 77-token context. The captions are LAION-like in
 length (a mix of short alt-texts and long product titles: 4 to 40 words). Prints a table of
-seconds per 1,000 samples and the ratios; the README quotes them.
+seconds per 1,000 samples and the ratios; docs/curation-stages.md, "Image-text pools",
+quotes them.
 
     .venv/bin/python benchmarks/text_tower_cost.py [--model ViT-B-32] [--batch 32] [--batches 8]
 """

@@ -33,6 +33,7 @@ class RayConfig(Section):
 
     address: Optional[str] = None  # None: RAY_ADDRESS, then a running cluster, then a new local one
     num_cpus: Optional[int] = Field(None, ge=1)  # only for a new local cluster
+    # bytes of Ray's object store, only for a new local cluster (None: Ray's default)
     object_store_memory: Optional[int] = Field(None, ge=78_643_200)
 
 

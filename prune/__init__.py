@@ -1,1 +1,1 @@
-"""ssl-prune's library: pure functions and settings, testable without Ray (see README, "Layout of the code")."""
+"""ssl-prune's library: pure functions and settings, testable without Ray (see docs/extending.md, "Layout of the code")."""

@@ -1,7 +1,7 @@
 """The data contract: every column name, status string and output path, defined once.
 
 Every module that reads or writes a file imports its names from here, so the layout
-documented in the README and the layout on disk cannot drift apart.
+documented in docs/concepts.md and the layout on disk cannot drift apart.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ else
   step "virtualenv .venv" "$PY" -m venv .venv
 fi
 step "pip itself" .venv/bin/python -m pip install --upgrade pip
-# open_clip needs torchvision; these two builds import together (see README, "Set-up and the two commands")
+# open_clip needs torchvision; these two builds import together (see docs/getting-started.md, "Set-up")
 step "torch ${TORCH_VERSION:-2.14.1}, torchvision ${TORCHVISION_VERSION:-0.29.1}" \
   .venv/bin/python -m pip install "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 step "ssl-prune and its dependencies (pip install -e .[test])" .venv/bin/python -m pip install -e ".[test]"

@@ -307,9 +307,9 @@ def test_augmentation_only_shifts_and_flips_and_is_seeded():
     assert not all(np.array_equal(out[i], pixels[i]) for i in range(len(pixels)))
 
 
-def test_shipped_configs_follow_the_protocol_the_readme_reports():
-    """What the README's tables rest on: every shipped evaluate config compares with random over at
-    least 5 seeds, trains every subset for the same number of CNN steps, and covers 0.3 and 0.5."""
+def test_shipped_configs_follow_the_protocol_the_docs_report():
+    """What the tables of docs/evaluation.md rest on: every shipped evaluate config compares with random
+    over at least 5 seeds, trains every subset for the same number of CNN steps, and covers 0.3 and 0.5."""
     from pipelines.cli.config import load_config
 
     for name in ("evaluate_fmnist.yaml", "evaluate_web.yaml"):

@@ -1,4 +1,4 @@
-"""`ssl-prune run` submitted as a Ray Job to a real `ray start --head`, as the README says to.
+"""`ssl-prune run` submitted as a Ray Job to a real `ray start --head`, as docs/cluster.md says to.
 
 The head is this test's own: started from the venv's `ray` with a private `--temp-dir` (its
 address file and sessions live there, so no other `ray.init()` on the machine finds it) and every

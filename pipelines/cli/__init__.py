@@ -1,5 +1,7 @@
 """The `ssl-prune` command: `run`, `train-encoder`, `train-clip`, `evaluate` (CONFIG [key=value ...]) and `demo-data OUT`.
 
+Also `extend PARENT`, `report OUTPUT`, and `config-reference` (docs/configuration.md, from the settings models).
+
 Errors a user can fix (config, missing weights, missing input) print one line and exit 2;
 anything else is a bug and keeps its traceback.
 """
@@ -166,6 +168,12 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _config_reference(args) -> int:
+    from .reference import config_reference
+
+    return config_reference(args.output, args.check)
+
+
 def _demo_data(args) -> int:
     from prune.demo.captions import parse_caption_mix
     from prune.demo.shards import write_demo_shards
@@ -265,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                         "the rest describe the image; junk says nothing "
                         f"(default {captions.format_mix(captions.DEFAULT_CAPTION_MIX)}; '' for all describe)")
     d.set_defaults(fn=_demo_data)
+    c = sub.add_parser("config-reference", help="the configuration reference (every key, type, default, description), "
+                                                "generated from the settings models")
+    c.add_argument("--output", metavar="PATH", help="write it to PATH (docs/configuration.md) instead of printing it")
+    c.add_argument("--check", action="store_true",
+                   help="compare PATH (--output, default docs/configuration.md) with what the models generate; "
+                        "exit 1 naming the lines that differ")
+    c.set_defaults(fn=_config_reference)
     args = parser.parse_args(argv)
     if hasattr(args, "config") and args.config is None:
         args.parser.error("the following argument is required: config")

@@ -37,9 +37,11 @@ from prune.train.settings import TrainConfig
 class JobConfig(Section):
     """What every command's config has: where outputs go, which members are images, Ray, decoding."""
 
-    output: NonEmptyStr
+    output: NonEmptyStr  # the output directory: a local path or any fsspec URL (s3://bucket/pruned)
+    # a sample's image is its first member with one of these extensions (any case; the dot optional)
     image_extensions: Extensions = list(schema.IMAGE_EXTENSIONS_DEFAULT)
     ray: RayConfig = RayConfig()
+    # decoding in Ray Data CPU tasks: each image to the model's eval crop as uint8, before the actors
     decode: DecodeConfig = DecodeConfig()
 
 
@@ -58,8 +60,11 @@ RegisteredEmbed = Annotated[EmbedConfig, AfterValidator(_registered_backend)]
 class RunConfig(JobConfig):
     """`ssl-prune run`: the stages to run, in order, and each stage's section."""
 
-    input: Optional[NonEmptyStr] = None  # tar shards; optional when the first stage brings its own (import)
-    stages: list[str] = list(RUN_STAGES)  # registered stage names (pipelines/stages/)
+    # tar shards: a directory, a glob or a brace pattern, local or any fsspec URL; optional when the
+    # first stage brings its own units of work (import)
+    input: Optional[NonEmptyStr] = None
+    stages: list[str] = list(RUN_STAGES)  # the stages to run, in order: registered names (pipelines/stages/)
+    # the model every image (and, with `text`, every caption) is embedded with, and its actors
     embed: RegisteredEmbed = EmbedConfig()
     kmeans: KMeansConfig = KMeansConfig()
     dedup: DedupConfig = DedupConfig()  # used when `stages` lists dedup
@@ -115,7 +120,7 @@ class TrainEncoderConfig(LocalOutputJob):
     """
 
     _why_local: ClassVar[str] = "Ray Train and the exported encoder are files"
-    input: NonEmptyStr
+    input: NonEmptyStr  # the unlabeled tar shards to train on: a directory, glob or brace pattern
     train: TrainConfig = TrainConfig()
 
 
@@ -127,7 +132,7 @@ class TrainClipConfig(LocalOutputJob):
     """
 
     _why_local: ClassVar[str] = "the checkpoint is files open_clip reads"
-    input: NonEmptyStr
+    input: NonEmptyStr  # image-caption tar shards (the caption: each sample's .txt, else the parquet's column)
     model: ClipModelConfig = ClipModelConfig()  # open_clip's model_cfg (and preprocess_cfg), typed
     train: ClipTrainConfig = ClipTrainConfig()
 
@@ -137,7 +142,7 @@ class EvaluateConfig(JobConfig):
 
     train_input: NonEmptyStr  # labeled shards: the pool that is pruned
     test_input: NonEmptyStr  # labeled shards: never pruned, only scored against
-    embed: RegisteredEmbed = EmbedConfig()
+    embed: RegisteredEmbed = EmbedConfig()  # the model the pool and the test shards are embedded with
     kmeans: KMeansConfig = KMeansConfig()
     evaluate: EvaluateSection = EvaluateSection()
 
@@ -145,11 +150,15 @@ class EvaluateConfig(JobConfig):
 _EXTENDED: dict[tuple, type[RunConfig]] = {}
 
 
-def run_config_model() -> type[RunConfig]:
-    """RunConfig plus a section for every registered stage whose section it lacks."""
+def run_config_model(shipped_only: bool = False) -> type[RunConfig]:
+    """RunConfig plus a section for every registered stage whose section it lacks (`shipped_only`:
+    only the stages ssl-prune ships, in pipelines/stages/, not a plugin's or a test's)."""
     extra = {}
     for name in STAGES.names():
-        for key, (model, default) in STAGES.get(name).sections().items():
+        stage = STAGES.get(name)
+        if shipped_only and not stage.__module__.startswith("pipelines.stages."):
+            continue
+        for key, (model, default) in stage.sections().items():
             if key not in RunConfig.model_fields and key not in extra:
                 extra[key] = (model, default)
     if not extra:

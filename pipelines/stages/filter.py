@@ -3,7 +3,7 @@ curation stage over the img2dataset metadata beside each tar; it reads no image.
 
 A shard stage: per shard, the samples that passed the curation stages before it and fail a rule
 go to `removals/filter/NNNNN.parquet` with the rule as their reason. This file and its import in
-pipelines/stages/__init__.py are all it takes (README, "Adding a stage").
+pipelines/stages/__init__.py are all it takes (docs/extending.md, "Adding a stage").
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ class KMeansConfig(Section):
     """A faiss fit on a sample, optionally refined by distributed Lloyd passes over every embedding."""
 
     k: Optional[int] = Field(None, ge=1)  # None: n_ok / 10_000 clamped to [10, 100_000]
-    sample_size: int = Field(200_000, ge=1)
+    sample_size: int = Field(200_000, ge=1)  # embeddings the sample fit runs on, drawn evenly from every shard
     niter: int = Field(25, ge=1)  # Lloyd iterations of the sample fit
-    nredo: int = Field(1, ge=1)
-    seed: int = 0
+    nredo: int = Field(1, ge=1)  # sample fits from different seeds; the best objective is kept (faiss)
+    seed: int = 0  # the sample drawn and the fit's seeding
     # sample fit seeded by random points (faiss) or k-means++
     init: Annotated[Literal["random", "kmeans++"], counted_when(lambda k: k.init != "random")] = "random"
     # None: fit on the driver; n: in a Ray task with n CPUs (faiss then runs on that many threads)

@@ -18,9 +18,9 @@ class DedupConfig(Section):
     # which member of a group survives: the one farthest from the prototype (the paper's default),
     # the nearest, or a seeded random one
     keep: Literal["farthest", "nearest", "random"] = KEEP_FARTHEST
-    seed: int = 0
-    # placement: the same removals whatever they are
+    seed: int = 0  # keep: random's order
     bucket_rows: Annotated[int, PLACEMENT] = Field(1_000_000, ge=1)  # ok samples per dedup task (whole clusters per bucket)
     shards_per_task: Annotated[int, PLACEMENT] = Field(16, ge=1)  # shards one partition task reads
-    block_rows: Annotated[int, PLACEMENT] = Field(512, ge=1)  # similarity rows computed at once: memory ~ cluster size x this;
-    # smaller blocks skip more of the triangle no one reads (512: the fastest on 2,000-member clusters)
+    # similarity rows computed at once: memory ~ cluster size x this; smaller blocks skip more of
+    # the triangle no one reads (512: the fastest on 2,000-member clusters)
+    block_rows: Annotated[int, PLACEMENT] = Field(512, ge=1)

@@ -12,10 +12,10 @@ _WITH_TEXT = counted_when(lambda e: e.text)  # read only when captions are embed
 
 
 class DecodeConfig(Section):
-    batch_size: Annotated[int, PLACEMENT] = Field(256, ge=1)
+    batch_size: Annotated[int, PLACEMENT] = Field(256, ge=1)  # images one decode task turns into crops at a time
     draft: bool = True  # JPEG draft decoding down to (at least) the model's input size
     max_image_pixels: int = Field(89_478_485, ge=1)  # PIL's own default bomb threshold
-    num_cpus: Annotated[float, PLACEMENT] = Field(1.0, gt=0)
+    num_cpus: Annotated[float, PLACEMENT] = Field(1.0, gt=0)  # CPUs each decode task reserves
 
 
 CPU_BATCH, OTHER_BATCH = 32, 64  # embed.batch_size when unset (EmbedConfig.batch_for)
@@ -25,6 +25,8 @@ class EmbedConfig(Section):
     # a registered backend (prune/embed/backends): open_clip, timm, local, ...; the configs that compose
     # this section check the name against the registry (the backends import these settings, not the reverse)
     backend: str = "open_clip"
+    # the architecture: an open_clip model name (`open_clip.list_models()`) or a timm one; not read for a
+    # `local` checkpoint or an open_clip directory (`local-dir:`, `hf-hub:`), which names its own
     model: str = "ViT-B-32"
     # a tag (from the cache, else fetched once), hf-hub:ORG/REPO (open_clip), a checkpoint file or directory
     pretrained: Optional[str] = None
@@ -41,11 +43,12 @@ class EmbedConfig(Section):
     # true when embed.cache_dir is one directory every node mounts (NFS, EFS, Lustre): actors load the
     # driver's copy from it; false: the driver's copy travels to each other node once, through Ray's object store
     shared_cache: Annotated[bool, PLACEMENT] = False
+    # where the actors run the model: auto (a GPU when the actor has one), cpu or cuda
     device: Annotated[Literal["auto", "cpu", "cuda"], PLACEMENT] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPUs and CPUs with native bf16, else fp32
     batch_size: Annotated[Optional[int], PLACEMENT] = Field(None, ge=1)  # default: `batch_for` the device
     concurrency: Annotated[int, PLACEMENT] = Field(1, ge=1)  # embed actors; one GPU each on a GPU cluster
-    num_cpus_per_actor: Annotated[float, PLACEMENT] = Field(1.0, gt=0)
+    num_cpus_per_actor: Annotated[float, PLACEMENT] = Field(1.0, gt=0)  # CPUs each embed actor reserves
     torch_threads: Annotated[Optional[int], PLACEMENT] = Field(None, ge=1)  # CPU actors: intra-op threads
     # also embed each sample's caption with the model's text tower (open_clip) in the same actor
     # pass, and record the caption-image cosine (`clip_score`) beside the image embedding

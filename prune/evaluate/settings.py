@@ -22,50 +22,56 @@ class LinearProbeConfig(Section):
 
 
 class CnnConfig(Section):
-    epochs: int = Field(5, ge=1)
+    """The small CNN trained on each kept subset's pixels (3 conv blocks, a 128-unit dense head)."""
+
+    epochs: int = Field(5, ge=1)  # passes over the kept subset (without `steps`)
     min_steps: int = Field(200, ge=0)  # small subsets still get this many steps
     steps: Optional[int] = Field(None, ge=1)  # every subset trains exactly this many steps (overrides the two above)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
-    width: int = Field(32, ge=1)
-    image_size: int = Field(28, ge=8)
+    batch_size: int = Field(128, ge=1)  # images per step
+    lr: float = Field(2e-3, gt=0.0)  # the optimizer's learning rate
+    width: int = Field(32, ge=1)  # channels of the middle conv block (the first has half, the last twice)
+    image_size: int = Field(28, ge=8)  # the crop the CNN is trained and scored on, in pixels
     augment: bool = True  # a random 2-pixel shift and horizontal flip per image
 
 
 class PretrainConfig(Section):
     """The pretraining judge (classifier `clip`): a fresh small CLIP trained by open_clip_train on each
-    kept subset's shards for the same number of samples seen, scored zero-shot and by retrieval."""
+    kept subset's shards for the same number of samples seen, scored zero-shot and by retrieval. The
+    model's settings are the arguments of prune/evaluate/pretrain.py's tiny_clip_config."""
 
     samples_seen: int = Field(30000, ge=1)  # the same for every subset (DataComp's fixed compute)
-    batch_size: int = Field(50, ge=1)
+    batch_size: int = Field(50, ge=1)  # image-caption pairs per step
     epochs: int = Field(5, ge=1)  # open_clip_train epochs: the checkpoints a killed training resumes from
-    lr: float = Field(2e-3, gt=0.0)
+    lr: float = Field(2e-3, gt=0.0)  # open_clip_train's --lr
     warmup: Optional[int] = Field(None, ge=0)  # steps (None: a tenth of them)
-    wd: float = Field(0.2, ge=0.0)
+    wd: float = Field(0.2, ge=0.0)  # open_clip_train's --wd (weight decay)
     threads: int = Field(1, ge=1)  # torch threads per training (one training per `concurrency` slot)
     timeout_s: Annotated[Optional[float], PLACEMENT] = Field(None, gt=0)  # a training past this is killed; a re-run resumes it
-    # the model: prune/evaluate/pretrain.py tiny_clip_config's arguments
-    image_size: int = Field(32, ge=8)
-    patch_size: int = Field(4, ge=1)
+    image_size: int = Field(32, ge=8)  # the ViT's input; the images are resized to it
+    patch_size: int = Field(4, ge=1)  # the ViT's patches, in pixels (divides image_size)
     width: int = Field(64, ge=8)  # both towers
     layers: int = Field(2, ge=1)  # both towers
-    embed_dim: int = Field(64, ge=8)
-    context_length: int = Field(16, ge=4)
+    embed_dim: int = Field(64, ge=8)  # the shared image-text embedding
+    context_length: int = Field(16, ge=4)  # caption tokens (start and end included); longer captions are cut
     keep_shards: Annotated[bool, PLACEMENT] = False  # keep each subset's tars once its trainings are scored
     n_pairs: int = Field(1000, ge=1)  # held-out test pairs (image, its .txt caption) for retrieval recall
-    pairs_seed: int = 0
+    pairs_seed: int = 0  # which held-out pairs are drawn
 
 
 class EvaluateSection(Section):
-    keep_fractions: list[float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
+    """The grid: every policy at every keep fraction and seed, each subset scored by every classifier."""
+
+    keep_fractions: list[float] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]  # each in (0, 1]
     # a registered policy (global), or a budget prefix + one (the policy within each cluster, under
     # that budget): balanced- (proportional), capped- (capped_equal), dbp-
     policies: list[str] = [schema.POLICY_HARD, schema.POLICY_EASY, schema.POLICY_RANDOM,
                            schema.BALANCED_PREFIX + schema.POLICY_HARD, schema.BALANCED_PREFIX + schema.POLICY_EASY]
-    seeds: list[int] = [0, 1, 2]
+    seeds: list[int] = [0, 1, 2]  # each policy's selection and each training run once per seed
+    # linear: a probe on the frozen embeddings; cnn: a small CNN on the pixels; clip: the pretraining
+    # judge (a CLIP trained on the kept shards, scored zero-shot and by retrieval)
     classifiers: list[Literal["linear", "cnn", "clip"]] = ["linear", "cnn"]
     pool_size: Optional[int] = Field(None, ge=1)  # a random subset of the train shards (None: all)
-    pool_seed: int = 0
+    pool_seed: int = 0  # which random subset pool_size draws
     label_field: str = "label"  # key in each sample's .json member
     concurrency: int = Field(2, ge=1)  # classifier trainings running at once (Ray tasks)
     linear: LinearProbeConfig = LinearProbeConfig()

@@ -36,6 +36,8 @@ class ImportConfig(Section):
     """The `import_embeddings` section: where the embeddings are and how to read them."""
 
     path: Optional[NonEmptyStr] = None  # a directory (local or any fsspec URL) with the layout below
+    # parquet: files with key_col and embedding_col; clip_retrieval: its img_emb/img_emb_N.npy with
+    # metadata/metadata_N.parquet (and text_emb/ when present)
     format: Literal["parquet", "clip_retrieval"] = FORMAT_PARQUET
     key_col: NonEmptyStr = schema.KEY  # identifies a sample (clip-retrieval: a metadata column)
     embedding_col: NonEmptyStr = schema.EMBEDDING  # parquet format only

@@ -25,11 +25,14 @@ class ExportConfig(Section):
     # the column of the input's img2dataset parquet that identifies a sample (DataComp: uid);
     # "key" is the sample key, always there
     id_col: NonEmptyStr = schema.KEY
+    # parquet: export/ids/, the kept samples' ids per input shard; datacomp: export/datacomp_subset.npy,
+    # the kept uids as DataComp's resharder reads them (--subset-file)
     formats: list[Literal["parquet", "datacomp"]] = [FORMAT_PARQUET]
     # columns of the input parquet carried beside the id when the input has them
     columns: list[str] = ["url", "caption"]
-    # DataComp's file gathers every kept uid (16 bytes each) in one process: this bounds it
-    max_datacomp_rows: Annotated[int, PLACEMENT] = Field(2_000_000_000, ge=1)  # a bound: the file is the same
+    # DataComp's file gathers every kept uid (16 bytes each) in one process: this bounds it (a bound:
+    # the file is the same whatever it is)
+    max_datacomp_rows: Annotated[int, PLACEMENT] = Field(2_000_000_000, ge=1)
 
 
 def uid_pairs(uids) -> tuple[np.ndarray, list]:

@@ -16,6 +16,8 @@ COPY_FROM_AUTO, COPY_FROM_INPUT, COPY_FROM_STAGED = "auto", "input", "staged"
 
 
 class WriteConfig(Section):
-    samples_per_shard: int = Field(1000, ge=1)
+    """The pruned shards: their size, their distance bands, where their bytes are read from."""
+
+    samples_per_shard: int = Field(1000, ge=1)  # kept samples per output tar (a band's last shard may hold fewer)
     band_step: float = Field(0.1, gt=0.0, le=1.0)  # pruned shards come in bands of this keep fraction
     copy_from: Annotated[Literal["auto", "input", "staged"], PLACEMENT] = COPY_FROM_AUTO  # the same bytes either way

@@ -1,6 +1,6 @@
 """`select.policy: auto`: one default for any pool, the rule chosen from what the pool shows.
 
-Measured (README, "What to use"): on clean pools dedup then random is the only selection that never
+Measured (docs/concepts.md, "What to use"): on clean pools dedup then random is the only selection that never
 loses to random, and on web-like pools (long-tailed concepts, junk, copy families) dedup then dbp
 budgets in the hard order gains about twice as much, but loses on clean ones. What tells the two
 apart, among the per-cluster and distance statistics screened (`benchmarks/auto_rule.py`), is the

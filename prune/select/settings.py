@@ -20,7 +20,9 @@ _AUTO = counted_when(lambda s: s.policy == "auto")
 
 
 class SelectConfig(Section):
-    keep_fraction: float = Field(0.7, gt=0.0, le=1.0)
+    """Which samples are kept: a policy's order, globally or within each cluster under a budget."""
+
+    keep_fraction: float = Field(0.7, gt=0.0, le=1.0)  # the share of the input's samples kept
     # the order within a group, a registered policy (prune/select/policies.py), or auto: the rule the
     # pool's distance tail picks (prune/select/auto.py) sets policy, balanced and budget at run time
     policy: str = schema.POLICY_HARD
@@ -36,7 +38,7 @@ class SelectConfig(Section):
     # auto: p99 / p50 of the prototype distances at or above which the pool is treated as web-like
     # (measured for the shipped encoders; `benchmarks/auto_rule.py` prints it for your embeddings)
     auto_tail_ratio: Annotated[float, _AUTO] = Field(3.1, gt=1.0)
-    seed: int = 0
+    seed: int = 0  # the random policy's order and every policy's tie-breaks
 
     @field_validator("policy")
     @classmethod

@@ -18,12 +18,12 @@ from prune.train.settings import AugmentConfig
 class VisionTower(Section):
     """open_clip's CLIPVisionCfg: a ViT over `image_size` crops cut in `patch_size` patches."""
 
-    image_size: int = Field(32, ge=8)
-    patch_size: int = Field(4, ge=1)
-    width: int = Field(128, ge=8)
-    layers: int = Field(4, ge=1)
+    image_size: int = Field(32, ge=8)  # the input crop, in pixels
+    patch_size: int = Field(4, ge=1)  # patches, in pixels (divides image_size)
+    width: int = Field(128, ge=8)  # the transformer's width
+    layers: int = Field(4, ge=1)  # transformer blocks
     head_width: int = Field(32, ge=8)  # heads = width / head_width
-    mlp_ratio: float = Field(4.0, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)  # each block's MLP width over `width`
 
     @model_validator(mode="after")
     def _fits(self):
@@ -38,10 +38,10 @@ class TextTower(Section):
     """open_clip's CLIPTextCfg with its default tokenizer (SimpleTokenizer, CLIP's BPE vocabulary)."""
 
     context_length: int = Field(32, ge=4, le=77)  # tokens, start and end of text included; longer captions are cut
-    width: int = Field(128, ge=8)
-    heads: int = Field(4, ge=1)
-    layers: int = Field(4, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0)
+    width: int = Field(128, ge=8)  # the transformer's width
+    heads: int = Field(4, ge=1)  # attention heads (divides width)
+    layers: int = Field(4, ge=1)  # transformer blocks
+    mlp_ratio: float = Field(4.0, gt=0)  # each block's MLP width over `width`
 
     @model_validator(mode="after")
     def _fits(self):
@@ -53,12 +53,13 @@ class TextTower(Section):
 class ClipModelConfig(Section):
     """A small open_clip CLIP: the two towers, the shared embedding size and the eval preprocessing."""
 
-    embed_dim: int = Field(128, ge=8)
+    embed_dim: int = Field(128, ge=8)  # the shared image-text embedding
     vision: VisionTower = VisionTower()
     text: TextTower = TextTower()
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization (open_clip's preprocess_cfg)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # per-channel normalization (open_clip's preprocess_cfg)
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"  # the eval resize's
+    # open_clip's resize_mode: shortest side to the size then a centre crop, longest side then pad, or squash
     resize_mode: Literal["shortest", "longest", "squash"] = "shortest"
 
     def model_cfg(self) -> dict:
@@ -79,16 +80,16 @@ class ClipModelConfig(Section):
 
 
 class ClipTrainConfig(Section):
-    """CLIP's contrastive loss (open_clip.ClipLoss, learnable temperature) in one process (the README's
-    section on train-clip says why)."""
+    """CLIP's contrastive loss (open_clip.ClipLoss, learnable temperature) in one process (docs/encoders.md,
+    "A CLIP of your own", says why)."""
 
     caption_column: str = "caption"  # the caption: the .txt member, else this column of the parquet beside the tar
     batch_size: int = Field(256, ge=2)  # pairs per step: each caption's negatives are the batch's other images
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1)  # passes over the image-caption pairs
     max_steps: Optional[int] = Field(None, ge=1)  # stop early (smoke tests)
     lr: float = Field(1e-3, gt=0.0)  # AdamW (CLIP's betas), cosine decay after a linear warm-up
     weight_decay: float = Field(0.1, ge=0.0)  # not on gains, biases, norms or the logit scale (open_clip's rule)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(100, ge=0)  # steps of the linear warm-up
     init_logit_scale: float = Field(2.659, ge=0.0)  # log(1 / 0.07), CLIP's; learned, clamped to log(100)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the device has native bf16
     use_gpu: bool = False  # the training task asks Ray for one GPU
@@ -98,6 +99,6 @@ class ClipTrainConfig(Section):
     # the token-embedding rows of the 49,408-token vocabulary no training caption used keep their
     # random init, which means nothing: saved as zeros, the file compresses (git, wheels) to a fraction
     zero_unused_tokens: bool = True
-    seed: int = 0
+    seed: int = 0  # the initial weights, the views and the data order
     augment: AugmentConfig = AugmentConfig(crop_scale=(0.8, 1.0), hflip=True, brightness=0.0, contrast=0.0,
                                            jitter_prob=0.0)
