@@ -30,6 +30,12 @@ from prune.demo.shards import write_bad_shards, write_demo_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root, a str
 
+# Every test that stops a Ray this process started waited 10-30 s in ray.shutdown(): the driver's
+# OpenTelemetry metrics reader flushes to a metrics agent that no longer answers (a gdb stack of the
+# hang). The tests read no metrics; the clusters they start (nodes and workers inherit this
+# environment) export none. About 3 minutes of the suite.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
+
 
 def subprocess_env(**extra) -> dict:
     """This environment for a child process, without RAY_ADDRESS (it would join whatever Ray that
