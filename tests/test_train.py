@@ -156,5 +156,6 @@ def test_train_encoder_loss_falls_resumes_and_exports_a_local_encoder(ray_cluste
     vecs = emb.embed(_pixels(n=4, size=32).numpy())
     assert vecs.shape == (4, 128) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
 
-    with pytest.raises(Exception, match="another architecture"):
+    # refused on the driver before any decoding or worker start (a ValueError, not Ray Train's wrapped one)
+    with pytest.raises(ValueError, match="another architecture"):
         train_encoder(_train_cfg(shards_dir["dir"], out, max_steps=50, projection_dim=32))

@@ -93,16 +93,31 @@ def _save_checkpoint(d: str, model, optimizer, cfg: TrainConfig, state: dict) ->
         json.dump(state | {"param_groups": groups}, f, indent=1)
 
 
+def _check_resumable(d: str, state: dict, cfg: TrainConfig) -> None:
+    if state.get("model_fingerprint") != model_fingerprint(cfg):
+        raise ValueError(
+            f"the checkpoint in {d} was trained with another architecture/input/head; "
+            "use a new output directory for a different model"
+        )
+
+
+def _latest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint Ray Train would resume from under `run_dir`, and its state; None if none."""
+    import glob
+
+    found = sorted(glob.glob(os.path.join(run_dir, "**", STATE_FILE), recursive=True), key=os.path.getmtime)
+    if not found:
+        return None
+    with open(found[-1]) as f:
+        return os.path.dirname(found[-1]), json.load(f)
+
+
 def _load_checkpoint(d: str, model, optimizer, cfg: TrainConfig) -> dict:
     from safetensors.torch import load_file
 
     with open(os.path.join(d, STATE_FILE)) as f:
         state = json.load(f)
-    if state["model_fingerprint"] != model_fingerprint(cfg):
-        raise ValueError(
-            f"the checkpoint in {d} was trained with another architecture/input/head; "
-            "use a new output directory for a different model"
-        )
+    _check_resumable(d, state, cfg)
     model.backbone.load_state_dict(load_file(os.path.join(d, checkpoints.WEIGHTS_FILE)), strict=True)
     model.head.load_state_dict(load_file(os.path.join(d, HEAD_FILE)), strict=True)
     checkpoints.load_optimizer(optimizer, load_file(os.path.join(d, OPTIMIZER_FILE)), state.pop("param_groups"))
@@ -242,6 +257,9 @@ class TrainEncoderStage(Stage):
             raise ValueError("train-encoder writes its checkpoints to a local (or shared) directory, not object storage")
         output = os.path.abspath(os.path.expanduser(ctx.out.root))
         os.makedirs(output, exist_ok=True)
+        previous = _latest_checkpoint_state(os.path.join(output, RAY_TRAIN_DIR, RUN_NAME))
+        if previous:  # on the driver, before any decoding: the workers would refuse it after start-up
+            _check_resumable(*previous, cfg)
         t0 = time.time()
         ds = training_dataset(ctx.shards, cfg, self.decode, list(self.image_extensions))
         samples = ds.count()
