@@ -73,17 +73,21 @@ def _quick_exit() -> None:
     runtime.quick_exit_workers()
 
 
-def _run(args) -> int:
-    from .config import load_config
-    from .jobs import run
+def _config_job(args, model_name: str, job_name: str, summary) -> int:
+    """The verbs that take CONFIG and key=value overrides: the resolved config (--print-config), or
+    the job run and its one summary line, `summary(result, cfg)`."""
+    from . import config, jobs
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = config.load_config(args.config, args.overrides, getattr(config, model_name))
     if args.print_config and _printed(cfg):
         return 0
     _quick_exit()
-    manifest = run(cfg)
-    print(_summary_line(manifest, cfg.output))
+    print(summary(getattr(jobs, job_name)(cfg), cfg))
     return 0
+
+
+def _run(args) -> int:
+    return _config_job(args, "RunConfig", "run", lambda manifest, cfg: _summary_line(manifest, cfg.output))
 
 
 def _summary_line(manifest: dict, output: str) -> str:
@@ -128,44 +132,20 @@ def _report(args) -> int:
 
 
 def _train_encoder(args) -> int:
-    from .config import TrainEncoderConfig, load_config
-    from .jobs import train_encoder
-
-    cfg = load_config(args.config, args.overrides, TrainEncoderConfig)
-    if args.print_config and _printed(cfg):
-        return 0
-    _quick_exit()
-    result = train_encoder(cfg)
-    print(f"ssl-prune: encoder {result.architecture} ({result.embed_dim}-d) trained {result.steps} steps "
-          f"(final loss {result.loss:.4f}); checkpoint in {result.checkpoint}")
-    return 0
+    return _config_job(args, "TrainEncoderConfig", "train_encoder", lambda r, _: (
+        f"ssl-prune: encoder {r.architecture} ({r.embed_dim}-d) trained {r.steps} steps "
+        f"(final loss {r.loss:.4f}); checkpoint in {r.checkpoint}"))
 
 
 def _train_clip(args) -> int:
-    from .config import TrainClipConfig, load_config
-    from .jobs import train_clip
-
-    cfg = load_config(args.config, args.overrides, TrainClipConfig)
-    if args.print_config and _printed(cfg):
-        return 0
-    _quick_exit()
-    result = train_clip(cfg)
-    print(f"ssl-prune: CLIP {result.model_id} trained on {result.pairs} image-caption pairs, {result.steps} steps "
-          f"(final loss {result.loss:.4f}); checkpoint in {result.checkpoint}")
-    return 0
+    return _config_job(args, "TrainClipConfig", "train_clip", lambda r, _: (
+        f"ssl-prune: CLIP {r.model_id} trained on {r.pairs} image-caption pairs, {r.steps} steps "
+        f"(final loss {r.loss:.4f}); checkpoint in {r.checkpoint}"))
 
 
 def _evaluate(args) -> int:
-    from .config import EvaluateConfig, load_config
-    from .jobs import evaluate
-
-    cfg = load_config(args.config, args.overrides, EvaluateConfig)
-    if args.print_config and _printed(cfg):
-        return 0
-    _quick_exit()
-    result = evaluate(cfg)
-    print(f"ssl-prune: {result.runs} classifier runs; table {result.markdown}, plot {result.plot}")
-    return 0
+    return _config_job(args, "EvaluateConfig", "evaluate", lambda r, _: (
+        f"ssl-prune: {r.runs} classifier runs; table {r.markdown}, plot {r.plot}"))
 
 
 def _config_reference(args) -> int:
