@@ -91,7 +91,7 @@ def test_a_download_that_keeps_failing_is_refused_in_one_line_and_nothing_is_loa
         with pytest.raises(WeightsDownloadError) as err:
             check_weights(hub_cfg(server, tmp_path / "hf"))
     message = str(err.value)
-    assert "\n" not in message and WEIGHTS in message and "resumes" in message
+    assert "\n" not in message and WEIGHTS in message and "starts it again" in message
     assert locate([HubFile(REPO_ID, (WEIGHTS,))], str(tmp_path / "hf")) is None  # no partial file to load
     with hub() as server:  # the hub is back: the next run completes it
         fetched = check_weights(hub_cfg(server, tmp_path / "hf"))
@@ -153,8 +153,9 @@ def test_every_actor_on_every_node_loads_the_one_copy(shards_dir, local_cluster,
         assert manifest["model_id"] == model_id_for(EmbedConfig(pretrained=str(SHIPPED)))
         for copy in copies:  # each node laid the driver's copy out once, byte for byte
             for name, content in FILES.items():
-                (path,) = copy.glob(f"models--*/snapshots/*/{name}")
+                (path,) = copy.glob(f"*/models--*/snapshots/*/{name}")
                 assert path.read_bytes() == content
+            assert not list(copy.rglob("*.tmp"))
         table = pq.read_table(next((tmp_path / "out" / schema.EMBEDDINGS_DIR).glob("*.parquet")))
         assert table.num_rows > 0 and np.abs(np.stack(table[schema.EMBEDDING].to_numpy(zero_copy_only=False))).sum() > 0
     finally:
@@ -163,10 +164,24 @@ def test_every_actor_on_every_node_loads_the_one_copy(shards_dir, local_cluster,
             shutil.rmtree(copy, ignore_errors=True)
 
 
-def test_no_shipment_where_the_actors_share_the_drivers_disk(tmp_path):
+def test_no_shipment_without_cache_files_or_with_a_cache_every_node_mounts(tmp_path):
     from pipelines.weights_shipment import ship
     from prune.embed.hub import Fetched
 
     files = [Fetched(str(SHIPPED / WEIGHTS), REPO, 1, "")]
     assert ship([], EmbedConfig()) is None
     assert ship(files, EmbedConfig(shared_cache=True)) is None
+
+
+def test_a_cache_behind_a_symlink_gives_the_same_layout_to_ship(tmp_path):
+    """hf_hub_download resolves symlinks in the paths it returns; the path shipped to the nodes is the
+    one inside the cache, wherever its root is."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with hub() as server:
+        fetched = check_weights(hub_cfg(server, tmp_path / "link"))
+    assert [f.relative.split(os.sep)[0] for f in fetched] == ["models--ssl-prune--fmnist-clip"] * 2
+    assert [f.relative.split(os.sep)[1] for f in fetched] == ["snapshots"] * 2
+    located = locate([HubFile(REPO_ID, (CONFIG,)), HubFile(REPO_ID, (WEIGHTS,))], str(tmp_path / "link"))
+    assert [f.relative for f in located] == [f.relative for f in fetched]
+

@@ -2,11 +2,12 @@
 
 Per-worker downloads hit the hub's rate limits (HTTP 429 per egress address) and fetch the same
 600 MB once per node; here the driver fetches each file once with huggingface_hub's own
-`hf_hub_download` (its cache layout, its lock, its resume of an interrupted transfer) and checks
+`hf_hub_download` (its cache layout, its lock, its retries that resume an interrupted transfer
+within the run; a run that gives up leaves nothing, and the next one starts the file again) and checks
 it against the hub's metadata: the size, and the hash the hub publishes as the file's ETag
 (sha256 for LFS files, the git blob sha1 for small ones). A file that does not match is removed
 from the cache and refused in one line, so no later run loads it. The actors never download
-(they run with HF_HUB_OFFLINE): pipelines/weights_shipment.py hands them the driver's copy.
+(they run offline): pipelines/weights_shipment.py hands them the driver's copy.
 """
 
 from __future__ import annotations
@@ -56,7 +57,14 @@ class Fetched:
 
     @property
     def relative(self) -> str:
-        return os.path.relpath(self.path, self.cache_root)
+        """`models--ORG--REPO/snapshots/<commit>/<file>`: the same on every node whatever the cache's
+        root (hf_hub_download returns paths with symlinks resolved, the root may be a symlink)."""
+        parts = os.path.normpath(self.path).split(os.sep)
+        repo = max((i for i, p in enumerate(parts) if p.startswith(("models--", "datasets--", "spaces--"))),
+                   default=None)
+        if repo is None or parts[repo + 1: repo + 2] != ["snapshots"]:
+            raise ValueError(f"{self.path} is not in a Hugging Face cache's layout")
+        return os.path.join(*parts[repo:])
 
 
 def default_endpoint(endpoint: Optional[str]) -> str:
@@ -75,7 +83,7 @@ def offline_by_environment() -> bool:
 def cache_root(cache_dir: Optional[str]) -> str:
     from huggingface_hub import constants
 
-    return os.path.abspath(os.path.expanduser(cache_dir or constants.HF_HUB_CACHE))
+    return os.path.realpath(os.path.expanduser(cache_dir or constants.HF_HUB_CACHE))
 
 
 def fetch(files: Sequence[HubFile], cache_dir: Optional[str], endpoint: Optional[str]) -> list[Fetched]:
@@ -114,13 +122,21 @@ def _fetch_one(want: HubFile, cache_dir: Optional[str], endpoint: str) -> Fetche
         except TransportError as exc:
             raise HubUnreachable(f"the hub at {endpoint} could not be reached ({_one_line(exc)})") from None
         except (HTTPError, OSError, ValueError) as exc:
-            raise WeightsDownloadError(f"could not fetch {want.repo_id}/{name} from {endpoint}: {_one_line(exc)}") from None
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            hint = " (a gated or private repo: set HF_TOKEN)" if status in (401, 403) else ""
+            raise WeightsDownloadError(
+                f"could not fetch {want.repo_id}/{name} from {endpoint}{hint}: {_one_line(exc)}") from None
         try:
             path = hf_hub_download(want.repo_id, name, cache_dir=cache_dir, endpoint=endpoint)
+        except PermissionError as exc:
+            raise WeightsDownloadError(
+                f"cannot write {want.repo_id}/{name} into the cache {cache_root(cache_dir)} ({_one_line(exc)}): "
+                f"point embed.cache_dir at a writable directory"
+            ) from None
         except (HTTPError, OSError, ValueError) as exc:
             raise WeightsDownloadError(
-                f"download of {want.repo_id}/{name} from {endpoint} failed: {_one_line(exc)} (what arrived stays in "
-                f"the cache's .incomplete file, and the next run resumes it; nothing was loaded)"
+                f"download of {want.repo_id}/{name} from {endpoint} failed: {_one_line(exc)} (huggingface_hub "
+                f"retried and resumed it within this run; nothing was kept or loaded, the next run starts it again)"
             ) from None
         digest = verify(path, meta.size, meta.etag, f"{want.repo_id}/{name} from {endpoint}")
         return Fetched(path, cache_root(cache_dir), os.path.getsize(path), digest)
@@ -167,4 +183,4 @@ def _remove_cached(path: str) -> None:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+    return f"{type(exc).__name__}: {text[:600]}"

@@ -234,7 +234,6 @@ class OpenClipEmbedder(Embedder):
                 f"checkpoint path (or embed.allow_random_init=true for a smoke test)"
             )
         torch.manual_seed(cfg.seed)  # random init must be identical in every actor
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = open_clip.create_model(model_name, pretrained=weights, device="cpu")
         # from the tag's (or the directory's) config, as the decode tasks use: a checkpoint loaded
         # by path would otherwise fall back to the architecture's default mean/std

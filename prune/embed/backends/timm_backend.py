@@ -108,7 +108,6 @@ class TimmEmbedder(Embedder):
                 f"or a weights file (or embed.allow_random_init=true for a smoke test)"
             )
         torch.manual_seed(cfg.seed)  # random init must be identical in every actor
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if cfg.pretrained:
             weights = _timm_weights(cfg)
             model = timm.create_model(cfg.model, pretrained=True, num_classes=0,
