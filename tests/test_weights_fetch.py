@@ -185,3 +185,34 @@ def test_a_cache_behind_a_symlink_gives_the_same_layout_to_ship(tmp_path):
     located = locate([HubFile(REPO_ID, (CONFIG,)), HubFile(REPO_ID, (WEIGHTS,))], str(tmp_path / "link"))
     assert [f.relative for f in located] == [f.relative for f in fetched]
 
+
+
+def test_a_node_holding_another_commit_loads_the_shipped_files_not_its_own(ray_cluster, tmp_path):
+    """A node whose own cache (a baked image) has the repo at another commit must not load it: the
+    embeddings would mix weights under one model id. The same commit and sizes: its own copy serves."""
+    from pipelines.weights_shipment import NODE_CACHE, ship, weights_here
+    from prune.embed.backends.open_clip_backend import OpenClipEmbedder
+
+    with hub() as server:
+        cfg = hub_cfg(server, tmp_path / "driver")
+        shipment = ship(check_weights(cfg), cfg)
+    repo = "models--ssl-prune--fmnist-clip"
+    shutil.copytree(tmp_path / "driver" / repo, tmp_path / "older" / repo, symlinks=False)
+    (commit,) = os.listdir(tmp_path / "older" / repo / "snapshots")
+    other = "f" * 40
+    os.rename(tmp_path / "older" / repo / "snapshots" / commit, tmp_path / "older" / repo / "snapshots" / other)
+    (tmp_path / "older" / repo / "refs" / "main").write_text(other)
+
+    @ray.remote(num_cpus=0)
+    def cache_dir_of(cfg, shipment):
+        return weights_here(OpenClipEmbedder, cfg, shipment).cache_dir
+
+    same = ray.get(cache_dir_of.remote(cfg, shipment))
+    elsewhere = ray.get(cache_dir_of.remote(cfg.model_copy(update={"cache_dir": str(tmp_path / "older")}), shipment))
+    try:
+        assert same == str(tmp_path / "driver")
+        assert NODE_CACHE in elsewhere and elsewhere != str(tmp_path / "older")
+        (path,) = pathlib.Path(elsewhere).glob(f"{repo}/snapshots/{commit}/{WEIGHTS}")
+        assert path.read_bytes() == FILES[WEIGHTS]
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
