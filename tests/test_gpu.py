@@ -172,6 +172,8 @@ def test_the_embed_stage_embeds_on_the_gpu(gpu_ray, probes, photos, tmp_path):
     stats = run_embed(photos["dir"], tmp_path / "out", batch_size=128, device="cuda")
     assert stats.shards_embedded == SHARDS
     assert stats.actor_resources["num_gpus"] == 1 and stats.actor_resources["actors"] == 1
+    precision = "bf16" if native_bf16() else "fp32"
+    assert stats.actors_ran == {f"cuda/{precision}/{torch.cuda.get_device_name(0)}": 1}  # what the manifest says
     (rec,) = ray.get(probes.records.remote())  # one actor, its model loaded once
     assert rec["device"] == "cuda" and rec["param_device"].startswith("cuda")
     assert rec["precision"] == ("bf16" if native_bf16() else "fp32")

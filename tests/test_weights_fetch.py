@@ -149,7 +149,9 @@ def test_every_actor_on_every_node_loads_the_one_copy(shards_dir, local_cluster,
                 "embed.download": True, "embed.hub_endpoint": server.endpoint})
             manifest = run(validate_config(cfg))
             assert [len(server.gets(name)) for name in FILES] == [1, 1], server.requests
-        assert manifest["stages"]["embed"]["actor_resources"] == {"num_gpus": 1, "num_cpus": 1.0, "actors": 2}
+        embed = manifest["stages"]["embed"]
+        assert embed["actor_resources"] == {"num_gpus": 1, "num_cpus": 1.0, "actors": 2}
+        assert sum(embed["actors_ran"].values()) == 2 and all(k.startswith("cpu/") for k in embed["actors_ran"])
         assert manifest["model_id"] == model_id_for(EmbedConfig(pretrained=str(SHIPPED)))
         for copy in copies:  # each node laid the driver's copy out once, byte for byte
             for name, content in FILES.items():

@@ -9,6 +9,7 @@ Complete: every shard's file carries this fingerprint and its input's URL.
 
 from __future__ import annotations
 
+import collections
 import functools
 import uuid
 from dataclasses import dataclass, field
@@ -53,13 +54,16 @@ class EmbedStats:
     actor_resources: Optional[dict] = None  # Ray resources of one actor, and how many actors
     torch_threads: Optional[int] = None
     without_caption: Optional[int] = None  # with embed.text: samples embedded fine that had no caption
+    # what the actors ran on, as each found it: "device/precision[/GPU name]" -> how many actors started
+    # (a restarted one counts again); None when nothing was embedded
+    actors_ran: Optional[dict] = None
 
 
 class EmbedActor:
     """Loads the model once per actor; maps a batch of crops to unit-norm float16 vectors."""
 
     def __init__(self, backend: type[Embedder], embed: EmbedConfig, spec: PreprocessSpec, device: str,
-                 shipment: Optional[WeightsShipment] = None):
+                 shipment: Optional[WeightsShipment] = None, record: Optional[tuple[OutputDir, str]] = None):
         # the class, resolved on the driver: a backend registered by the user's own code is not
         # registered in this worker process; the weights: this node's, else the driver's copy
         self.embedder = backend(weights_here(backend, embed, shipment), device)
@@ -68,6 +72,9 @@ class EmbedActor:
                 f"the model's preprocessing {self.embedder.preprocess} differs from the one the "
                 f"decode stage used {spec}"
             )
+        if record is not None:  # where the model landed, for the stage's stats (a GPU run says so)
+            out, run_dir = record
+            out.write_json({"ran": ran_on(self.embedder)}, run_dir, ACTORS_DIR, f"{uuid.uuid4().hex}.json")
 
     def __call__(self, batch: dict) -> pa.Table:
         ok = batch[schema.STATUS] == schema.STATUS_OK
@@ -100,6 +107,19 @@ class EmbedActor:
         return {schema.TEXT_EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(text.astype(np.float16).reshape(-1)), dim,
                                                                          mask=pa.array(~has)),
                 schema.CLIP_SCORE: pa.array(score, pa.float32(), mask=~has)}
+
+
+ACTORS_DIR = "actors"  # in the run's staging directory: one record per embed actor
+
+
+def ran_on(embedder: Embedder) -> str:
+    """device/precision, and the GPU's name on CUDA: what an actor's model runs on."""
+    ran = f"{embedder.device}/{embedder.precision}"
+    if embedder.device == "cuda":
+        import torch
+
+        ran += f"/{torch.cuda.get_device_name()}"
+    return ran
 
 
 def _embedded(fp: str, urls: dict, out: OutputDir, shard: str) -> bool:
@@ -190,7 +210,7 @@ class EmbedStage(Stage):
                              index_out=ctx.out, caption_column=self.embed.caption_column if self.embed.text else None)
         ds = ds.map_batches(
             EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device,
-                                             ship(list(self._weights), embed)),
+                                             ship(list(self._weights), embed), (out, run_dir)),
             batch_size=embed.batch_for("cuda" if res.num_gpus else "cpu"),
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
         )
@@ -199,5 +219,7 @@ class EmbedStage(Stage):
         tasks = {s: FinalizeTask(out, s, shards[s], f"{run_dir}/{schema.SHARD}={s}", ctx.fingerprint, self.model_id)
                  for s in todo}
         stats.shards_embedded = finalize_as_staged(ds, tasks)
+        stats.actors_ran = dict(collections.Counter(out.read_json(run_dir, ACTORS_DIR, name)["ran"]
+                                                    for name in out.listdir(run_dir, ACTORS_DIR)))
         out.remove(run_dir)
         return self.count_captions(ctx, stats)
