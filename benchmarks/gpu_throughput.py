@@ -299,6 +299,7 @@ def run_pipeline(shards_dir: str, out_dir: str, args, device: str) -> dict:
     return {"wall": t1 - t0, "first_call": first - t0 if first else None, "steady_s": last - first,
             "model_load": load, "actor_calls_s": calls, "tasks": tasks, "rows": rows, "ok": ok,
             "cores_busy": (busy1 - busy0) / (t1 - t0), "actor_resources": stats.actor_resources,
+            "actors_ran": stats.actors_ran,
             "gpu_util": sampler.between(t0, t1) if sampler else None,
             "gpu_util_steady": sampler.between(first, last) if sampler and first else None}
 
@@ -342,7 +343,9 @@ def report(args, device: str, gen: dict, dec: dict, pipe: dict, parts: dict) -> 
          f"{pipe['first_call'] or 0:.1f} / {pipe['model_load']:.1f} |",
          f"| actor busy (its batch calls / steady window) | "
          f"{100 * pipe['actor_calls_s'] / pipe['steady_s'] if pipe['steady_s'] else 0:.0f}% |",
-         f"| cores busy on average (of {os.cpu_count()}) | {pipe['cores_busy']:.1f} |"]
+         f"| cores busy on average (of {os.cpu_count()}) | {pipe['cores_busy']:.1f} |",
+         f"| the actors asked for / ran on (the manifest's actor_resources / actors_ran) | "
+         f"{pipe['actor_resources']} / {pipe['actors_ran']} |"]
     for key, what in (("gpu_util", "whole stage"), ("gpu_util_steady", "steady window")):
         u = pipe[key]
         L.append(f"| GPU utilization, {what} (nvidia-smi, mean / median; peak memory) | "
