@@ -51,10 +51,11 @@ class WeightsShipment:
         return sorted(found.items())
 
 
-def ship(files: list[Fetched], cfg: EmbedConfig) -> Optional[WeightsShipment]:
+def ship(files: list[Fetched], cfg: EmbedConfig, ray_here: bool = False) -> Optional[WeightsShipment]:
     """The shipment for the actors, or None where they need none: no cache files (a path, random
-    init) or a cache every node mounts."""
-    if not files or cfg.shared_cache:
+    init), a cache every node mounts, or a Ray this driver started on its own machine (`ray_here`:
+    every worker shares the driver's disk, and no autoscaler adds nodes)."""
+    if not files or cfg.shared_cache or ray_here:
         return None
     return WeightsShipment(tuple((f.relative, f.size, ray.put(np.asarray(np.memmap(f.path, dtype=np.uint8, mode="r"))))
                                  for f in files))

@@ -166,13 +166,14 @@ def test_every_actor_on_every_node_loads_the_one_copy(shards_dir, local_cluster,
             shutil.rmtree(copy, ignore_errors=True)
 
 
-def test_no_shipment_without_cache_files_or_with_a_cache_every_node_mounts(tmp_path):
+def test_no_shipment_without_cache_files_a_shared_cache_or_beside_the_drivers_own_ray(tmp_path):
     from pipelines.weights_shipment import ship
     from prune.embed.hub import Fetched
 
     files = [Fetched(str(SHIPPED / WEIGHTS), REPO, 1, "")]
     assert ship([], EmbedConfig()) is None
     assert ship(files, EmbedConfig(shared_cache=True)) is None
+    assert ship(files, EmbedConfig(), ray_here=True) is None  # a Ray this driver started: one disk
 
 
 def test_a_cache_behind_a_symlink_gives_the_same_layout_to_ship(tmp_path):

@@ -210,7 +210,7 @@ class EmbedStage(Stage):
                              index_out=ctx.out, caption_column=self.embed.caption_column if self.embed.text else None)
         ds = ds.map_batches(
             EmbedActor, fn_constructor_args=(BACKENDS.get(embed.backend), embed, spec, device,
-                                             ship(list(self._weights), embed), (out, run_dir)),
+                                             ship(list(self._weights), embed, ctx.ray == "local"), (out, run_dir)),
             batch_size=embed.batch_for("cuda" if res.num_gpus else "cpu"),
             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=res.num_gpus, num_cpus=res.num_cpus,
         )
